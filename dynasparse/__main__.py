@@ -1,0 +1,5 @@
+import sys
+
+from dynasparse.cli import main
+
+sys.exit(main())

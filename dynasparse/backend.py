@@ -1,0 +1,54 @@
+"""``torch.compile(model, backend="dynasparse", options={"configs": [...]})``.
+
+Dynamo hands over a torch-level graph. It is re-traced to the pre-dispatch aten IR that torch.export
+produces (there ``scaled_dot_product_attention`` is still one node), so the very same pipeline runs on it;
+the rewritten graph then goes to Inductor, which compiles everything else and calls our ops as opaque
+kernels. Options: ``configs`` (list of configs), ``inductor`` (default True; False runs the rewritten
+graph eagerly, handy for debugging), ``on_report`` (called with each compiled graph's
+``OptimizationReport``, since Dynamo may split a model into several graphs).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch._guards import detect_fake_mode
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from dynasparse.errors import DynasparseError
+from dynasparse.passes.pipeline import build_passes, run_pipeline
+from dynasparse.passes.report import OptimizationReport
+
+
+def _aten_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:
+    """Pre-dispatch aten graph of Dynamo's graph, traced under Dynamo's own fake mode."""
+    fake_mode = detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        with torch.no_grad():
+            return make_fx(gm, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
+    allow = fake_mode.allow_non_fake_inputs
+    fake_mode.allow_non_fake_inputs = True  # the graph's own buffers (e.g. position ids) are real tensors
+    try:
+        with fake_mode, torch.no_grad():
+            return make_fx(gm, pre_dispatch=True)(*example_inputs)
+    finally:
+        fake_mode.allow_non_fake_inputs = allow
+
+
+def dynasparse_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], mode: str | None = None,
+                       options: dict[str, Any] | None = None) -> Callable:
+    options = dict(options or {})
+    passes = build_passes(options.pop("configs", []))
+    use_inductor = options.pop("inductor", True)
+    on_report = options.pop("on_report", None)
+    if options:
+        raise DynasparseError(f"unknown dynasparse backend options {sorted(options)}; "
+                              "known: configs, inductor, on_report")
+    result = run_pipeline(_aten_graph(gm, example_inputs), passes)
+    if on_report is not None:
+        on_report(OptimizationReport("dynamo graph", result.analysis, result.results))
+    if not use_inductor:
+        return result.graph_module
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(result.graph_module, example_inputs)

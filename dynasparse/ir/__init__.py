@@ -1,0 +1,1 @@
+"""The dynasparse IR: capture, the op set, and graph analysis."""

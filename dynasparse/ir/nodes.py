@@ -1,0 +1,75 @@
+"""Reading FX nodes of an aten-level graph: bound arguments, fake values, module paths."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+aten = torch.ops.aten
+
+
+def bound_args(node: Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in (aten and custom ops alike)."""
+    schema = node.target._schema
+    out: dict[str, Any] = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def fake(node: Any) -> torch.Tensor | None:
+    """The FakeTensor export recorded for the node, if it is a tensor node."""
+    val = node.meta.get("val") if isinstance(node, Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def shape_of(node: Any) -> tuple | None:
+    val = fake(node)
+    return tuple(val.shape) if val is not None else None
+
+
+def is_call(node: Any, *targets) -> bool:
+    return isinstance(node, Node) and node.op == "call_function" and node.target in targets
+
+
+def module_paths(node: Node) -> list[str]:
+    """Module paths enclosing the node, outermost first (from export's ``nn_module_stack``)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [path for path, _ in stack.values() if path]
+
+
+_INDEXED = re.compile(r"^(.*\.)?(\d+)$")
+
+
+def block_path(node: Node) -> str | None:
+    """The innermost enclosing module whose path ends in an index: ``layers.3``, ``encoder.layer.0``."""
+    for path in reversed(module_paths(node)):
+        if _INDEXED.match(path):
+            return path
+    return None
+
+
+def layer_index(path: str | None) -> int | None:
+    match = _INDEXED.match(path or "")
+    return int(match.group(2)) if match else None
+
+
+def copy_meta(src: Node, dst: Node) -> None:
+    """Keep the provenance (module stack, stack trace) and value of a replaced node."""
+    for key in ("nn_module_stack", "stack_trace", "source_fn_stack", "val", "tensor_meta"):
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def hint(size) -> int:
+    """The example value behind a (possibly symbolic) size: what the dimension was at capture."""
+    if isinstance(size, torch.SymInt):
+        return int(size.node.hint) if size.node.hint is not None else 1
+    return int(size)

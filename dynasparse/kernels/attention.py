@@ -1,0 +1,65 @@
+"""Dense attention: the reference every sparse variant is checked against.
+
+Semantics of the canonical op (shared by the reference, the fast path and the ONNX translation):
+q is [B, Hq, Lq, D], k and v are [B, Hkv, Lk, D*] with Hq a multiple of Hkv (grouped-query attention:
+query head h reads kv head h // (Hq // Hkv)). ``mask`` broadcasts to [B, Hq, Lq, Lk] and is either boolean
+(True = may attend; a row with no allowed key gives 0, as SDPA does) or additive float. ``is_causal`` is bottom-right aligned: query i sees keys
+j <= i + Lk - Lq, which is the usual causal mask when Lq == Lk and the right one for a KV cache.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """Boolean [Lq, Lk] mask, bottom-right aligned."""
+    q_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+    return q_pos >= torch.arange(kv_len, device=device)[None, :]
+
+
+def combined_mask(mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int,
+                  dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """One additive-or-boolean mask that folds ``is_causal`` into ``mask``."""
+    if not is_causal:
+        return mask
+    causal = causal_mask(q_len, kv_len, device)
+    if mask is None:
+        return causal
+    if mask.dtype == torch.bool:
+        return mask & causal
+    return mask.masked_fill(~causal, torch.finfo(mask.dtype if mask.is_floating_point() else dtype).min)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                        is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """Explicit softmax(q k^T * scale + mask) v in fp32: the oracle for kernels and tests."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1).float()
+    v = v.repeat_interleave(groups, dim=1).float()
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q.float() @ k.transpose(-2, -1)) * scale
+    full = combined_mask(mask, is_causal, q.shape[-2], k.shape[-2], torch.float32, q.device)
+    if full is None:
+        return (scores.softmax(dim=-1) @ v).to(q.dtype)
+    if full.dtype != torch.bool:
+        return ((scores + full.float()).softmax(dim=-1) @ v).to(q.dtype)
+    probs = scores.masked_fill(~full, float("-inf")).softmax(dim=-1)
+    return (probs.nan_to_num(0.0) @ v).to(q.dtype)  # a row with no allowed key gives 0, as SDPA does
+
+
+def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
+    """The dense fast path: PyTorch's fused SDPA (flash / memory-efficient / CPU flash kernels).
+
+    Called with the same arguments the captured model used, so a canonicalized graph is bit-identical to
+    the original. SDPA's own ``is_causal`` is top-left aligned, so it is only used when Lq == Lk.
+    """
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if is_causal and (mask is not None or q_len != kv_len):
+        mask, is_causal = combined_mask(mask, True, q_len, kv_len, q.dtype, q.device), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                          enable_gqa=gqa)

@@ -1,0 +1,1 @@
+"""Graph passes: one module per transformation, plus the pipeline that orders them."""

@@ -1,0 +1,57 @@
+"""The pass contract: find sites → decide → rewrite → verify, and say what happened.
+
+A pass is a small class holding its config. ``apply`` mutates the graph module in place and returns a
+``PassResult``: which sites it rewrote, which it left dense and why, and the attention FLOPs it saves.
+``register_pass`` maps a config type to its pass, so ``optimize`` and the compile backend take configs only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar, Protocol
+
+import torch
+
+from dynasparse.config import BaseConfig
+from dynasparse.ir.analysis import GraphAnalysis
+
+
+@dataclass
+class PassResult:
+    """What one pass did; the optimization report is built from these."""
+
+    pass_name: str
+    num_matches: int = 0
+    applied: list[str] = field(default_factory=list)
+    left_dense: dict[str, str] = field(default_factory=dict)
+    flops_saved: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class Pass(Protocol):
+    name: ClassVar[str]
+    config: BaseConfig
+
+    def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult: ...
+
+
+_PASSES: dict[type[BaseConfig], Callable[[BaseConfig], Pass]] = {}
+
+
+def register_pass(config_cls: type[BaseConfig]) -> Callable[[type], type]:
+    """Class decorator: ``@register_pass(TokenMergeConfig) class TokenMergePass: ...``."""
+    def wrap(pass_cls: type) -> type:
+        _PASSES[config_cls] = pass_cls
+        return pass_cls
+    return wrap
+
+
+def pass_for(config: BaseConfig) -> Pass:
+    factory = _PASSES.get(type(config))
+    if factory is None:
+        known = ", ".join(sorted(c.__name__ for c in _PASSES)) or "none"
+        raise TypeError(f"no pass for {type(config).__name__}; configs with passes: {known}")
+    return factory(config)
+
+
+def known_configs() -> list[type[BaseConfig]]:
+    return list(_PASSES)

@@ -1,0 +1,36 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from dynasparse import zoo  # noqa: E402
+
+# Every architecture the foundation promises, plus a hand-written-attention module.
+ARCHITECTURES = ["llama-tiny", "qwen2-tiny", "mistral-tiny", "gpt2-tiny", "bert-tiny", "vit-tiny", "minilm",
+                 "examples.handwritten_attention:TinyTransformer"]
+EXPECTED_SITES = {"llama-tiny": 2, "qwen2-tiny": 2, "mistral-tiny": 2, "gpt2-tiny": 2, "bert-tiny": 2,
+                  "bert-tiny-eager": 2, "llama-tiny-eager": 2, "vit-tiny": 2, "minilm": 6,
+                  "examples.handwritten_attention:TinyTransformer": 3}
+
+_cache: dict[str, zoo.ZooModel] = {}
+
+
+def load(name: str) -> zoo.ZooModel:
+    """Zoo models are built once per test session."""
+    if name not in _cache:
+        _cache[name] = zoo.load(name)
+    return _cache[name]
+
+
+def make_inputs(entry: zoo.ZooModel, batch: int, seq_len: int, padded: bool) -> dict:
+    inputs = entry.make_inputs(batch, seq_len)
+    if "attention_mask" in inputs and not padded:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    return inputs
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)

@@ -26,6 +26,14 @@ class OptimizedModel(torch.nn.Module):
         self.example_args = example_args
         self.example_kwargs = example_kwargs
         self.dynamic_shapes = dynamic_shapes
+        self.train(False)
+
+    def train(self, mode: bool = True) -> OptimizedModel:
+        """Inference only: the graph was captured in eval mode and has no training behaviour to switch to."""
+        if mode:
+            raise DynasparseError("an optimized model runs inference only; train the original model instead")
+        self.training = self.graph_module.training = False
+        return self
 
     def forward(self, *args, **kwargs):
         args, kwargs = self.layout.arrange(args, kwargs)

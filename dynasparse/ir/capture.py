@@ -72,6 +72,21 @@ def _auto_dims(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, A
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
+def _capture_error(model: torch.nn.Module, args: tuple, kwargs: dict, err: Exception) -> DynasparseError:
+    """Tell a model that rejects its example inputs apart from a model export cannot trace."""
+    try:
+        model(*args, **kwargs)
+    except Exception as eager_err:  # noqa: BLE001 - the model's own complaint is the message
+        return DynasparseError(
+            f"example inputs do not match the model: {type(model).__name__} itself raised "
+            f"{type(eager_err).__name__}: {eager_err}. Pass example_inputs / example_kwargs the way you "
+            "call the model.")
+    return DynasparseError(
+        f"torch.export could not capture {type(model).__name__}: {type(err).__name__}: "
+        f"{str(err).splitlines()[0][:400]}. dynasparse needs a model that torch.export can trace "
+        "(non-strict); the error names the construct it could not trace.")
+
+
 @contextlib.contextmanager
 def _cache_disabled(model: torch.nn.Module, notes: list[str]):
     config = getattr(model, "config", None)
@@ -109,9 +124,5 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
             try:
                 program = torch.export.export(model, args, kwargs, strict=False)
             except Exception as err2:
-                raise DynasparseError(
-                    f"torch.export could not capture {type(model).__name__}: {type(err2).__name__}: "
-                    f"{str(err2).splitlines()[0][:400]}. dynasparse needs a model that torch.export can "
-                    "trace (non-strict); see the error above for the unsupported construct."
-                ) from err2
+                raise _capture_error(model, args, kwargs, err2) from err2
     return Captured(program.module(), example_args, example_kwargs, dynamic, notes)

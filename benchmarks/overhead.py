@@ -24,7 +24,7 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from benchmarks.harness import Case, compare, write_results
+from benchmarks.harness import Case, Row, compare, write_results
 from dynasparse import zoo
 from dynasparse.export.onnx import export_onnx
 from dynasparse.runtime.ort import ort_session
@@ -50,7 +50,8 @@ def quality(hidden: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -
     return {"max_abs_diff": (hidden - reference).abs().max().item(), "min_cosine": cosine.min().item()}
 
 
-def run_seq(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int, tmp: Path) -> list:
+def run_seq(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: int, tmp: Path) -> list[Row]:
+    """Time eager against the four runs of the same model on one fixed-shape batch; ``tmp`` holds the ONNX file."""
     torch._dynamo.reset()  # fresh, static-shape compiles for this shape
     optimized = dynasparse.optimize(model, [], example_kwargs=inputs)
     onnx_path = export_onnx(optimized, tmp / "minilm.onnx")
@@ -65,10 +66,10 @@ def run_seq(model: torch.nn.Module, inputs: dict[str, torch.Tensor], repeats: in
         with torch.no_grad():
             return model(**inputs)
 
-    with torch.inference_mode():  # the mode compare() times in, so compiled graphs are not recompiled
+    mask = inputs["attention_mask"]
+    with torch.inference_mode():  # the mode compare() times in, so the compiled graphs are not recompiled
         reference = eager()[0]
-        cases = [Case(name, lambda fn=fn: fn(**inputs), quality(fn(**inputs)[0], reference,
-                                                                 inputs["attention_mask"]))
+        cases = [Case(name, lambda fn=fn: fn(**inputs), quality(fn(**inputs)[0], reference, mask))
                  for name, fn in candidates.items()]
     return compare(Case("eager (HF)", eager), cases, warmup=2, repeats=repeats)
 

@@ -68,9 +68,11 @@ def attention(q, k, v, mask=None, is_causal: bool = False, scale: float | None =
         causal = _causal_keep(q, k)
         keep = causal if keep is None else op.And(keep, causal)
     if keep is None:
-        return op.MatMul(op.Softmax(scores, axis=-1), v)
-    probs = op.Softmax(op.Where(keep, scores, lowest), axis=-1)
-    return op.MatMul(op.Where(keep, probs, op.CastLike(op.Constant(value_float=0.0), probs)), v)
+        out = op.MatMul(op.Softmax(scores, axis=-1), v)
+    else:
+        probs = op.Softmax(op.Where(keep, scores, lowest), axis=-1)
+        out = op.MatMul(op.Where(keep, probs, op.CastLike(op.Constant(value_float=0.0), probs)), v)
+    return op.Transpose(out, perm=[0, 2, 1, 3])  # the op is sequence-major: [B, Lq, Hq, Dv]
 
 
 TRANSLATIONS = {ATTENTION: attention}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from dynasparse.kernels import token_merge
 from dynasparse.kernels.attention import attention_sdpa
 
 
@@ -16,16 +17,98 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Canonical attention; see ``dynasparse.kernels.attention`` for the exact semantics.
 
-    The output is contiguous [B, Hq, Lq, Dv] whatever layout the kernel chose, so the fake impl (and
-    Inductor's stride checks) hold on every backend.
+    Returns **sequence-major** [B, Lq, Hq, Dv], contiguous: what fused kernels write anyway, so the usual
+    ``out.transpose(1, 2).reshape(B, L, -1)`` that follows attention costs no copy (the canonicalize pass
+    puts a ``transpose(1, 2)`` view after the op to keep the graph's [B, Hq, Lq, Dv] contract).
     """
-    return attention_sdpa(q, k, v, mask, is_causal, scale).contiguous()
+    return attention_sdpa(q, k, v, mask, is_causal, scale).transpose(1, 2).contiguous()
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, mask=None, is_causal=False, scale=None):
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of kv heads")
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
 ATTENTION = torch.ops.dynasparse.attention.default
+
+
+# --- token merging (dynasparse.kernels.token_merge has the semantics) -------------------------------------------
+
+@torch.library.custom_op("dynasparse::merge_init", mutates_args=())
+def merge_init(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge state of an unmerged sequence: size 1 per real token (0 for padding), source = identity."""
+    batch, length = x.shape[0], x.shape[1]
+    size = token_merge.key_validity(mask, batch, length, x.device).float()
+    source = torch.arange(length, device=x.device).expand(batch, length).contiguous()
+    return size, source
+
+
+@merge_init.register_fake
+def _merge_init_fake(x, mask):
+    return x.new_empty(x.shape[:2], dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.long)
+
+
+@torch.library.custom_op("dynasparse::merge_tokens", mutates_args=())
+def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor,
+                 importance: torch.Tensor | None, r: int, ratio_milli: int, protect: list[int], mode: str,
+                 threshold: float, r_min_milli: int, fuse: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One merge step over [B, L, H] tokens; returns (x, size, source) with fewer slots."""
+    return token_merge.merge_tokens_reference(x, metric, size, source, importance, r=r, ratio_milli=ratio_milli,
+                                              protect=list(protect), mode=mode, threshold=threshold,
+                                              r_min_milli=r_min_milli, fuse=fuse)
+
+
+@merge_tokens.register_fake
+def _merge_tokens_fake(x, metric, size, source, importance, r, ratio_milli, protect, mode, threshold,
+                       r_min_milli, fuse):
+    capacity = token_merge.merged_capacity(x.shape[1], r, ratio_milli, len(protect), mode, fuse, r_min_milli)
+    return (x.new_empty(x.shape[0], capacity, x.shape[2]), size.new_empty(size.shape[0], capacity),
+            torch.empty_like(source))
+
+
+@torch.library.custom_op("dynasparse::merge_bias", mutates_args=())
+def merge_bias(size: torch.Tensor, like: torch.Tensor, proportional: bool) -> torch.Tensor:
+    """[B, 1, 1, L] additive attention bias for merged keys, in ``like``'s dtype."""
+    if proportional:
+        return token_merge.attention_bias(size, like.dtype)
+    return token_merge.attention_bias((size > 0).to(size.dtype), like.dtype)
+
+
+@merge_bias.register_fake
+def _merge_bias_fake(size, like, proportional):
+    return size.new_empty(size.shape[0], 1, 1, size.shape[1], dtype=like.dtype)
+
+
+@torch.library.custom_op("dynasparse::unmerge", mutates_args=())
+def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Back to the original length: each original position reads the slot that holds it."""
+    return token_merge.unmerge_reference(x, source)
+
+
+@unmerge.register_fake
+def _unmerge_fake(x, source):
+    return x.new_empty(x.shape[0], source.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("dynasparse::cls_importance", mutates_args=())
+def cls_importance(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float | None,
+                   cls_index: int) -> torch.Tensor:
+    """[B, L]: attention of the CLS query to each key, averaged over heads (EViT's token importance).
+
+    One query row against all keys: O(L·D), so pruning never needs the attention matrix.
+    """
+    return token_merge.cls_importance_reference(q, k, bias, scale, cls_index)
+
+
+@cls_importance.register_fake
+def _cls_importance_fake(q, k, bias, scale, cls_index):
+    return q.new_empty(q.shape[0], k.shape[2], dtype=torch.float32)
+
+
+MERGE_INIT = torch.ops.dynasparse.merge_init.default
+MERGE_TOKENS = torch.ops.dynasparse.merge_tokens.default
+MERGE_BIAS = torch.ops.dynasparse.merge_bias.default
+UNMERGE = torch.ops.dynasparse.unmerge.default
+CLS_IMPORTANCE = torch.ops.dynasparse.cls_importance.default

@@ -213,8 +213,11 @@ class CanonicalizePass:
     def _replace(gm: torch.fx.GraphModule, old: Node, args: tuple, result: PassResult, kind: str) -> None:
         with gm.graph.inserting_before(old):
             new = gm.graph.call_function(ATTENTION, args)
+            heads_major = gm.graph.call_function(aten.transpose.int, (new, 1, 2))
         copy_meta(old, new)
-        old.replace_all_uses_with(new)
+        copy_meta(old, heads_major)
+        new.meta["val"] = old.meta["val"].transpose(1, 2).contiguous()
+        old.replace_all_uses_with(heads_major)
         gm.graph.erase_node(old)
         q, k = fake(args[0]), fake(args[1])
         gqa = f", GQA {q.shape[1]}/{k.shape[1]} heads" if q.shape[1] != k.shape[1] else ""

@@ -1,10 +1,10 @@
 """dynasparse: compiler passes that make transformer inference spend compute only where it matters."""
 from dynasparse.api import OptimizedModel, optimize
-from dynasparse.config import BaseConfig, CanonicalizeConfig
+from dynasparse.config import BaseConfig, CanonicalizeConfig, TokenMergeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.export.onnx import export_onnx
 from dynasparse.runtime.ort import ort_session
 
-__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "OptimizedModel", "export_onnx", "optimize",
-           "ort_session"]
+__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "OptimizedModel", "TokenMergeConfig", "export_onnx",
+           "optimize", "ort_session"]
 __version__ = "0.1.0"

@@ -87,3 +87,66 @@ class CanonicalizeConfig(BaseConfig):
     sdpa: bool = True
     handwritten: bool = True
     fold_repeat_kv: bool = True
+
+
+@config_type
+@dataclasses.dataclass
+class TokenMergeConfig(BaseConfig):
+    """Merge redundant tokens between attention and MLP of encoder blocks (ToMe / DyMU / EViT family).
+
+    How many: ``r`` tokens per block (an int, or one int per merged block) or ``keep_ratio``, the share
+    of tokens left after the last merge (spread geometrically over the blocks). ``schedule="decreasing"``
+    ramps a constant ``r`` from 2r down to 0 (ToMe's decreasing schedule, same total).
+    Which: ``mode="bipartite"`` merges the most similar pairs (cosine of ``metric``: the keys averaged
+    over heads, or the ``hidden`` state); ``"threshold"`` merges pairs above a per-block similarity
+    ``threshold`` (None: calibrated from ``optimize(..., calibration=...)`` to hit the same average),
+    always at least ``min_merge_fraction`` of the scheduled merges so buffers stay fixed-size;
+    ``"prune"`` drops the least-attended tokens (CLS attention), fused into one token when ``fuse_pruned``.
+    ``protect``: original positions never merged (CLS). ``proportional_attention``: keys of merged tokens
+    get log(size) added to their logits. ``layers``: blocks to merge after (default: all).
+    """
+
+    r: int | tuple[int, ...] | None = None
+    keep_ratio: float | None = None
+    schedule: str = "constant"
+    mode: str = "bipartite"
+    metric: str = "keys"
+    protect: tuple[int, ...] = (0,)
+    proportional_attention: bool = True
+    threshold: float | tuple[float, ...] | None = None
+    min_merge_fraction: float = 0.5
+    fuse_pruned: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if (self.r is None) == (self.keep_ratio is None):
+            raise DynasparseError(f"{name}: set exactly one of r (tokens merged per block) or keep_ratio "
+                                  "(share of tokens left after the last block)")
+        if isinstance(self.r, (list, tuple)):
+            self.r = tuple(self.r)
+        if self.r is not None and any(not isinstance(v, int) or v < 0 for v in _as_tuple(self.r)):
+            raise DynasparseError(f"{name}.r={self.r!r} must be a non-negative int or a list of them")
+        if self.keep_ratio is not None:
+            self.check_range("keep_ratio", 0.0, 1.0, low_open=True)
+        for field_name, allowed in (("schedule", ("constant", "decreasing")),
+                                    ("mode", ("bipartite", "threshold", "prune")),
+                                    ("metric", ("keys", "hidden"))):
+            if getattr(self, field_name) not in allowed:
+                raise DynasparseError(f"{name}.{field_name}={getattr(self, field_name)!r}; expected one of {allowed}")
+        if self.schedule == "decreasing" and not isinstance(self.r, int):
+            raise DynasparseError(f"{name}: schedule='decreasing' ramps a constant r; give r as an int")
+        self.protect = tuple(self.protect)
+        if any(not isinstance(p, int) or p < 0 for p in self.protect):
+            raise DynasparseError(f"{name}.protect={self.protect!r} must be token positions >= 0")
+        self.check_range("min_merge_fraction", 0.0, 1.0)
+        if self.threshold is not None:
+            self.threshold = self.threshold if isinstance(self.threshold, float) else tuple(self.threshold)
+            if any(not -1.0 <= t <= 1.0 for t in _as_tuple(self.threshold)):
+                raise DynasparseError(f"{name}.threshold={self.threshold!r}: cosine thresholds lie in [-1, 1]")
+            if self.mode != "threshold":
+                raise DynasparseError(f"{name}: threshold is only used with mode='threshold'")
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, tuple) else (value,)

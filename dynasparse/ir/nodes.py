@@ -73,3 +73,23 @@ def hint(size) -> int:
     if isinstance(size, torch.SymInt):
         return int(size.node.hint) if size.node.hint is not None else 1
     return int(size)
+
+
+def propagate_fake_values(gm: torch.fx.GraphModule) -> None:
+    """Recompute every node's ``meta['val']`` after a rewrite changed shapes (e.g. fewer tokens).
+
+    Runs the graph on the capture's own fake inputs and shape environment, so symbolic sizes stay symbolic;
+    a rewrite that made shapes inconsistent fails here, at optimize time, not at the user's first call.
+    """
+    from torch._guards import detect_fake_mode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = [n.meta.get("val") for n in placeholders]
+    mode = detect_fake_mode([v for v in inputs if isinstance(v, torch.Tensor)])
+    allow = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # parameters and buffers are real tensors on the module
+    try:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
+    finally:
+        mode.allow_non_fake_inputs = allow

@@ -63,7 +63,7 @@ def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, sour
 @merge_tokens.register_fake
 def _merge_tokens_fake(x, metric, size, source, importance, r, ratio_milli, protect, mode, threshold,
                        r_min_milli, fuse):
-    capacity = token_merge.merged_capacity(x.shape[1], r, ratio_milli, len(protect), mode, fuse, r_min_milli)
+    capacity = token_merge.merged_capacity(x.shape[1], r, ratio_milli, mode, fuse, r_min_milli)
     return (x.new_empty(x.shape[0], capacity, x.shape[2]), size.new_empty(size.shape[0], capacity),
             torch.empty_like(source))
 

@@ -1,0 +1,194 @@
+"""Token merging: the torch reference of every step, and the dispatch to Triton on CUDA.
+
+State carried between merges (static shapes, no host syncs):
+  ``size``   [B, L]  float: how many input tokens each slot stands for; 0 marks an empty/padding slot.
+  ``source`` [B, L0] int64: for each original position, the slot that now holds it (for unmerge).
+
+One merge step, for each row independently:
+  1. roles: valid, unprotected slots alternate src / dst by their rank among such slots (so left and
+     right padding give the same roles as the unpadded row);
+  2. matching: each src finds its most similar dst (cosine of the metric) — ``best_match``;
+  3. selection: the ``r_row`` src with the highest similarity merge (bipartite), or those above a
+     threshold with r_min ≤ count ≤ r_row (threshold), or the ``r_row`` least important tokens are
+     dropped / fused into one (prune); ``r_row`` is computed from the row's own valid count;
+  4. placement: kept slots keep their order (protected tokens stay first), merged src go to their
+     dst's slot, padding is dropped; everything is written with size-weighted sums — ``merge_scatter``
+     — so ONNX needs only ScatterElements(add), never scatter_reduce(mean).
+"""
+from __future__ import annotations
+
+import torch
+
+NEG = float("-inf")
+
+
+def scheduled_merges(valid_count, r: int, ratio_milli: int):
+    """Merges the schedule asks of a row of ``valid_count`` tokens: ``r``, or a share of them in 1/1000."""
+    return r if ratio_milli < 0 else (valid_count * ratio_milli) // 1000
+
+
+def merged_capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_milli: int):
+    """Slots after one step for ``length`` input slots: what a full row keeps (fewer real tokens keep fewer).
+
+    Written so ``length`` appears once (``L - r`` or ``ceil(L·(1 - f))``): capacities of successive merges
+    nest, and a symbolic length used twice per step would grow the shape expressions exponentially.
+    Threshold mode is only sure to merge ``r_min_milli``/1000 of its schedule, so its capacity keeps room
+    for rows that merge no more than that.
+    """
+    if mode == "threshold":
+        r, ratio_milli = r * r_min_milli // 1000, ratio_milli * r_min_milli // 1000 if ratio_milli >= 0 else -1
+    kept = length - r if ratio_milli < 0 else (length * (1000 - ratio_milli) + 999) // 1000
+    return kept + (1 if mode == "prune" and fuse else 0)
+
+
+def key_validity(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    """[B, L] bool: keys any query may attend to, read off an encoder's attention mask."""
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    allowed = allowed.expand(batch, allowed.shape[1], allowed.shape[2], length)
+    return allowed.any(dim=2).any(dim=1)
+
+
+def best_match_reference(metric: torch.Tensor, is_src: torch.Tensor, is_dst: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every slot: cosine similarity to its most similar dst and that dst's index.
+
+    Rows that are not src get score -inf (and index 0). ``metric`` is [B, L, C].
+    """
+    unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    scores = unit @ unit.transpose(-1, -2)
+    scores = scores.masked_fill(~is_dst[:, None, :], NEG)
+    best, index = scores.max(dim=-1)
+    best = best.masked_fill(~is_src, NEG)
+    return best, torch.where(is_src, index, torch.zeros_like(index))
+
+
+def merge_scatter_reference(x: torch.Tensor, size: torch.Tensor, target: torch.Tensor, capacity: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Size-weighted average of the slots sent to each target slot; empty targets give 0."""
+    batch, _, hidden = x.shape
+    new_size = size.new_zeros(batch, capacity).scatter_add(1, target, size)
+    weighted = (x.float() * size[..., None]).to(torch.float32)
+    summed = weighted.new_zeros(batch, capacity, hidden).scatter_add(
+        1, target[..., None].expand(-1, -1, hidden), weighted)
+    return (summed / new_size.clamp_min(1e-12)[..., None]).to(x.dtype), new_size
+
+
+def _rank(flags: torch.Tensor) -> torch.Tensor:
+    return flags.long().cumsum(dim=1) - 1
+
+
+def plan_merge(metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor, importance: torch.Tensor | None,
+               *, r: int, ratio_milli: int, protect: list[int], mode: str, threshold: float, r_min_milli: int,
+               fuse: bool, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each slot goes and with what weight: ([B, L] target slot, [B, L] float weight).
+
+    Real tokens weigh their size. Padding keeps a slot of its own after the kept tokens while there is
+    room (weight 1, but no size: still masked as a key), so at r = 0 the layout is the identity; padding
+    beyond the capacity, and tokens pruned without fusing, go to slot 0 with weight 0.
+    """
+    batch, length = size.shape
+    valid = size > 0
+    protected = torch.zeros_like(valid)
+    if protect:
+        protected.scatter_(1, source[:, protect], True)
+        protected &= valid
+    candidate = valid & ~protected
+    rank = _rank(candidate)
+    valid_count, candidates = valid.sum(dim=1, keepdim=True), candidate.sum(dim=1, keepdim=True)
+    most = candidates if mode == "prune" else (candidates + 1) // 2  # a row cannot merge more src than it has
+    r_row = torch.clamp(torch.minimum(torch.as_tensor(scheduled_merges(valid_count, r, ratio_milli)), most), min=0)
+
+    if mode == "prune":
+        score = importance.float().masked_fill(~candidate, float("inf"))
+        order = score.argsort(dim=1, stable=True)
+        order_rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device)
+                                                      .expand(batch, -1))
+        removed = candidate & (order_rank < r_row)
+    else:
+        is_src, is_dst = candidate & (rank % 2 == 0), candidate & (rank % 2 == 1)
+        best, best_dst = best_match(metric, is_src, is_dst)
+        order = best.argsort(dim=1, descending=True, stable=True)
+        edge_rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device)
+                                                     .expand(batch, -1))
+        removed = is_src & (edge_rank < r_row)
+        if mode == "threshold":
+            floor = torch.minimum(torch.as_tensor(scheduled_merges(valid_count, r * r_min_milli // 1000,
+                                                                   ratio_milli * r_min_milli // 1000
+                                                                   if ratio_milli >= 0 else -1)), r_row)
+            removed &= (best > threshold) | (edge_rank < floor)
+
+    keep = valid & ~removed
+    kept_slot = _rank(keep)
+    used = keep.sum(dim=1, keepdim=True)
+    weight = size
+    if mode == "prune":
+        target = torch.where(keep, kept_slot, used.expand(-1, length) if fuse else torch.zeros_like(kept_slot))
+        used = used + int(fuse)
+        if not fuse:
+            weight = torch.where(removed, torch.zeros_like(size), size)
+    else:
+        target = torch.where(keep, kept_slot, kept_slot.gather(1, best_dst))
+    torch._assert_async((used <= capacity).all(), "token merge: a row keeps more tokens than the merged "
+                        "capacity (sequence too short for this r / protect setting)")
+    pad_slot = used + _rank(~valid)
+    pad_fits = ~valid & (pad_slot < capacity)
+    target = torch.where(valid, target, torch.where(pad_fits, pad_slot, torch.zeros_like(pad_slot)))
+    weight = torch.where(valid, weight, pad_fits.to(size.dtype))
+    return target.clamp_(min=0, max=capacity - 1), weight
+
+
+def merge_tokens_reference(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor,
+                           importance: torch.Tensor | None, *, r: int, ratio_milli: int, protect: list[int],
+                           mode: str, threshold: float, r_min_milli: int, fuse: bool
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One merge step; see the module docstring. Returns (x, size, source) in the merged layout."""
+    if metric.dim() == 4:  # keys [B, H, L, D]: average over heads, as ToMe does
+        metric = metric.mean(dim=1)
+    capacity = merged_capacity(x.shape[1], r, ratio_milli, mode, fuse, r_min_milli)
+    target, weight = plan_merge(metric, size, source, importance, r=r, ratio_milli=ratio_milli, protect=protect,
+                                mode=mode, threshold=threshold, r_min_milli=r_min_milli, fuse=fuse,
+                                capacity=capacity)
+    new_x, _ = merge_scatter(x, weight, target, capacity)
+    real_size = torch.where(size > 0, weight, torch.zeros_like(weight))
+    new_size = real_size.new_zeros(size.shape[0], capacity).scatter_add(1, target, real_size)
+    return new_x, new_size, target.gather(1, source)
+
+
+def unmerge_reference(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """[B, L', H] → [B, L0, H]: every original position reads the slot that holds it."""
+    return x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def attention_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, 1, L] additive key bias: log(size) (proportional attention), -max for empty slots."""
+    bias = torch.where(size > 0, size.clamp_min(1e-12).log(), torch.full_like(size, torch.finfo(dtype).min))
+    return bias[:, None, None, :].to(dtype)
+
+
+def best_match(metric, is_src, is_dst):
+    if metric.is_cuda:
+        from dynasparse.kernels.token_merge_triton import best_match_triton
+        return best_match_triton(metric, is_src, is_dst)
+    return best_match_reference(metric, is_src, is_dst)
+
+
+def merge_scatter(x, size, target, capacity):
+    if x.is_cuda:
+        from dynasparse.kernels.token_merge_triton import merge_scatter_triton
+        return merge_scatter_triton(x, size, target, capacity)
+    return merge_scatter_reference(x, size, target, capacity)
+
+
+def cls_importance_reference(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float | None,
+                             cls_index: int) -> torch.Tensor:
+    """softmax(q_cls · Kᵀ · scale + bias) averaged over heads: [B, L] float32."""
+    groups = q.shape[1] // k.shape[1]
+    keys = k.float().repeat_interleave(groups, dim=1)
+    query = q[:, :, cls_index: cls_index + 1].float()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = (query @ keys.transpose(-2, -1)) * scale
+    if bias is not None:
+        logits = logits + bias.float() if bias.dtype != torch.bool else logits.masked_fill(~bias, NEG)
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]

@@ -1,0 +1,284 @@
+"""Token merging: fewer tokens per block, between attention and MLP, with a dense unmerge at the end.
+
+    block i:  x ─ attention ─ (+x) ─ mid ──────────────────── MLP ─ (+) ─ out
+                                      └─ merge_tokens(mid, keys_i, size, source) ┘  → fewer tokens from here on
+    block j>i: attention(q, k, v, mask = merge_bias(size))   (log-size bias: proportional attention + padding)
+    after the last block:  unmerge(out, source) → original length for the head / dense outputs
+
+``mid`` is found on the graph: the residual-stream node after the attention that dominates the block
+output and forks into the MLP and the residual (works for pre-norm and post-norm blocks alike).
+Only bidirectional (encoder) attention is merged; causal sites stay dense and are reported.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import networkx as nx
+import torch
+from torch.fx import Node
+
+from dynasparse.config import TokenMergeConfig
+from dynasparse.errors import DynasparseError
+from dynasparse.ir.analysis import Block, GraphAnalysis
+from dynasparse.ir.nodes import bound_args, fake, hint, module_paths, propagate_fake_values
+from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
+from dynasparse.kernels.token_merge import merged_capacity
+from dynasparse.passes.base import PassResult, register_pass
+
+
+def _block_members(gm: torch.fx.GraphModule, block: Block) -> list[Node]:
+    return [n for n in gm.graph.nodes if block.module in module_paths(n)]
+
+
+def find_mid(gm: torch.fx.GraphModule, block: Block, site_node: Node) -> Node | None:
+    """The residual-stream node between the block's attention and its MLP (see module docstring)."""
+    if block.input is None or block.output is None:
+        return None
+    members = _block_members(gm, block)
+    inside = set(members) | {block.input}
+    graph = nx.DiGraph()
+    graph.add_nodes_from(inside)
+    graph.add_edges_from((n, u) for n in inside for u in n.users if u in inside)
+    reachable = nx.descendants(graph, block.input) | {block.input}
+    if block.output not in reachable:
+        return None
+    dominators = nx.immediate_dominators(graph.subgraph(reachable), block.input)
+    chain, node = [], block.output
+    while node is not block.input:
+        chain.append(node)
+        node = dominators[node]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    shape = fake(block.output).shape
+    for candidate in sorted(chain, key=order.get):
+        if order[candidate] <= order[site_node] or fake(candidate) is None or fake(candidate).shape != shape:
+            continue
+        if sum(1 for u in candidate.users if u in inside) >= 2:
+            return candidate
+    return None
+
+
+def _schedule(config: TokenMergeConfig, num_blocks: int) -> list[tuple[int, int]]:
+    """(r, ratio_milli) per merged block; ratio_milli < 0 means 'use r'."""
+    if config.keep_ratio is not None:
+        fraction = 1.0 - config.keep_ratio ** (1.0 / num_blocks)
+        if fraction > 0.5:
+            raise DynasparseError(
+                f"TokenMergeConfig.keep_ratio={config.keep_ratio} over {num_blocks} blocks needs "
+                f"{fraction:.0%} of the tokens merged per block; at most 50% can merge in one block. "
+                "Raise keep_ratio or merge in more blocks.")
+        return [(0, round(fraction * 1000))] * num_blocks
+    if isinstance(config.r, tuple):
+        if len(config.r) != num_blocks:
+            raise DynasparseError(f"TokenMergeConfig.r has {len(config.r)} values for {num_blocks} merged "
+                                  "blocks; give one per block or a single int")
+        return [(r, -1) for r in config.r]
+    if config.schedule == "decreasing":
+        ramp = [round(2 * config.r * (1 - i / max(num_blocks - 1, 1))) for i in range(num_blocks)]
+        return [(r, -1) for r in ramp]
+    return [(config.r, -1)] * num_blocks
+
+
+def _thresholds(config: TokenMergeConfig, num_blocks: int) -> list[float]:
+    if config.threshold is None:
+        return [1.0] * num_blocks  # calibrated later; 1.0 merges only the guaranteed floor
+    if isinstance(config.threshold, float):
+        return [config.threshold] * num_blocks
+    if len(config.threshold) != num_blocks:
+        raise DynasparseError(f"TokenMergeConfig.threshold has {len(config.threshold)} values for "
+                              f"{num_blocks} merged blocks")
+    return list(config.threshold)
+
+
+@register_pass(TokenMergeConfig)
+class TokenMergePass:
+    name = "token_merge"
+
+    def __init__(self, config: TokenMergeConfig):
+        self.config = config
+        self.uses_calibration = config.mode == "threshold" and config.threshold is None
+        self.calibration = None
+
+    # -- find sites ---------------------------------------------------------------------------------------
+    def _eligible(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis, result: PassResult
+                  ) -> list[tuple[Block, Node, Node]]:
+        chosen = []
+        if not analysis.blocks:
+            for site in analysis.sites:
+                result.left_dense[site.node.name] = "no block structure found (attention outside indexed modules)"
+            return chosen
+        for block in analysis.blocks:
+            sites = [analysis.sites[i] for i in block.sites]
+            if not self.config.applies_to(block.index):
+                continue
+            label = f"block {block.index} ({block.module})"
+            if len(sites) != 1:
+                result.left_dense[label] = f"{len(sites)} attention sites in one block; merging needs one"
+            elif sites[0].causal:
+                result.left_dense[label] = "causal attention: merging would mix earlier and later tokens"
+            elif (mid := find_mid(gm, block, sites[0].node)) is None:
+                result.left_dense[label] = "no residual-stream node between attention and MLP"
+            else:
+                chosen.append((block, sites[0].node, mid))
+        for block in analysis.blocks[:-1]:
+            outside = [u for u in (block.output.users if block.output else ())
+                       if analysis.blocks[block.index + 1].module not in module_paths(u)]
+            if chosen and block.index >= chosen[0][0].index and outside:
+                raise DynasparseError(
+                    f"token merging changes the length of hidden states that {outside[0].name} reads after "
+                    f"block {block.index} (e.g. output_hidden_states=True); capture without them")
+        return chosen
+
+    # -- decide ---------------------------------------------------------------------------------------------
+    def _check_lengths(self, length: int) -> None:
+        protect = self.config.protect
+        if len(protect) > length or any(p >= length for p in protect):
+            raise DynasparseError(f"TokenMergeConfig.protect={protect} names tokens beyond the example "
+                                  f"sequence of {length} tokens")
+        for r in ([self.config.r] if isinstance(self.config.r, int) else self.config.r or ()):
+            if r > (length - len(protect)) // 2:
+                raise DynasparseError(
+                    f"TokenMergeConfig.r={r} is more than half of the {length - len(protect)} mergeable "
+                    f"tokens of the example; use r <= {(length - len(protect)) // 2} or keep_ratio")
+
+    # -- rewrite --------------------------------------------------------------------------------------------
+    def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
+        result = PassResult(self.name)
+        chosen = self._eligible(gm, analysis, result)
+        if not chosen:
+            return result
+        length_symbol = fake(chosen[0][2]).shape[1]
+        if not isinstance(length_symbol, torch.SymInt):
+            for block, _, _ in chosen:
+                result.left_dense[f"block {block.index} ({block.module})"] = (
+                    "the sequence length was captured as a constant; token merging needs it dynamic")
+            return result
+        length = hint(length_symbol)
+        self._check_lengths(length)
+        merged_inputs: list[tuple[Node, Node]] = []  # (first node that sees merged tokens, merged hidden)
+        schedule = _schedule(self.config, len(chosen))
+        thresholds = _thresholds(self.config, len(chosen))
+        if self.config.mode == "prune" and any(s.num_heads != s.num_kv_heads for s in analysis.sites):
+            raise DynasparseError("TokenMergeConfig(mode='prune') needs as many key heads as query heads")
+
+        size = source = bias = None
+        site_of = {s.node: s for s in analysis.sites}
+        first_index = chosen[0][0].index
+        merge_after = {block.index: (site, mid, step) for step, (block, site, mid) in enumerate(chosen)}
+        example = length
+        for block in analysis.blocks:
+            site_index = block.sites[0] if block.sites else None
+            if bias is not None and site_index is not None:  # attention after a merge sees merged keys
+                node = analysis.sites[site_index].node
+                node.args = node.args[:3] + (bias,) + node.args[4:]
+            if block.index not in merge_after:
+                continue
+            site, mid, step = merge_after[block.index]
+            r, ratio_milli = schedule[step]
+            x_new, size, source, bias = self._insert_merge(gm, site, mid, size, source, r, ratio_milli,
+                                                           thresholds[step], block.index == first_index)
+            merged_inputs.append((x_new, x_new))
+            kept = merged_capacity(example, r, ratio_milli, self.config.mode, self.config.fuse_pruned,
+                                   round(self.config.min_merge_fraction * 1000))
+            result.applied.append(f"block {block.index}: {self._describe(r, ratio_milli, thresholds[step])}, "
+                                  f"{example} → {kept} tokens at the example")
+            example = kept
+            result.num_matches += 1
+        self._insert_unmerge(gm, analysis.blocks[-1].output, source)
+        self._repoint_lengths(gm, length_symbol, merged_inputs)
+        propagate_fake_values(gm)
+        result.flops_saved = self._attention_flops_saved(analysis, site_of)
+        result.notes.append(f"token_merge: {length} → {example} tokens after the last merge at the example "
+                            f"({example / length:.0%} kept)")
+        return result
+
+    def _describe(self, r: int, ratio_milli: int, threshold: float) -> str:
+        amount = f"r={r}" if ratio_milli < 0 else f"{ratio_milli / 10:.1f}% per block"
+        if self.config.mode == "threshold":
+            return f"threshold {threshold:.3f} (≤ {amount})"
+        return f"{self.config.mode} {amount}"
+
+    def _insert_merge(self, gm, site: Node, mid: Node, size, source, r, ratio_milli, threshold, first):
+        graph = gm.graph
+        args = bound_args(site)
+        users_before = set(mid.users)
+        with graph.inserting_after(mid):
+            cursor = mid
+            created = []
+
+            def emit(target, call_args):
+                nonlocal cursor
+                with graph.inserting_after(cursor):
+                    cursor = graph.call_function(target, call_args)
+                created.append(cursor)
+                return cursor
+
+            if first:
+                state = emit(MERGE_INIT, (mid, args["mask"]))
+                size, source = emit(operator.getitem, (state, 0)), emit(operator.getitem, (state, 1))
+            importance = None
+            if self.config.mode == "prune":
+                importance = emit(CLS_IMPORTANCE, (args["q"], args["k"], args["mask"], args["scale"],
+                                                    self.config.protect[0] if self.config.protect else 0))
+            metric = args["k"] if self.config.metric == "keys" else mid
+            merged = emit(MERGE_TOKENS, (mid, metric, size, source, importance, r, ratio_milli,
+                                         list(self.config.protect), self.config.mode, float(threshold),
+                                         round(self.config.min_merge_fraction * 1000), self.config.fuse_pruned))
+            x_new = emit(operator.getitem, (merged, 0))
+            size, source = emit(operator.getitem, (merged, 1)), emit(operator.getitem, (merged, 2))
+            bias = emit(MERGE_BIAS, (size, mid, self.config.proportional_attention))
+        for user in users_before:
+            user.replace_input_with(mid, x_new)
+        for node in created:
+            node.meta["nn_module_stack"] = mid.meta.get("nn_module_stack", {})
+        return x_new, size, source, bias
+
+    @staticmethod
+    def _repoint_lengths(gm: torch.fx.GraphModule, length_symbol: torch.SymInt,
+                         merged: list[tuple[Node, Node]]) -> None:
+        """Shape arguments computed from the *input's* length (``view(x, [B, L, H, D])``) must read the
+        merged length after a merge: each such argument is replaced by ``sym_size(merged_hidden, 1)``."""
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        starts = [(order[start], hidden) for start, hidden in merged]
+        sizes: dict[Node, Node] = {}
+
+        def is_input_length(arg) -> bool:
+            val = arg.meta.get("val") if isinstance(arg, Node) else None
+            return isinstance(val, torch.SymInt) and val.node.expr == length_symbol.node.expr
+
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function" or node.target is UNMERGE:
+                continue
+            latest = [hidden for position, hidden in starts if position < order.get(node, -1)]
+            if not latest:
+                continue
+            hidden = latest[-1]
+            if hidden not in sizes:
+                with gm.graph.inserting_after(hidden):
+                    sizes[hidden] = gm.graph.call_function(torch.ops.aten.sym_size.int, (hidden, 1))
+            new_args = torch.fx.node.map_arg(node.args, lambda a: sizes[hidden] if is_input_length(a) else a)
+            if new_args != node.args:
+                node.args = new_args
+
+    @staticmethod
+    def _insert_unmerge(gm: torch.fx.GraphModule, last_output: Node, source: Node) -> None:
+        users = list(last_output.users)
+        with gm.graph.inserting_after(last_output):
+            full = gm.graph.call_function(UNMERGE, (last_output, source))
+        for user in users:
+            user.replace_input_with(last_output, full)
+
+    @staticmethod
+    def _attention_flops_saved(analysis: GraphAnalysis, site_of: dict) -> float:
+        saved = 0.0
+        for site in analysis.sites:
+            q, k = fake(site.q), fake(site.k)
+            batch, q_len, kv_len = site.example_shape
+            saved += site.flops(batch, q_len, kv_len) - site.flops(hint(q.shape[0]), hint(q.shape[-2]),
+                                                                   hint(k.shape[-2]))
+        return saved
+
+
+def keep_fraction_per_block(ratio: float, blocks: int) -> float:
+    """Share of tokens each block keeps so that ``ratio`` remain after ``blocks`` merges."""
+    return math.pow(ratio, 1.0 / blocks)

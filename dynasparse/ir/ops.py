@@ -37,11 +37,12 @@ ATTENTION = torch.ops.dynasparse.attention.default
 
 @torch.library.custom_op("dynasparse::merge_init", mutates_args=())
 def merge_init(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge state of an unmerged sequence: size 1 per real token (0 for padding), source = identity."""
+    """Merge state of an unmerged sequence: size 1 per real token (0 for padding), source = identity
+    (padding encoded as ``-(position + 1)``)."""
     batch, length = x.shape[0], x.shape[1]
-    size = token_merge.key_validity(mask, batch, length, x.device).float()
-    source = torch.arange(length, device=x.device).expand(batch, length).contiguous()
-    return size, source
+    valid = token_merge.key_validity(mask, batch, length, x.device)
+    position = torch.arange(length, device=x.device).expand(batch, length)
+    return valid.float(), torch.where(valid, position, -position - 1)
 
 
 @merge_init.register_fake

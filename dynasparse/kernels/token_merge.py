@@ -2,7 +2,8 @@
 
 State carried between merges (static shapes, no host syncs):
   ``size``   [B, L]  float: how many input tokens each slot stands for; 0 marks an empty/padding slot.
-  ``source`` [B, L0] int64: for each original position, the slot that now holds it (for unmerge).
+  ``source`` [B, L0] int64: for each original position, the slot that now holds it (for unmerge),
+             stored as ``-(slot + 1)`` for padding, so which original tokens were real is never lost.
 
 One merge step, for each row independently:
   1. roles: valid, unprotected slots alternate src / dst by their rank among such slots (so left and
@@ -39,6 +40,20 @@ def merged_capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_m
         r, ratio_milli = r * r_min_milli // 1000, ratio_milli * r_min_milli // 1000 if ratio_milli >= 0 else -1
     kept = length - r if ratio_milli < 0 else (length * (1000 - ratio_milli) + 999) // 1000
     return kept + (1 if mode == "prune" and fuse else 0)
+
+
+def check_length(length: int, r: int, ratio_milli: int, protected: int, mode: str) -> None:
+    """A full row must be able to do the scheduled merges (rows with padding then always fit, since
+    the kept count grows at most one per real token). A shape check: no host sync."""
+    candidates = length - protected
+    most = candidates if mode == "prune" else (candidates + 1) // 2
+    if scheduled_merges(length, r, ratio_milli) > most:
+        from dynasparse.errors import DynasparseError
+
+        raise DynasparseError(
+            f"token merge: {length} tokens ({protected} protected) are too few to merge "
+            f"{scheduled_merges(length, r, ratio_milli)} in this block; use keep_ratio (which scales with "
+            "the length) for inputs this short, or a smaller r")
 
 
 def key_validity(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
@@ -91,9 +106,10 @@ def plan_merge(metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor, i
     batch, length = size.shape
     valid = size > 0
     protected = torch.zeros_like(valid)
-    if protect:
-        protected.scatter_(1, source[:, protect], True)
-        protected &= valid
+    if protect:  # ``protect`` counts real tokens: position 0 is the first real token (CLS) with any padding
+        real = source >= 0
+        wanted = real & torch.isin(_rank(real), torch.tensor(protect, device=source.device))
+        protected.scatter_(1, torch.where(wanted, source, torch.zeros_like(source)), wanted)
     candidate = valid & ~protected
     rank = _rank(candidate)
     valid_count, candidates = valid.sum(dim=1, keepdim=True), candidate.sum(dim=1, keepdim=True)
@@ -130,8 +146,6 @@ def plan_merge(metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor, i
             weight = torch.where(removed, torch.zeros_like(size), size)
     else:
         target = torch.where(keep, kept_slot, kept_slot.gather(1, best_dst))
-    torch._assert_async((used <= capacity).all(), "token merge: a row keeps more tokens than the merged "
-                        "capacity (sequence too short for this r / protect setting)")
     pad_slot = used + _rank(~valid)
     pad_fits = ~valid & (pad_slot < capacity)
     target = torch.where(valid, target, torch.where(pad_fits, pad_slot, torch.zeros_like(pad_slot)))
@@ -146,6 +160,7 @@ def merge_tokens_reference(x: torch.Tensor, metric: torch.Tensor, size: torch.Te
     """One merge step; see the module docstring. Returns (x, size, source) in the merged layout."""
     if metric.dim() == 4:  # keys [B, H, L, D]: average over heads, as ToMe does
         metric = metric.mean(dim=1)
+    check_length(x.shape[1], r, ratio_milli, len(protect), mode)
     capacity = merged_capacity(x.shape[1], r, ratio_milli, mode, fuse, r_min_milli)
     target, weight = plan_merge(metric, size, source, importance, r=r, ratio_milli=ratio_milli, protect=protect,
                                 mode=mode, threshold=threshold, r_min_milli=r_min_milli, fuse=fuse,
@@ -153,12 +168,18 @@ def merge_tokens_reference(x: torch.Tensor, metric: torch.Tensor, size: torch.Te
     new_x, _ = merge_scatter(x, weight, target, capacity)
     real_size = torch.where(size > 0, weight, torch.zeros_like(weight))
     new_size = real_size.new_zeros(size.shape[0], capacity).scatter_add(1, target, real_size)
-    return new_x, new_size, target.gather(1, source)
+    new_slot = target.gather(1, slot_of(source))
+    return new_x, new_size, torch.where(source >= 0, new_slot, -new_slot - 1)
+
+
+def slot_of(source: torch.Tensor) -> torch.Tensor:
+    """Decode ``source`` (padding is stored as ``-(slot + 1)``) to plain slot indices."""
+    return torch.where(source >= 0, source, -source - 1)
 
 
 def unmerge_reference(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """[B, L', H] → [B, L0, H]: every original position reads the slot that holds it."""
-    return x.gather(1, source[..., None].expand(-1, -1, x.shape[-1]))
+    return x.gather(1, slot_of(source)[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def attention_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

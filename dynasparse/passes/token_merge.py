@@ -27,6 +27,19 @@ from dynasparse.kernels.token_merge import merged_capacity
 from dynasparse.passes.base import PassResult, register_pass
 
 
+_VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+              torch.ops.aten.expand.default)
+
+
+def _static_token_slots(node: Node, length: int) -> list[int]:
+    """Positions of a view-like shape that carry the token count: equal to it where the input has it too."""
+    shape, source = node.args[1], fake(node.args[0])
+    if not isinstance(shape, (list, tuple)) or source is None:
+        return []
+    return [i for i, size in enumerate(shape)
+            if size == length and i < source.dim() and source.shape[i] == length and i > 0]
+
+
 def _block_members(gm: torch.fx.GraphModule, block: Block) -> list[Node]:
     return [n for n in gm.graph.nodes if block.module in module_paths(n)]
 
@@ -130,16 +143,19 @@ class TokenMergePass:
         return chosen
 
     # -- decide ---------------------------------------------------------------------------------------------
-    def _check_lengths(self, length: int) -> None:
+    def _check_lengths(self, length: int, schedule: list[tuple[int, int]]) -> None:
+        """Every merge must fit the example's length (r at most half of the tokens left at that block)."""
         protect = self.config.protect
         if len(protect) > length or any(p >= length for p in protect):
             raise DynasparseError(f"TokenMergeConfig.protect={protect} names tokens beyond the example "
                                   f"sequence of {length} tokens")
-        for r in ([self.config.r] if isinstance(self.config.r, int) else self.config.r or ()):
-            if r > (length - len(protect)) // 2:
+        for step, (r, ratio_milli) in enumerate(schedule):
+            if ratio_milli < 0 and r > (length - len(protect)) // 2:
                 raise DynasparseError(
-                    f"TokenMergeConfig.r={r} is more than half of the {length - len(protect)} mergeable "
-                    f"tokens of the example; use r <= {(length - len(protect)) // 2} or keep_ratio")
+                    f"TokenMergeConfig.r={r} is more than half of the {length - len(protect)} mergeable tokens "
+                    f"left at merge {step + 1} of the example; use a smaller r or keep_ratio")
+            length = merged_capacity(length, r, ratio_milli, self.config.mode, self.config.fuse_pruned,
+                                     round(self.config.min_merge_fraction * 1000))
 
     # -- rewrite --------------------------------------------------------------------------------------------
     def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
@@ -148,15 +164,10 @@ class TokenMergePass:
         if not chosen:
             return result
         length_symbol = fake(chosen[0][2]).shape[1]
-        if not isinstance(length_symbol, torch.SymInt):
-            for block, _, _ in chosen:
-                result.left_dense[f"block {block.index} ({block.module})"] = (
-                    "the sequence length was captured as a constant; token merging needs it dynamic")
-            return result
         length = hint(length_symbol)
-        self._check_lengths(length)
-        merged_inputs: list[tuple[Node, Node]] = []  # (first node that sees merged tokens, merged hidden)
         schedule = _schedule(self.config, len(chosen))
+        self._check_lengths(length, schedule)
+        merged_inputs: list[tuple[Node, Node]] = []  # (first node that sees merged tokens, merged hidden)
         thresholds = _thresholds(self.config, len(chosen))
         if self.config.mode == "prune" and any(s.num_heads != s.num_kv_heads for s in analysis.sites):
             raise DynasparseError("TokenMergeConfig(mode='prune') needs as many key heads as query heads")
@@ -234,17 +245,19 @@ class TokenMergePass:
         return x_new, size, source, bias
 
     @staticmethod
-    def _repoint_lengths(gm: torch.fx.GraphModule, length_symbol: torch.SymInt,
+    def _repoint_lengths(gm: torch.fx.GraphModule, length: int | torch.SymInt,
                          merged: list[tuple[Node, Node]]) -> None:
         """Shape arguments computed from the *input's* length (``view(x, [B, L, H, D])``) must read the
-        merged length after a merge: each such argument is replaced by ``sym_size(merged_hidden, 1)``."""
+        merged length after a merge: each is replaced by ``sym_size(merged_hidden, 1)``. A dynamic length
+        is recognised by its symbol anywhere in the arguments; a static one as the token slot (index 1)
+        of a view-like shape at a position where its input had that many tokens."""
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         starts = [(order[start], hidden) for start, hidden in merged]
         sizes: dict[Node, Node] = {}
 
         def is_input_length(arg) -> bool:
             val = arg.meta.get("val") if isinstance(arg, Node) else None
-            return isinstance(val, torch.SymInt) and val.node.expr == length_symbol.node.expr
+            return isinstance(val, torch.SymInt) and val.node.expr == length.node.expr
 
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target is UNMERGE:
@@ -256,9 +269,13 @@ class TokenMergePass:
             if hidden not in sizes:
                 with gm.graph.inserting_after(hidden):
                     sizes[hidden] = gm.graph.call_function(torch.ops.aten.sym_size.int, (hidden, 1))
-            new_args = torch.fx.node.map_arg(node.args, lambda a: sizes[hidden] if is_input_length(a) else a)
-            if new_args != node.args:
-                node.args = new_args
+            if isinstance(length, torch.SymInt):
+                node.args = torch.fx.node.map_arg(node.args, lambda a: sizes[hidden] if is_input_length(a) else a)
+            elif node.target in _VIEW_LIKE and (slots := _static_token_slots(node, length)):
+                shape = list(node.args[1])
+                for i in slots:
+                    shape[i] = sizes[hidden]
+                node.args = (node.args[0], shape, *node.args[2:])
 
     @staticmethod
     def _insert_unmerge(gm: torch.fx.GraphModule, last_output: Node, source: Node) -> None:

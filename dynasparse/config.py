@@ -102,8 +102,10 @@ class TokenMergeConfig(BaseConfig):
     ``threshold`` (None: calibrated from ``optimize(..., calibration=...)`` to hit the same average),
     always at least ``min_merge_fraction`` of the scheduled merges so buffers stay fixed-size;
     ``"prune"`` drops the least-attended tokens (CLS attention), fused into one token when ``fuse_pruned``.
-    ``protect``: original positions never merged (CLS). ``proportional_attention``: keys of merged tokens
-    get log(size) added to their logits. ``layers``: blocks to merge after (default: all).
+    ``protect``: real-token positions never merged (CLS). ``proportional_attention``: keys of merged
+    tokens get log(size) added to their logits. ``min_tokens`` (with keep_ratio): each row merges only a
+    share of its tokens beyond the first ``min_tokens``, so short inputs (queries) stay exact.
+    ``layers``: blocks to merge after (default: all).
     """
 
     r: int | tuple[int, ...] | None = None
@@ -116,6 +118,7 @@ class TokenMergeConfig(BaseConfig):
     threshold: float | tuple[float, ...] | None = None
     min_merge_fraction: float = 0.5
     fuse_pruned: bool = True
+    min_tokens: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -140,6 +143,10 @@ class TokenMergeConfig(BaseConfig):
         if any(not isinstance(p, int) or p < 0 for p in self.protect):
             raise DynasparseError(f"{name}.protect={self.protect!r} must be token positions >= 0")
         self.check_range("min_merge_fraction", 0.0, 1.0)
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise DynasparseError(f"{name}.min_tokens={self.min_tokens!r} must be an int >= 0")
+        if self.min_tokens and self.keep_ratio is None:
+            raise DynasparseError(f"{name}: min_tokens goes with keep_ratio (a share of the tokens beyond it)")
         if self.threshold is not None:
             self.threshold = self.threshold if isinstance(self.threshold, float) else tuple(self.threshold)
             if any(not -1.0 <= t <= 1.0 for t in _as_tuple(self.threshold)):

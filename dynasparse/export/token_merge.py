@@ -18,8 +18,9 @@ placement and weights; each helper names the reference line it spells:
   capacity                   → the integer formula of ``merged_capacity`` on int64 Shape values (``//`` of
                                non-negative ints is ONNX's int64 ``Div``).
 
-Differences that cannot be spelled in ONNX: the reference's ``_assert_async`` (a row keeps more tokens than
-the capacity) has no counterpart; such rows are clamped into the last slot exactly as the reference clamps.
+Not spelled in ONNX: the reference's ``check_length`` (too few tokens for the scheduled merges) raises while
+PyTorch runs; an ONNX graph has no errors, so such a row is merged as far as it can be (``r_row`` is capped
+by its candidates, and slots are clamped into the capacity, exactly as the reference computes them).
 Results agree with PyTorch up to float rounding; a rounding difference can only change a decision when two
 similarities (or importances) are within a few ulps of each other, which real inputs practically never hit.
 """
@@ -104,20 +105,29 @@ def _sort_rank(score, descending: bool):
 
 
 def _scheduled(valid_count, r: int, ratio_milli: int):
-    """``scheduled_merges``: the constant ``r``, or valid_count · ratio_milli // 1000 per row."""
+    """``scheduled_merges``: the constant ``r``, or (valid_count - r) · ratio_milli // 1000 per row.
+
+    ONNX's integer Div truncates where Python floors; they differ only for negative counts (rows shorter
+    than ``r``), which every caller clamps to 0.
+    """
     if ratio_milli < 0:
         return _int(r)
-    return op.Div(op.Mul(valid_count, _int(ratio_milli)), _int(1000))
+    return op.Div(op.Mul(op.Sub(valid_count, _int(r)), _int(ratio_milli)), _int(1000))
+
+
+def _floor_schedule(r: int, ratio_milli: int, r_min_milli: int) -> tuple[int, int]:
+    """Threshold mode's guaranteed share of the schedule (as in ``merged_capacity``)."""
+    return (r * r_min_milli // 1000, -1) if ratio_milli < 0 else (r, ratio_milli * r_min_milli // 1000)
 
 
 def _capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_milli: int):
     """``merged_capacity`` on a [1] int64 length; the Python ints fold into constants."""
     if mode == "threshold":
-        r, ratio_milli = r * r_min_milli // 1000, ratio_milli * r_min_milli // 1000 if ratio_milli >= 0 else -1
+        r, ratio_milli = _floor_schedule(r, ratio_milli, r_min_milli)
     if ratio_milli < 0:
         kept = op.Sub(length, _int(r))
     else:
-        kept = op.Div(op.Add(op.Mul(length, _int(1000 - ratio_milli)), _int(999)), _int(1000))
+        kept = op.Div(op.Add(op.Mul(length, _int(1000 - ratio_milli)), _int(r * ratio_milli + 999)), _int(1000))
     return op.Add(kept, _int(1)) if mode == "prune" and fuse else kept
 
 
@@ -136,9 +146,23 @@ def _key_validity(mask, x):
     return op.Cast(op.ReduceMax(allowed, _ints(1, 2), keepdims=0), to=BOOL)
 
 
+def _encode(slot, real):
+    """The ``source`` encoding: the slot for real tokens, ``-(slot + 1)`` for padding."""
+    return op.Where(real, slot, op.Sub(op.Neg(slot), _int(1)))
+
+
+def _slot_of(source):
+    """``slot_of``: decode ``source`` to plain slot indices."""
+    return op.Where(_is_real(source), source, op.Sub(op.Neg(source), _int(1)))
+
+
+def _is_real(source):
+    return op.GreaterOrEqual(source, _int(0))
+
+
 def merge_init(x, mask=None):
-    size = op.Cast(_key_validity(mask, x), to=FLOAT)
-    return size, _positions(x)
+    valid = _key_validity(mask, x)
+    return op.Cast(valid, to=FLOAT), _encode(_positions(x), valid)
 
 
 # --- merge_tokens ----------------------------------------------------------------------------------------------
@@ -155,14 +179,24 @@ def _best_match(metric, is_src, is_dst):
 
 
 def _protected(size, source, protect: list[int]):
-    """[B, L] bool: the slots now holding the protected original positions."""
+    """[B, L] bool: the slots holding a protected token; ``protect`` counts real tokens (0: the first, CLS).
+
+    A slot is protected when any wanted token sits in it. Spelled as a sum-scatter of the wanted flags so
+    the many unwanted tokens (sent to slot 0 with flag 0) can never overwrite a wanted one there: a plain
+    scatter with repeated indices keeps whichever write comes last (torch's CPU ``scatter_`` does, and would
+    unprotect a CLS held in slot 0), and ONNX leaves that order undefined.
+    """
     if not protect:
         return None
-    slots = op.Gather(source, _ints(*protect), axis=1)  # source[:, protect]
-    marks = op.ScatterElements(op.ConstantOfShape(op.Shape(size), value=ir.tensor([0.0], dtype=FLOAT)), slots,
-                               op.CastLike(op.ConstantOfShape(op.Shape(slots), value=ir.tensor([1], dtype=INT64)),
-                                           size),
-                               axis=1, reduction="add")  # "add": two names for one slot cannot race
+    real = _is_real(source)
+    real_rank = _rank(real)
+    named = op.Equal(real_rank, _int(protect[0]))
+    for position in protect[1:]:  # torch.isin(rank, protect)
+        named = op.Or(named, op.Equal(real_rank, _int(position)))
+    wanted = op.And(real, named)
+    marks = op.ScatterElements(op.ConstantOfShape(op.Shape(size), value=ir.tensor([0.0], dtype=FLOAT)),
+                               op.Where(wanted, source, _int(0)), op.Cast(wanted, to=FLOAT),
+                               axis=1, reduction="add")
     return op.Greater(marks, _float(0.0))
 
 
@@ -189,8 +223,8 @@ def _plan(metric, size, source, importance, r: int, ratio_milli: int, protect: l
         edge_rank = _sort_rank(best, descending=True)
         removed = op.And(is_src, op.Less(edge_rank, r_row))
         if mode == "threshold":
-            floor = op.Min(_scheduled(valid_count, r * r_min_milli // 1000,
-                                      ratio_milli * r_min_milli // 1000 if ratio_milli >= 0 else -1), r_row)
+            floor = op.Max(op.Min(_scheduled(valid_count, *_floor_schedule(r, ratio_milli, r_min_milli)), r_row),
+                           _int(0))
             removed = op.And(removed, op.Or(op.Greater(best, _float(threshold)), op.Less(edge_rank, floor)))
 
     keep = op.And(valid, op.Not(removed))
@@ -248,7 +282,8 @@ def merge_tokens(x, metric, size, source, importance, r: int, ratio_milli: int, 
     new_x = _merge_scatter(x, weight, target, capacity)
     real_size = op.Where(op.Greater(size, _float(0.0)), weight, _float(0.0))
     new_size = _scatter_add(real_size, target, capacity)
-    return new_x, new_size, op.GatherElements(target, source, axis=1)
+    new_slot = op.GatherElements(target, _slot_of(source), axis=1)
+    return new_x, new_size, _encode(new_slot, _is_real(source))
 
 
 # --- merge_bias, unmerge, cls_importance ----------------------------------------------------------------------
@@ -267,7 +302,7 @@ def merge_bias(size, like, proportional: bool):
 
 def unmerge(x, source):
     """``unmerge_reference``: [B, L', H] → [B, L0, H], each original position reads its slot."""
-    index = op.Expand(op.Unsqueeze(source, _ints(2)),
+    index = op.Expand(op.Unsqueeze(_slot_of(source), _ints(2)),
                       op.Concat(_dim(source, 0), _dim(source, 1), _dim(x, 2), axis=0))
     return op.GatherElements(x, index, axis=1)
 
@@ -304,8 +339,8 @@ def cls_importance(q, k, bias, scale: float | None, cls_index: int):
             logits = op.Where(bias, logits, _float(float("-inf")))
         else:
             logits = op.Add(logits, op.Cast(bias, to=FLOAT))
-    probs = op.ReduceMean(op.Softmax(logits, axis=-1), _ints(1), keepdims=0)  # [B, 1 or Lq, L]
-    return op.Squeeze(op.Slice(probs, _ints(0), _ints(1), _ints(1)), _ints(1))
+    probs = op.ReduceMean(op.Softmax(logits, axis=-1), _ints(1), keepdims=0)  # [B, 1, L]
+    return op.Squeeze(probs, _ints(1))
 
 
 TOKEN_MERGE_TRANSLATIONS = {MERGE_INIT: merge_init, MERGE_TOKENS: merge_tokens, MERGE_BIAS: merge_bias,

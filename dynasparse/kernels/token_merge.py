@@ -24,21 +24,27 @@ NEG = float("-inf")
 
 
 def scheduled_merges(valid_count, r: int, ratio_milli: int):
-    """Merges the schedule asks of a row of ``valid_count`` tokens: ``r``, or a share of them in 1/1000."""
-    return r if ratio_milli < 0 else (valid_count * ratio_milli) // 1000
+    """Merges the schedule asks of a row of ``valid_count`` tokens.
+
+    ``ratio_milli < 0``: ``r`` per row. Otherwise a share (in 1/1000) of the tokens beyond the first ``r``:
+    rows of at most ``r`` tokens (short queries) are left whole. May be negative for short rows; callers
+    clamp at 0 per row.
+    """
+    return r if ratio_milli < 0 else ((valid_count - r) * ratio_milli) // 1000
 
 
 def merged_capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_milli: int):
     """Slots after one step for ``length`` input slots: what a full row keeps (fewer real tokens keep fewer).
 
-    Written so ``length`` appears once (``L - r`` or ``ceil(L·(1 - f))``): capacities of successive merges
-    nest, and a symbolic length used twice per step would grow the shape expressions exponentially.
+    Written so ``length`` appears once (``L - r`` or ``ceil(L·(1 - f) + r·f)``): capacities of successive
+    merges nest, and a symbolic length used twice per step would grow the shape expressions exponentially.
+    (So a batch shorter than ``r`` tokens in ratio mode gets a few empty slots rather than a clamp.)
     Threshold mode is only sure to merge ``r_min_milli``/1000 of its schedule, so its capacity keeps room
     for rows that merge no more than that.
     """
     if mode == "threshold":
-        r, ratio_milli = r * r_min_milli // 1000, ratio_milli * r_min_milli // 1000 if ratio_milli >= 0 else -1
-    kept = length - r if ratio_milli < 0 else (length * (1000 - ratio_milli) + 999) // 1000
+        r, ratio_milli = (r * r_min_milli // 1000, -1) if ratio_milli < 0 else (r, ratio_milli * r_min_milli // 1000)
+    kept = length - r if ratio_milli < 0 else (length * (1000 - ratio_milli) + r * ratio_milli + 999) // 1000
     return kept + (1 if mode == "prune" and fuse else 0)
 
 
@@ -109,7 +115,9 @@ def plan_merge(metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor, i
     if protect:  # ``protect`` counts real tokens: position 0 is the first real token (CLS) with any padding
         real = source >= 0
         wanted = real & torch.isin(_rank(real), torch.tensor(protect, device=source.device))
-        protected.scatter_(1, torch.where(wanted, source, torch.zeros_like(source)), wanted)
+        hits = torch.zeros_like(size).scatter_add(1, torch.where(wanted, source, torch.zeros_like(source)),
+                                                  wanted.to(size.dtype))  # a sum: repeated indices are safe
+        protected = hits > 0
     candidate = valid & ~protected
     rank = _rank(candidate)
     valid_count, candidates = valid.sum(dim=1, keepdim=True), candidate.sum(dim=1, keepdim=True)
@@ -130,9 +138,10 @@ def plan_merge(metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor, i
                                                      .expand(batch, -1))
         removed = is_src & (edge_rank < r_row)
         if mode == "threshold":
-            floor = torch.minimum(torch.as_tensor(scheduled_merges(valid_count, r * r_min_milli // 1000,
-                                                                   ratio_milli * r_min_milli // 1000
-                                                                   if ratio_milli >= 0 else -1)), r_row)
+            floor_r, floor_ratio = ((r * r_min_milli // 1000, -1) if ratio_milli < 0
+                                    else (r, ratio_milli * r_min_milli // 1000))
+            floor = torch.clamp(torch.minimum(torch.as_tensor(scheduled_merges(valid_count, floor_r, floor_ratio)),
+                                              r_row), min=0)
             removed &= (best > threshold) | (edge_rank < floor)
 
     keep = valid & ~removed

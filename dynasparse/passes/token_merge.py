@@ -80,7 +80,7 @@ def _schedule(config: TokenMergeConfig, num_blocks: int) -> list[tuple[int, int]
                 f"TokenMergeConfig.keep_ratio={config.keep_ratio} over {num_blocks} blocks needs "
                 f"{fraction:.0%} of the tokens merged per block; at most 50% can merge in one block. "
                 "Raise keep_ratio or merge in more blocks.")
-        return [(0, round(fraction * 1000))] * num_blocks
+        return [(config.min_tokens, round(fraction * 1000))] * num_blocks
     if isinstance(config.r, tuple):
         if len(config.r) != num_blocks:
             raise DynasparseError(f"TokenMergeConfig.r has {len(config.r)} values for {num_blocks} merged "
@@ -204,7 +204,8 @@ class TokenMergePass:
         return result
 
     def _describe(self, r: int, ratio_milli: int, threshold: float) -> str:
-        amount = f"r={r}" if ratio_milli < 0 else f"{ratio_milli / 10:.1f}% per block"
+        amount = f"r={r}" if ratio_milli < 0 else f"{ratio_milli / 10:.1f}% per block" + (
+            f" of the tokens beyond {r}" if r else "")
         if self.config.mode == "threshold":
             return f"threshold {threshold:.3f} (≤ {amount})"
         return f"{self.config.mode} {amount}"

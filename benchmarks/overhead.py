@@ -24,18 +24,10 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from benchmarks.harness import Case, Row, compare, write_results
+from dynasparse.bench import Case, Row, compare, write_results
 from dynasparse import zoo
 from dynasparse.export.onnx import export_onnx
 from dynasparse.runtime.ort import ort_session
-
-
-def paragraphs(min_chars: int = 200) -> list[str]:
-    """Whitespace-normalized paragraphs of Python's own help topics: real English text, always installed."""
-    from pydoc_data.topics import topics
-
-    found = (" ".join(p.split()) for text in topics.values() for p in text.split("\n\n"))
-    return [p for p in found if len(p) > min_chars]
 
 
 def sentence_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -85,7 +77,7 @@ def main() -> None:
         args.seq_lens, args.batch, args.repeats = [32], 2, 2
 
     minilm = zoo.load_minilm()
-    texts = paragraphs()[: args.batch]
+    texts = zoo.paragraphs(200)[: args.batch]
     for seq in args.seq_lens:
         inputs = dict(minilm.tokenizer(texts, truncation=True, max_length=seq, padding="max_length",
                                        return_tensors="pt"))

@@ -23,20 +23,18 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from benchmarks.harness import Case, compare, format_table, write_results
-from benchmarks.overhead import paragraphs
+from dynasparse.bench import Case, compare, format_table, write_results
 from dynasparse import TokenMergeConfig, zoo
 
 LATER_BLOCKS = (1, 2, 3, 4, 5)
-CANDIDATES = {  # plain ToMe first, then dynasparse's tuned settings (hidden-state metric, block 0 dense,
-    # inputs up to 48 tokens kept whole so short queries stay exact)
+CANDIDATES = {  # plain ToMe first, then dynasparse's tuned settings (block 0 left dense, inputs up to 48
+    # tokens kept whole so short queries stay exact)
     "ToMe: keys, all blocks, keep 0.5": TokenMergeConfig(keep_ratio=0.5),
-    "hidden, blocks 1-5, keep 0.5, min 48": TokenMergeConfig(keep_ratio=0.5, metric="hidden", layers=LATER_BLOCKS,
-                                                             min_tokens=48),
+    "keys, blocks 1-5, keep 0.4, min 48": TokenMergeConfig(keep_ratio=0.4, layers=LATER_BLOCKS, min_tokens=48),
+    "keys, blocks 1-5, keep 0.3, min 48": TokenMergeConfig(keep_ratio=0.3, layers=LATER_BLOCKS, min_tokens=48),
+    "keys, blocks 1-5, keep 0.25, min 48": TokenMergeConfig(keep_ratio=0.25, layers=LATER_BLOCKS, min_tokens=48),
     "hidden, blocks 1-5, keep 0.4, min 48": TokenMergeConfig(keep_ratio=0.4, metric="hidden", layers=LATER_BLOCKS,
                                                              min_tokens=48),
-    "prune (CLS attention), blocks 1-5, keep 0.5, min 48": TokenMergeConfig(
-        keep_ratio=0.5, mode="prune", layers=LATER_BLOCKS, min_tokens=48),
 }
 
 
@@ -92,7 +90,7 @@ def _order(tokenizer, texts, seq_len):
 
 def minilm_tables(seq_lens, batch_sizes, timed_docs: int, repeats: int, candidates) -> list[str]:
     entry = zoo.load_minilm()
-    queries, docs = split_queries(paragraphs(300))
+    queries, docs = split_queries(zoo.paragraphs(300))
     tables = []
     for seq_len in seq_lens:
         example = sorted_batches(entry.tokenizer, docs[:32], 32, seq_len)[-1]
@@ -150,13 +148,18 @@ def vit_tables(image_sizes, batch: int, repeats: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="a small smoke run")
+    parser.add_argument("--criterion", action="store_true",
+                        help="only the acceptance table: seq 256, batch 32, 128 timed docs, 7 repeats")
     args = parser.parse_args()
+    if args.criterion:
+        minilm_tables([256], [32], timed_docs=128, repeats=7, candidates=CANDIDATES)
+        return
     if args.quick:
         minilm_tables([128], [8], timed_docs=16, repeats=2, candidates=dict(list(CANDIDATES.items())[1:2]))
         vit_tables([224], batch=2, repeats=2)
         return
-    minilm_tables([256], [32, 8, 1], timed_docs=64, repeats=5, candidates=CANDIDATES)
-    minilm_tables([128, 512], [32], timed_docs=64, repeats=3, candidates=dict(list(CANDIDATES.items())[1:3]))
+    minilm_tables([256], [32, 8, 1], timed_docs=128, repeats=5, candidates=CANDIDATES)
+    minilm_tables([128, 512], [32], timed_docs=128, repeats=3, candidates=dict(list(CANDIDATES.items())[1:3]))
     vit_tables([224, 384], batch=8, repeats=3)
 
 

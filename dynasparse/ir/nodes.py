@@ -39,10 +39,18 @@ def is_call(node: Any, *targets) -> bool:
     return isinstance(node, Node) and node.op == "call_function" and node.target in targets
 
 
+_DYNAMO_ROOT = re.compile(r"^L\[['\"]self['\"]\]\.?")
+
+
 def module_paths(node: Node) -> list[str]:
-    """Module paths enclosing the node, outermost first (from export's ``nn_module_stack``)."""
+    """Module paths enclosing the node, outermost first (from ``nn_module_stack``).
+
+    torch.export writes ``encoder.layer.0``; Dynamo writes ``L['self'].encoder.layer[0]``: both are
+    read as the former.
+    """
     stack = node.meta.get("nn_module_stack") or {}
-    return [path for path, _ in stack.values() if path]
+    paths = (re.sub(r"\[(\d+)\]", r".\1", _DYNAMO_ROOT.sub("", path)) for path, _ in stack.values())
+    return [path for path in paths if path]
 
 
 _INDEXED = re.compile(r"^(.*\.)?(\d+)$")

@@ -10,7 +10,7 @@ One merge step, for each row independently:
      right padding give the same roles as the unpadded row);
   2. matching: each src finds its most similar dst (cosine of the metric) — ``best_match``;
   3. selection: the ``r_row`` src with the highest similarity merge (bipartite), or those above a
-     threshold with r_min ≤ count ≤ r_row (threshold), or the ``r_row`` least important tokens are
+     threshold (at least the floor of the schedule, at most every src), or the ``r_row`` least important tokens are
      dropped / fused into one (prune); ``r_row`` is computed from the row's own valid count;
   4. placement: kept slots keep their order (protected tokens stay first), merged src go to their
      dst's slot, padding is dropped; everything is written with size-weighted sums — ``merge_scatter``
@@ -18,9 +18,15 @@ One merge step, for each row independently:
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 NEG = float("-inf")
+
+# Set by ``recording_edge_scores``: each bipartite step appends the similarity of every row's weakest
+# merged edge (calibration of threshold mode); None otherwise.
+_EDGE_SCORES: list[torch.Tensor] | None = None
 
 
 def scheduled_merges(valid_count, r: int, ratio_milli: int):
@@ -46,6 +52,17 @@ def merged_capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_m
         r, ratio_milli = (r * r_min_milli // 1000, -1) if ratio_milli < 0 else (r, ratio_milli * r_min_milli // 1000)
     kept = length - r if ratio_milli < 0 else (length * (1000 - ratio_milli) + r * ratio_milli + 999) // 1000
     return kept + (1 if mode == "prune" and fuse else 0)
+
+
+@contextlib.contextmanager
+def recording_edge_scores():
+    """Collect, per bipartite merge step in call order, the similarity of each row's last merged edge."""
+    global _EDGE_SCORES
+    _EDGE_SCORES = []
+    try:
+        yield _EDGE_SCORES
+    finally:
+        _EDGE_SCORES = None
 
 
 def check_length(length: int, r: int, ratio_milli: int, protected: int, mode: str) -> None:
@@ -75,14 +92,27 @@ def best_match_reference(metric: torch.Tensor, is_src: torch.Tensor, is_dst: tor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every slot: cosine similarity to its most similar dst and that dst's index.
 
-    Rows that are not src get score -inf (and index 0). ``metric`` is [B, L, C].
+    Rows that are not src get score -inf (and index 0). ``metric`` is [B, L, C]. Only src × dst pairs are
+    scored: each role is gathered into the front of its own buffer first (a stable sort on the role), so
+    the product is about a quarter of L × L when roles alternate, as ``plan_merge`` assigns them.
     """
+    batch, length = is_src.shape
+    # reading the counts is free on CPU, where this reference runs (CUDA takes the Triton kernel)
+    width = max(int(is_src.sum(dim=1).max()), int(is_dst.sum(dim=1).max()), 1)
+    src_at = (~is_src).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
+    dst_at = (~is_dst).to(torch.int8).argsort(dim=1, stable=True)[:, :width]
     unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    scores = unit @ unit.transpose(-1, -2)
-    scores = scores.masked_fill(~is_dst[:, None, :], NEG)
-    best, index = scores.max(dim=-1)
-    best = best.masked_fill(~is_src, NEG)
-    return best, torch.where(is_src, index, torch.zeros_like(index))
+    channels = unit.shape[-1]
+    src_unit = unit.gather(1, src_at[..., None].expand(-1, -1, channels))
+    dst_unit = unit.gather(1, dst_at[..., None].expand(-1, -1, channels))
+    scores = (src_unit @ dst_unit.transpose(-1, -2)).masked_fill(~is_dst.gather(1, dst_at)[:, None, :], NEG)
+    local_best, local_index = scores.max(dim=-1)
+    src_ok = is_src.gather(1, src_at)
+    best = torch.full((batch, length), NEG, device=metric.device).scatter_(
+        1, src_at, torch.where(src_ok, local_best, torch.full_like(local_best, NEG)))
+    index = torch.zeros(batch, length, dtype=torch.long, device=metric.device).scatter_(
+        1, src_at, torch.where(src_ok, dst_at.gather(1, local_index), torch.zeros_like(local_index)))
+    return best, index
 
 
 def merge_scatter_reference(x: torch.Tensor, size: torch.Tensor, target: torch.Tensor, capacity: int
@@ -137,12 +167,15 @@ def plan_merge(metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor, i
         edge_rank = torch.empty_like(order).scatter_(1, order, torch.arange(length, device=order.device)
                                                      .expand(batch, -1))
         removed = is_src & (edge_rank < r_row)
-        if mode == "threshold":
+        if _EDGE_SCORES is not None and mode == "bipartite":
+            weakest = best.gather(1, order).gather(1, (r_row - 1).clamp(min=0))[:, 0]
+            _EDGE_SCORES.append(weakest[(r_row[:, 0] > 0) & torch.isfinite(weakest)])
+        if mode == "threshold":  # every src above the threshold merges, and at least the floor does
             floor_r, floor_ratio = ((r * r_min_milli // 1000, -1) if ratio_milli < 0
                                     else (r, ratio_milli * r_min_milli // 1000))
             floor = torch.clamp(torch.minimum(torch.as_tensor(scheduled_merges(valid_count, floor_r, floor_ratio)),
                                               r_row), min=0)
-            removed &= (best > threshold) | (edge_rank < floor)
+            removed = is_src & ((best > threshold) | (edge_rank < floor))
 
     keep = valid & ~removed
     kept_slot = _rank(keep)

@@ -23,7 +23,7 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import Block, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, fake, hint, module_paths, propagate_fake_values
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
-from dynasparse.kernels.token_merge import merged_capacity
+from dynasparse.kernels.token_merge import merged_capacity, recording_edge_scores
 from dynasparse.passes.base import PassResult, register_pass
 
 
@@ -32,12 +32,13 @@ _VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch
 
 
 def _static_token_slots(node: Node, length: int) -> list[int]:
-    """Positions of a view-like shape that carry the token count: equal to it where the input has it too."""
+    """Positions of a view-like shape that carry the token count: equal to it where the input has it too,
+    never the batch (first) or feature (last) position, where an equal size is a coincidence."""
     shape, source = node.args[1], fake(node.args[0])
     if not isinstance(shape, (list, tuple)) or source is None:
         return []
-    return [i for i, size in enumerate(shape)
-            if size == length and i < source.dim() and source.shape[i] == length and i > 0]
+    return [i for i, size in enumerate(shape[:-1])
+            if i > 0 and size == length and i < source.dim() and source.shape[i] == length]
 
 
 def _block_members(gm: torch.fx.GraphModule, block: Block) -> list[Node]:
@@ -197,11 +198,56 @@ class TokenMergePass:
             result.num_matches += 1
         self._insert_unmerge(gm, analysis.blocks[-1].output, source)
         self._repoint_lengths(gm, length_symbol, merged_inputs)
+        if self.uses_calibration:
+            result.notes.append(self._calibrate_thresholds(gm))
         propagate_fake_values(gm)
         result.flops_saved = self._attention_flops_saved(analysis, site_of)
         result.notes.append(f"token_merge: {length} → {example} tokens after the last merge at the example "
                             f"({example / length:.0%} kept)")
         return result
+
+    def _calibrate_thresholds(self, gm: torch.fx.GraphModule) -> str:
+        """DyMU-style: run the calibration batches with bipartite merging at the scheduled amount, record
+        the similarity of each row's weakest merged edge per block, and use its mean as that block's
+        threshold, so rows merge more or less than the schedule while the average stays near it."""
+        if self.calibration is None:
+            raise DynasparseError("TokenMergeConfig(mode='threshold', threshold=None) calibrates its thresholds: "
+                                  "pass optimize(..., calibration=[batch, ...]) with inputs like example_kwargs, "
+                                  "or give threshold=")
+        merges = [n for n in gm.graph.nodes if n.target is MERGE_TOKENS]
+        for node in merges:
+            node.update_arg(8, "bipartite")
+        gm.recompile()
+        scores: list[list[torch.Tensor]] = [[] for _ in merges]
+        batches = 0
+        try:
+            for batch in self.calibration:
+                args, kwargs = (batch, {}) if isinstance(batch, (tuple, list)) else ((), batch)
+                with torch.no_grad(), recording_edge_scores() as recorded:
+                    try:
+                        gm(*args, **kwargs)
+                    except Exception as err:
+                        raise DynasparseError(f"calibration batch {batches} does not fit the model "
+                                              f"({type(err).__name__}: {err}); pass batches shaped like "
+                                              "example_kwargs") from None
+                for step, values in enumerate(recorded[:len(merges)]):
+                    scores[step].append(values)
+                batches += 1
+        finally:
+            for node in merges:
+                node.update_arg(8, "threshold")
+            gm.recompile()
+        if not batches:
+            raise DynasparseError("calibration data is empty; pass at least one batch")
+        thresholds = []
+        for node, values in zip(merges, scores):
+            collected = torch.cat(values) if values else torch.empty(0)
+            threshold = float(collected.mean()) if collected.numel() else 1.0
+            node.update_arg(9, threshold)
+            thresholds.append(threshold)
+        gm.recompile()
+        return (f"token_merge: thresholds calibrated on {batches} batches: "
+                + ", ".join(f"{t:.3f}" for t in thresholds))
 
     def _describe(self, r: int, ratio_milli: int, threshold: float) -> str:
         amount = f"r={r}" if ratio_milli < 0 else f"{ratio_milli / 10:.1f}% per block" + (

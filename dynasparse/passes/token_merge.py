@@ -143,6 +143,14 @@ class TokenMergePass:
         return chosen
 
     # -- decide ---------------------------------------------------------------------------------------------
+    @property
+    def _r_min_milli(self) -> int:
+        return round(self.config.min_merge_fraction * 1000)
+
+    def _capacity(self, length: int, r: int, ratio_milli: int) -> int:
+        """Tokens left after one merge of ``length`` tokens (the op's own capacity formula)."""
+        return merged_capacity(length, r, ratio_milli, self.config.mode, self.config.fuse_pruned, self._r_min_milli)
+
     def _check_lengths(self, length: int, schedule: list[tuple[int, int]]) -> None:
         """Every merge must fit the example's length (r at most half of the tokens left at that block)."""
         protect = self.config.protect
@@ -154,8 +162,7 @@ class TokenMergePass:
                 raise DynasparseError(
                     f"TokenMergeConfig.r={r} is more than half of the {length - len(protect)} mergeable tokens "
                     f"left at merge {step + 1} of the example; use a smaller r or keep_ratio")
-            length = merged_capacity(length, r, ratio_milli, self.config.mode, self.config.fuse_pruned,
-                                     round(self.config.min_merge_fraction * 1000))
+            length = self._capacity(length, r, ratio_milli)
 
     # -- rewrite --------------------------------------------------------------------------------------------
     def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
@@ -188,8 +195,7 @@ class TokenMergePass:
             x_new, size, source, bias = self._insert_merge(gm, site, mid, size, source, r, ratio_milli,
                                                            thresholds[step], block.index == first_index)
             merged_hidden.append(x_new)
-            kept = merged_capacity(example, r, ratio_milli, self.config.mode, self.config.fuse_pruned,
-                                   round(self.config.min_merge_fraction * 1000))
+            kept = self._capacity(example, r, ratio_milli)
             result.applied.append(f"block {block.index}: {self._describe(r, ratio_milli, thresholds[step])}, "
                                   f"{example} → {kept} tokens at the example")
             example = kept
@@ -258,31 +264,31 @@ class TokenMergePass:
         graph = gm.graph
         args = bound_args(site)
         users_before = set(mid.users)
-        with graph.inserting_after(mid):
-            cursor = mid
-            created = []
+        cursor = mid
+        created = []
 
-            def emit(target, call_args):
-                nonlocal cursor
-                with graph.inserting_after(cursor):
-                    cursor = graph.call_function(target, call_args)
-                created.append(cursor)
-                return cursor
+        def emit(target, call_args):
+            """Append a node right after the previous one, so the inserted nodes keep their order."""
+            nonlocal cursor
+            with graph.inserting_after(cursor):
+                cursor = graph.call_function(target, call_args)
+            created.append(cursor)
+            return cursor
 
-            if first:
-                state = emit(MERGE_INIT, (mid, args["mask"]))
-                size, source = emit(operator.getitem, (state, 0)), emit(operator.getitem, (state, 1))
-            importance = None
-            if self.config.mode == "prune":
-                importance = emit(CLS_IMPORTANCE, (args["q"], args["k"], args["mask"], args["scale"],
-                                                    self.config.protect[0] if self.config.protect else 0))
-            metric = args["k"] if self.config.metric == "keys" else mid
-            merged = emit(MERGE_TOKENS, (mid, metric, size, source, importance, r, ratio_milli,
-                                         list(self.config.protect), self.config.mode, float(threshold),
-                                         round(self.config.min_merge_fraction * 1000), self.config.fuse_pruned))
-            x_new = emit(operator.getitem, (merged, 0))
-            size, source = emit(operator.getitem, (merged, 1)), emit(operator.getitem, (merged, 2))
-            bias = emit(MERGE_BIAS, (size, mid, self.config.proportional_attention))
+        if first:
+            state = emit(MERGE_INIT, (mid, args["mask"]))
+            size, source = emit(operator.getitem, (state, 0)), emit(operator.getitem, (state, 1))
+        importance = None
+        if self.config.mode == "prune":
+            importance = emit(CLS_IMPORTANCE, (args["q"], args["k"], args["mask"], args["scale"],
+                                                self.config.protect[0] if self.config.protect else 0))
+        metric = args["k"] if self.config.metric == "keys" else mid
+        merged = emit(MERGE_TOKENS, (mid, metric, size, source, importance, r, ratio_milli,
+                                     list(self.config.protect), self.config.mode, float(threshold),
+                                     self._r_min_milli, self.config.fuse_pruned))
+        x_new = emit(operator.getitem, (merged, 0))
+        size, source = emit(operator.getitem, (merged, 1)), emit(operator.getitem, (merged, 2))
+        bias = emit(MERGE_BIAS, (size, mid, self.config.proportional_attention))
         for user in users_before:
             user.replace_input_with(mid, x_new)
         for node in created:
@@ -293,8 +299,7 @@ class TokenMergePass:
     def _repoint_lengths(gm: torch.fx.GraphModule, length: int | torch.SymInt, merged: list[Node]) -> None:
         """Shape arguments computed from the *input's* length (``view(x, [B, L, H, D])``) must read the
         merged length after a merge: each is replaced by ``sym_size(merged_hidden, 1)``. A dynamic length
-        is recognised by its symbol anywhere in the arguments; a static one as the token slot (index 1)
-        of a view-like shape at a position where its input had that many tokens."""
+        is recognised by its symbol anywhere in the arguments; a static one by ``_static_token_slots``."""
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         starts = [(order[hidden], hidden) for hidden in merged]
         sizes: dict[Node, Node] = {}

@@ -27,70 +27,28 @@ similarities (or importances) are within a few ulps of each other, which real in
 from __future__ import annotations
 
 import numpy as np
-import torch
 from onnxscript import ir
 from onnxscript import opset18 as op
 
+from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, const_like, dim, float_scalar, int_scalar,
+                                         ints, lowest)
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
-
-FLOAT, INT64, BOOL = ir.DataType.FLOAT, ir.DataType.INT64, ir.DataType.BOOL
-_TORCH_FLOATS = {ir.DataType.FLOAT: torch.float32, ir.DataType.FLOAT16: torch.float16,
-                 ir.DataType.BFLOAT16: torch.bfloat16, ir.DataType.DOUBLE: torch.float64}
-
-
-# --- small spellings -------------------------------------------------------------------------------------------
-
-def _ints(*values: int):
-    """1-D int64 constant (shapes, axes, TopK's k)."""
-    return op.Constant(value_ints=list(values))
-
-
-def _int(value: int):
-    """0-D int64 constant (CumSum's axis, scalar operands)."""
-    return op.Constant(value_int=value)
-
-
-def _float(value: float):
-    """0-D float32 constant."""
-    return op.Constant(value_float=value)
-
-
-def _lowest(dtype: ir.DataType) -> float:
-    """``torch.finfo(dtype).min`` for an ONNX float type."""
-    return torch.finfo(_TORCH_FLOATS.get(dtype, torch.float32)).min
-
-
-def _const_like(value: float, like):
-    """A scalar ``value`` in ``like``'s dtype (built in float64 for doubles, so no float32 overflow)."""
-    if like.dtype == ir.DataType.DOUBLE:
-        return op.Constant(value=ir.tensor(np.array(value, dtype=np.float64)))
-    return op.CastLike(_float(value), like)
-
-
-def _dim(x, axis: int):
-    """[1] int64: ``x.shape[axis]`` read at run time."""
-    return op.Shape(x, start=axis, end=axis + 1)
-
-
-def _long(flags):
-    return op.Cast(flags, to=INT64)
-
 
 def _rank(flags):
     """``_rank``: flags.long().cumsum(1) - 1 (position among the set flags of the row)."""
-    return op.Sub(op.CumSum(_long(flags), _int(1)), _int(1))
+    return op.Sub(op.CumSum(as_long(flags), int_scalar(1)), int_scalar(1))
 
 
 def _row_count(flags):
     """[B, 1] int64: how many flags of each row are set."""
-    return op.ReduceSum(_long(flags), _ints(1), keepdims=1)
+    return op.ReduceSum(as_long(flags), ints(1), keepdims=1)
 
 
 def _positions(x):
     """[B, L] int64: 0..L-1 in every row (``torch.arange(L).expand(B, -1)``)."""
-    length = op.Squeeze(_dim(x, 1), _ints(0))
-    row = op.Range(_int(0), length, _int(1))
-    return op.Expand(op.Unsqueeze(row, _ints(0)), op.Concat(_dim(x, 0), _dim(x, 1), axis=0))
+    length = op.Squeeze(dim(x, 1), ints(0))
+    row = op.Range(int_scalar(0), length, int_scalar(1))
+    return op.Expand(op.Unsqueeze(row, ints(0)), op.Concat(dim(x, 0), dim(x, 1), axis=0))
 
 
 def _sort_rank(score, descending: bool):
@@ -99,7 +57,7 @@ def _sort_rank(score, descending: bool):
     TopK with k = L is a full sort; ONNX breaks ties by lower index first in both directions, which is
     torch's stable order. The inverse permutation scatters 0..L-1 to the sorted order's indices.
     """
-    _, order = op.TopK(score, _dim(score, 1), axis=1, largest=int(descending), sorted=1)
+    _, order = op.TopK(score, dim(score, 1), axis=1, largest=int(descending), sorted=1)
     return op.ScatterElements(op.ConstantOfShape(op.Shape(order), value=ir.tensor([0], dtype=INT64)),
                               order, _positions(score), axis=1)
 
@@ -111,8 +69,8 @@ def _scheduled(valid_count, r: int, ratio_milli: int):
     than ``r``), which every caller clamps to 0.
     """
     if ratio_milli < 0:
-        return _int(r)
-    return op.Div(op.Mul(op.Sub(valid_count, _int(r)), _int(ratio_milli)), _int(1000))
+        return int_scalar(r)
+    return op.Div(op.Mul(op.Sub(valid_count, int_scalar(r)), int_scalar(ratio_milli)), int_scalar(1000))
 
 
 def _floor_schedule(r: int, ratio_milli: int, r_min_milli: int) -> tuple[int, int]:
@@ -125,39 +83,39 @@ def _capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_mil
     if mode == "threshold":
         r, ratio_milli = _floor_schedule(r, ratio_milli, r_min_milli)
     if ratio_milli < 0:
-        kept = op.Sub(length, _int(r))
+        kept = op.Sub(length, int_scalar(r))
     else:
-        kept = op.Div(op.Add(op.Mul(length, _int(1000 - ratio_milli)), _int(r * ratio_milli + 999)), _int(1000))
-    return op.Add(kept, _int(1)) if mode == "prune" and fuse else kept
+        kept = op.Div(op.Add(op.Mul(length, int_scalar(1000 - ratio_milli)), int_scalar(r * ratio_milli + 999)), int_scalar(1000))
+    return op.Add(kept, int_scalar(1)) if mode == "prune" and fuse else kept
 
 
 # --- merge_init ------------------------------------------------------------------------------------------------
 
 def _key_validity(mask, x):
     """``key_validity``: [B, L] bool, keys any query may attend to (all true without a mask)."""
-    shape = op.Concat(_dim(x, 0), _dim(x, 1), axis=0)
+    shape = op.Concat(dim(x, 0), dim(x, 1), axis=0)
     if mask is None:
         return op.Expand(op.Constant(value=ir.tensor(True)), shape)
-    allowed = mask if mask.dtype == BOOL else op.Greater(mask, _const_like(_lowest(mask.dtype) / 2, mask))
+    allowed = mask if mask.dtype == BOOL else op.Greater(mask, const_like(lowest(mask.dtype) / 2, mask))
     # Expand is bidirectional, so [B, 1, 1, L] stretches only the batch and key axes, like the reference's
     # expand(batch, m1, m2, L); "any over the two query axes" is a max over 0/1 values.
-    one = _ints(1)
-    allowed = op.Expand(op.Cast(allowed, to=FLOAT), op.Concat(_dim(x, 0), one, one, _dim(x, 1), axis=0))
-    return op.Cast(op.ReduceMax(allowed, _ints(1, 2), keepdims=0), to=BOOL)
+    one = ints(1)
+    allowed = op.Expand(op.Cast(allowed, to=FLOAT), op.Concat(dim(x, 0), one, one, dim(x, 1), axis=0))
+    return op.Cast(op.ReduceMax(allowed, ints(1, 2), keepdims=0), to=BOOL)
 
 
 def _encode(slot, real):
     """The ``source`` encoding: the slot for real tokens, ``-(slot + 1)`` for padding."""
-    return op.Where(real, slot, op.Sub(op.Neg(slot), _int(1)))
+    return op.Where(real, slot, op.Sub(op.Neg(slot), int_scalar(1)))
 
 
 def _slot_of(source):
     """``slot_of``: decode ``source`` to plain slot indices."""
-    return op.Where(_is_real(source), source, op.Sub(op.Neg(source), _int(1)))
+    return op.Where(_is_real(source), source, op.Sub(op.Neg(source), int_scalar(1)))
 
 
 def _is_real(source):
-    return op.GreaterOrEqual(source, _int(0))
+    return op.GreaterOrEqual(source, int_scalar(0))
 
 
 def merge_init(x, mask=None):
@@ -169,12 +127,12 @@ def merge_init(x, mask=None):
 
 def _best_match(metric, is_src, is_dst):
     """``best_match_reference``: cosine similarity of each src to its most similar dst, and that dst."""
-    unit = op.Div(metric, op.Max(op.ReduceL2(metric, _ints(-1), keepdims=1), _float(1e-12)))
+    unit = op.Div(metric, op.Max(op.ReduceL2(metric, ints(-1), keepdims=1), float_scalar(1e-12)))
     scores = op.MatMul(unit, op.Transpose(unit, perm=[0, 2, 1]))
-    minus_inf = _float(float("-inf"))
-    scores = op.Where(op.Unsqueeze(is_dst, _ints(1)), scores, minus_inf)
-    best = op.Where(is_src, op.ReduceMax(scores, _ints(-1), keepdims=0), minus_inf)
-    index = op.Where(is_src, op.ArgMax(scores, axis=-1, keepdims=0, select_last_index=0), _int(0))
+    minus_inf = float_scalar(float("-inf"))
+    scores = op.Where(op.Unsqueeze(is_dst, ints(1)), scores, minus_inf)
+    best = op.Where(is_src, op.ReduceMax(scores, ints(-1), keepdims=0), minus_inf)
+    index = op.Where(is_src, op.ArgMax(scores, axis=-1, keepdims=0, select_last_index=0), int_scalar(0))
     return best, index
 
 
@@ -190,54 +148,54 @@ def _protected(size, source, protect: list[int]):
         return None
     real = _is_real(source)
     real_rank = _rank(real)
-    named = op.Equal(real_rank, _int(protect[0]))
+    named = op.Equal(real_rank, int_scalar(protect[0]))
     for position in protect[1:]:  # torch.isin(rank, protect)
-        named = op.Or(named, op.Equal(real_rank, _int(position)))
+        named = op.Or(named, op.Equal(real_rank, int_scalar(position)))
     wanted = op.And(real, named)
     marks = op.ScatterElements(op.ConstantOfShape(op.Shape(size), value=ir.tensor([0.0], dtype=FLOAT)),
-                               op.Where(wanted, source, _int(0)), op.Cast(wanted, to=FLOAT),
+                               op.Where(wanted, source, int_scalar(0)), op.Cast(wanted, to=FLOAT),
                                axis=1, reduction="add")
-    return op.Greater(marks, _float(0.0))
+    return op.Greater(marks, float_scalar(0.0))
 
 
 def _plan(metric, size, source, importance, r: int, ratio_milli: int, protect: list[int], mode: str,
           threshold: float, r_min_milli: int, fuse: bool, capacity):
     """``plan_merge``: ([B, L] int64 target slot, [B, L] float weight)."""
-    valid = op.Greater(size, _float(0.0))
+    valid = op.Greater(size, float_scalar(0.0))
     protected = _protected(size, source, protect)
     candidate = valid if protected is None else op.And(valid, op.Not(protected))
     rank = _rank(candidate)
     valid_count, candidates = _row_count(valid), _row_count(candidate)
-    most = candidates if mode == "prune" else op.Div(op.Add(candidates, _int(1)), _int(2))
-    r_row = op.Max(op.Min(_scheduled(valid_count, r, ratio_milli), most), _int(0))
+    most = candidates if mode == "prune" else op.Div(op.Add(candidates, int_scalar(1)), int_scalar(2))
+    r_row = op.Max(op.Min(_scheduled(valid_count, r, ratio_milli), most), int_scalar(0))
 
     if mode == "prune":
-        score = op.Where(candidate, op.Cast(importance, to=FLOAT), _float(float("inf")))
+        score = op.Where(candidate, op.Cast(importance, to=FLOAT), float_scalar(float("inf")))
         removed = op.And(candidate, op.Less(_sort_rank(score, descending=False), r_row))
         best_dst = None
     else:
-        parity = op.Mod(rank, _int(2))
-        is_src = op.And(candidate, op.Equal(parity, _int(0)))
-        is_dst = op.And(candidate, op.Equal(parity, _int(1)))
+        parity = op.Mod(rank, int_scalar(2))
+        is_src = op.And(candidate, op.Equal(parity, int_scalar(0)))
+        is_dst = op.And(candidate, op.Equal(parity, int_scalar(1)))
         best, best_dst = _best_match(metric, is_src, is_dst)
         edge_rank = _sort_rank(best, descending=True)
         removed = op.And(is_src, op.Less(edge_rank, r_row))
         if mode == "threshold":
             floor = op.Max(op.Min(_scheduled(valid_count, *_floor_schedule(r, ratio_milli, r_min_milli)), r_row),
-                           _int(0))
-            removed = op.And(is_src, op.Or(op.Greater(best, _float(threshold)), op.Less(edge_rank, floor)))
+                           int_scalar(0))
+            removed = op.And(is_src, op.Or(op.Greater(best, float_scalar(threshold)), op.Less(edge_rank, floor)))
 
     keep = op.And(valid, op.Not(removed))
     kept_slot = _rank(keep)
     used = _row_count(keep)
     weight = size
-    zero = _int(0)
+    zero = int_scalar(0)
     if mode == "prune":
         target = op.Where(keep, kept_slot, used if fuse else zero)
         if fuse:
-            used = op.Add(used, _int(1))
+            used = op.Add(used, int_scalar(1))
         else:
-            weight = op.Where(removed, _float(0.0), size)
+            weight = op.Where(removed, float_scalar(0.0), size)
     else:
         target = op.Where(keep, kept_slot, op.GatherElements(kept_slot, best_dst, axis=1))
     # Padding keeps a slot of its own after the kept tokens while there is room; the rest goes to slot 0.
@@ -245,7 +203,7 @@ def _plan(metric, size, source, importance, r: int, ratio_milli: int, protect: l
     pad_fits = op.And(op.Not(valid), op.Less(pad_slot, capacity))
     target = op.Where(valid, target, op.Where(pad_fits, pad_slot, zero))
     weight = op.Where(valid, weight, op.Cast(pad_fits, to=FLOAT))
-    return op.Min(op.Max(target, zero), op.Sub(capacity, _int(1))), weight
+    return op.Min(op.Max(target, zero), op.Sub(capacity, int_scalar(1))), weight
 
 
 def _scatter_add(updates, target, capacity, hidden: bool = False):
@@ -254,10 +212,10 @@ def _scatter_add(updates, target, capacity, hidden: bool = False):
     (Intermediate values carry no static shape while tracing, so the caller says which rank it passes.)
     """
     if hidden:
-        shape = op.Concat(_dim(updates, 0), capacity, _dim(updates, 2), axis=0)
-        target = op.Expand(op.Unsqueeze(target, _ints(2)), op.Shape(updates))
+        shape = op.Concat(dim(updates, 0), capacity, dim(updates, 2), axis=0)
+        target = op.Expand(op.Unsqueeze(target, ints(2)), op.Shape(updates))
     else:
-        shape = op.Concat(_dim(updates, 0), capacity, axis=0)
+        shape = op.Concat(dim(updates, 0), capacity, axis=0)
     zeros = op.ConstantOfShape(shape, value=ir.tensor([0.0], dtype=FLOAT))
     return op.ScatterElements(zeros, target, updates, axis=1, reduction="add")
 
@@ -265,22 +223,22 @@ def _scatter_add(updates, target, capacity, hidden: bool = False):
 def _merge_scatter(x, weight, target, capacity):
     """``merge_scatter_reference``: weight-averaged slots (sum of weighted x over sum of weights)."""
     total = _scatter_add(weight, target, capacity)
-    summed = _scatter_add(op.Mul(op.Cast(x, to=FLOAT), op.Unsqueeze(weight, _ints(2))), target, capacity,
+    summed = _scatter_add(op.Mul(op.Cast(x, to=FLOAT), op.Unsqueeze(weight, ints(2))), target, capacity,
                           hidden=True)
-    averaged = op.Div(summed, op.Unsqueeze(op.Max(total, _float(1e-12)), _ints(2)))
+    averaged = op.Div(summed, op.Unsqueeze(op.Max(total, float_scalar(1e-12)), ints(2)))
     return op.CastLike(averaged, x)
 
 
 def merge_tokens(x, metric, size, source, importance, r: int, ratio_milli: int, protect: list[int], mode: str,
                  threshold: float, r_min_milli: int, fuse: bool):
     if len(metric.shape) == 4:  # keys [B, H, L, D]: averaged over heads, as ToMe does
-        metric = op.ReduceMean(metric, _ints(1), keepdims=0)
+        metric = op.ReduceMean(metric, ints(1), keepdims=0)
     metric = op.Cast(metric, to=FLOAT)
-    capacity = _capacity(_dim(x, 1), r, ratio_milli, mode, fuse, r_min_milli)
+    capacity = _capacity(dim(x, 1), r, ratio_milli, mode, fuse, r_min_milli)
     target, weight = _plan(metric, size, source, importance, r, ratio_milli, list(protect), mode, threshold,
                            r_min_milli, fuse, capacity)
     new_x = _merge_scatter(x, weight, target, capacity)
-    real_size = op.Where(op.Greater(size, _float(0.0)), weight, _float(0.0))
+    real_size = op.Where(op.Greater(size, float_scalar(0.0)), weight, float_scalar(0.0))
     new_size = _scatter_add(real_size, target, capacity)
     new_slot = op.GatherElements(target, _slot_of(source), axis=1)
     return new_x, new_size, _encode(new_slot, _is_real(source))
@@ -290,20 +248,20 @@ def merge_tokens(x, metric, size, source, importance, r: int, ratio_milli: int, 
 
 def merge_bias(size, like, proportional: bool):
     """``attention_bias``: [B, 1, 1, L] log(size) (or 0 without proportional attention), lowest if empty."""
-    present = op.Greater(size, _float(0.0))
+    present = op.Greater(size, float_scalar(0.0))
     if not proportional:
         size = op.Cast(present, to=FLOAT)
     # The reference fills in float32 then casts: finfo(like).min rounded to float32 (-inf for doubles).
     with np.errstate(over="ignore"):
-        lowest = float(np.float32(_lowest(like.dtype)))
-    bias = op.Where(present, op.Log(op.Max(size, _float(1e-12))), _float(lowest))
-    return op.CastLike(op.Unsqueeze(bias, _ints(1, 2)), like)
+        floor = float(np.float32(lowest(like.dtype)))
+    bias = op.Where(present, op.Log(op.Max(size, float_scalar(1e-12))), float_scalar(floor))
+    return op.CastLike(op.Unsqueeze(bias, ints(1, 2)), like)
 
 
 def unmerge(x, source):
     """``unmerge_reference``: [B, L', H] → [B, L0, H], each original position reads its slot."""
-    index = op.Expand(op.Unsqueeze(_slot_of(source), _ints(2)),
-                      op.Concat(_dim(source, 0), _dim(source, 1), _dim(x, 2), axis=0))
+    index = op.Expand(op.Unsqueeze(_slot_of(source), ints(2)),
+                      op.Concat(dim(source, 0), dim(source, 1), dim(x, 2), axis=0))
     return op.GatherElements(x, index, axis=1)
 
 
@@ -312,35 +270,35 @@ def _repeat_interleave_heads(k, q):
     q_heads, kv_heads = q.shape[1], k.shape[1]
     if isinstance(q_heads, int) and q_heads == kv_heads:
         return k
-    one = _ints(1)
-    groups = op.Div(_dim(q, 1), _dim(k, 1))
-    repeated = op.Expand(op.Unsqueeze(k, _ints(2)), op.Concat(one, one, groups, one, one, axis=0))
-    return op.Reshape(repeated, op.Concat(_ints(0), _dim(q, 1), _ints(-1), _dim(k, 3), axis=0))
+    one = ints(1)
+    groups = op.Div(dim(q, 1), dim(k, 1))
+    repeated = op.Expand(op.Unsqueeze(k, ints(2)), op.Concat(one, one, groups, one, one, axis=0))
+    return op.Reshape(repeated, op.Concat(ints(0), dim(q, 1), ints(-1), dim(k, 3), axis=0))
 
 
 def cls_importance(q, k, bias, scale: float | None, cls_index: int):
     """``cls_importance_reference``: softmax(q_cls · Kᵀ · scale + bias), averaged over heads: [B, L]."""
     keys = op.Cast(_repeat_interleave_heads(k, q), to=FLOAT)
-    query = op.Cast(op.Slice(q, _ints(cls_index), _ints(cls_index + 1), _ints(2)), to=FLOAT)
+    query = op.Cast(op.Slice(q, ints(cls_index), ints(cls_index + 1), ints(2)), to=FLOAT)
     logits = op.MatMul(query, op.Transpose(keys, perm=[0, 1, 3, 2]))  # [B, H, 1, L]
     if scale is not None:
-        logits = op.Mul(logits, _float(scale))
+        logits = op.Mul(logits, float_scalar(scale))
     elif isinstance(q.shape[3], int):
-        logits = op.Mul(logits, _float(q.shape[3] ** -0.5))
+        logits = op.Mul(logits, float_scalar(q.shape[3] ** -0.5))
     else:
-        logits = op.Mul(logits, op.Reciprocal(op.Sqrt(op.Cast(_dim(q, 3), to=FLOAT))))
+        logits = op.Mul(logits, op.Reciprocal(op.Sqrt(op.Cast(dim(q, 3), to=FLOAT))))
     if bias is not None:
         # The reference broadcasts [B, H, 1, L] against the bias and reads query row 0 of the result:
         # the same as slicing the bias's query axis (-2) to row 0 first (a size-1 axis is that row too).
         is_bool = bias.dtype == BOOL  # read before slicing: traced intermediates carry no dtype
         if len(bias.shape) >= 2:
-            bias = op.Slice(bias, _ints(0), _ints(1), _ints(-2))
+            bias = op.Slice(bias, ints(0), ints(1), ints(-2))
         if is_bool:
-            logits = op.Where(bias, logits, _float(float("-inf")))
+            logits = op.Where(bias, logits, float_scalar(float("-inf")))
         else:
             logits = op.Add(logits, op.Cast(bias, to=FLOAT))
-    probs = op.ReduceMean(op.Softmax(logits, axis=-1), _ints(1), keepdims=0)  # [B, 1, L]
-    return op.Squeeze(probs, _ints(1))
+    probs = op.ReduceMean(op.Softmax(logits, axis=-1), ints(1), keepdims=0)  # [B, 1, L]
+    return op.Squeeze(probs, ints(1))
 
 
 TOKEN_MERGE_TRANSLATIONS = {MERGE_INIT: merge_init, MERGE_TOKENS: merge_tokens, MERGE_BIAS: merge_bias,

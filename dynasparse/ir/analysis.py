@@ -12,7 +12,7 @@ import torch
 from torch.fx import Node
 
 from dynasparse.ir.nodes import aten, block_path, bound_args, fake, hint, is_call, layer_index, module_paths
-from dynasparse.ir.ops import ATTENTION
+from dynasparse.ir.ops import ATTENTION, BLOCK_SPARSE_ATTENTION
 
 _POSITION_COMPARISONS = {aten.le.Tensor, aten.lt.Tensor, aten.ge.Tensor, aten.gt.Tensor}
 _TRIANGLES = {aten.tril.default, aten.triu.default}
@@ -20,7 +20,7 @@ _TRIANGLES = {aten.tril.default, aten.triu.default}
 
 @dataclass
 class AttentionSite:
-    """One ``dynasparse::attention`` node and what it computes."""
+    """One attention node (``dynasparse::attention``, or block-sparse after that pass) and what it computes."""
 
     index: int
     node: Node
@@ -34,6 +34,7 @@ class AttentionSite:
     q_len: str
     kv_len: str
     example_shape: tuple[int, int, int]  # (batch, q_len, kv_len) at the example inputs
+    sparse: bool = False  # a block-sparse attention node (the sparse_attention pass ran here)
 
     @property
     def q(self) -> Node:
@@ -110,7 +111,7 @@ def _is_causal_mask(mask: Node | None, graph: nx.DiGraph) -> bool:
 def _sites(gm: torch.fx.GraphModule, graph: nx.DiGraph) -> list[AttentionSite]:
     sites = []
     for node in gm.graph.nodes:
-        if not is_call(node, ATTENTION):
+        if not is_call(node, ATTENTION, BLOCK_SPARSE_ATTENTION):
             continue
         args = bound_args(node)
         q, k = fake(args["q"]), fake(args["k"])
@@ -121,7 +122,8 @@ def _sites(gm: torch.fx.GraphModule, graph: nx.DiGraph) -> list[AttentionSite]:
             num_heads=int(q.shape[1]), num_kv_heads=int(k.shape[1]), head_dim=int(q.shape[-1]),
             causal=bool(args["is_causal"]) or _is_causal_mask(args["mask"], graph),
             has_mask=args["mask"] is not None, q_len=str(q.shape[-2]), kv_len=str(k.shape[-2]),
-            example_shape=(hint(q.shape[0]), hint(q.shape[-2]), hint(k.shape[-2]))))
+            example_shape=(hint(q.shape[0]), hint(q.shape[-2]), hint(k.shape[-2])),
+            sparse=node.target is BLOCK_SPARSE_ATTENTION))
     if any(s.layer is None for s in sites):
         for site in sites:
             site.layer = site.index

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from dynasparse.kernels import token_merge
+from dynasparse.kernels import sparse_attention, token_merge
 from dynasparse.kernels.attention import attention_sdpa
+from dynasparse.kernels.sparse_attention import num_blocks
 
 
 @torch.library.custom_op("dynasparse::attention", mutates_args=())
@@ -113,3 +114,61 @@ MERGE_TOKENS = torch.ops.dynasparse.merge_tokens.default
 MERGE_BIAS = torch.ops.dynasparse.merge_bias.default
 UNMERGE = torch.ops.dynasparse.unmerge.default
 CLS_IMPORTANCE = torch.ops.dynasparse.cls_importance.default
+
+
+# --- block-sparse attention (dynasparse.kernels.sparse_attention has the semantics) ------------------------
+
+@torch.library.custom_op("dynasparse::block_plan", mutates_args=())
+def block_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+               scale: float | None, block_size: int, estimator: str, selector: str, amount: float,
+               sink_blocks: int, local_blocks: int, min_seq_len: int, window: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimate block scores and select blocks: the plan (counts [B, Hkv, NQ], indices [B, Hkv, NQ, NK])."""
+    fused = (q.is_cuda and estimator == "pooled" and k.shape[2] >= min_seq_len
+             and num_blocks(k.shape[2], block_size) <= 4096)
+    if fused:
+        from dynasparse.kernels import sparse_attention_triton  # triton is imported only where it runs
+
+        return sparse_attention_triton.pooled_plan(q, k, mask, is_causal, scale, block_size, selector, amount,
+                                                   sink_blocks, local_blocks)
+    return sparse_attention.build_plan(q, k, mask, is_causal, scale, block_size, estimator, selector, amount,
+                                       sink_blocks, local_blocks, min_seq_len, window)
+
+
+@block_plan.register_fake
+def _block_plan_fake(q, k, mask, is_causal, scale, block_size, estimator, selector, amount, sink_blocks,
+                     local_blocks, min_seq_len, window):
+    nq = (q.shape[2] + block_size - 1) // block_size
+    nk = (k.shape[2] + block_size - 1) // block_size
+    return (q.new_empty(q.shape[0], k.shape[1], nq, dtype=torch.int32),
+            q.new_empty(q.shape[0], k.shape[1], nq, nk, dtype=torch.int32))
+
+
+@torch.library.custom_op("dynasparse::block_sparse_attention", mutates_args=())
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                           counts: torch.Tensor, indices: torch.Tensor, is_causal: bool, scale: float | None,
+                           block_size: int, min_seq_len: int) -> torch.Tensor:
+    """Attention over the plan's blocks; sequence-major [B, Lq, Hq, Dv] like ``dynasparse::attention``.
+
+    Keys shorter than ``min_seq_len`` run dense SDPA (the plan keeps every block there anyway).
+    """
+    if k.shape[2] < min_seq_len:
+        return attention(q, k, v, mask, is_causal, scale)
+    if q.is_cuda:
+        from dynasparse.kernels import sparse_attention_triton
+
+        if q.shape[2] <= block_size:
+            return sparse_attention_triton.block_sparse_decode_triton(q, k, v, mask, is_causal, scale, counts,
+                                                                      indices, block_size)
+        return sparse_attention_triton.block_sparse_attention_triton(q, k, v, mask, is_causal, scale, counts,
+                                                                     indices, block_size)
+    return sparse_attention.sparse_attention_gather(q, k, v, mask, is_causal, scale, counts, indices, block_size)
+
+
+@block_sparse_attention.register_fake
+def _block_sparse_attention_fake(q, k, v, mask, counts, indices, is_causal, scale, block_size, min_seq_len):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
+BLOCK_PLAN = torch.ops.dynasparse.block_plan.default
+BLOCK_SPARSE_ATTENTION = torch.ops.dynasparse.block_sparse_attention.default

@@ -23,10 +23,11 @@ def _lengths(site: AttentionSite) -> str:
 def sites_table(analysis: GraphAnalysis) -> str:
     """One row per attention site: layer, module, heads, head dim, causal, mask, sequence lengths."""
     rows = [[s.index, s.layer, s.module or "-", f"{s.num_heads}/{s.num_kv_heads}", s.head_dim,
-             "yes" if s.causal else "no", "yes" if s.has_mask else "no", _lengths(s)]
+             "yes" if s.causal else "no", "yes" if s.has_mask else "no", _lengths(s),
+             "block-sparse" if s.sparse else "dense"]
             for s in analysis.sites]
-    return _table(["site", "layer", "module", "heads q/kv", "head dim", "causal", "mask", "q x kv (*dynamic)"],
-                  rows)
+    return _table(["site", "layer", "module", "heads q/kv", "head dim", "causal", "mask", "q x kv (*dynamic)",
+                   "attention"], rows)
 
 
 def blocks_table(analysis: GraphAnalysis) -> str:
@@ -72,6 +73,9 @@ class OptimizationReport:
                  sites_table(self.analysis), "",
                  _table(["pass", "matches", "left dense"],
                         [[p.pass_name, p.num_matches, len(p.left_dense)] for p in self.passes])]
+        applied = [f"  {p.pass_name}: {line}" for p in self.passes for line in p.applied]
+        if applied:
+            parts += ["", "applied:"] + applied
         if self.left_dense:
             parts += ["", "left dense:"] + [f"  {site}: {why}" for site, why in self.left_dense.items()]
         notes = self.capture_notes + [n for p in self.passes for n in p.notes]

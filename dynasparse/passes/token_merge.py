@@ -127,6 +127,9 @@ class TokenMergePass:
             label = f"block {block.index} ({block.module})"
             if len(sites) != 1:
                 result.left_dense[label] = f"{len(sites)} attention sites in one block; merging needs one"
+            elif sites[0].sparse:
+                result.left_dense[label] = ("block-sparse attention already planned here; list TokenMergeConfig "
+                                            "before SparseAttentionConfig")
             elif sites[0].causal:
                 result.left_dense[label] = "causal attention: merging would mix earlier and later tokens"
             elif (mid := find_mid(gm, block, sites[0].node)) is None:

@@ -1,0 +1,101 @@
+"""Sparse attention: each chosen attention site becomes plan → block-sparse attention.
+
+    attention(q, k, v, mask)   ⟶   counts, indices = block_plan(q, k, mask, ...)      estimate + select
+                                    block_sparse_attention(q, k, v, mask, counts, indices, ...)
+
+The plan is computed per input, per batch row and per KV head (grouped-query heads share it, K/V are
+never repeated). Both nodes keep the site's output contract, so nothing around the site changes.
+Sequences shorter than ``min_seq_len`` run dense inside the same nodes, so one graph serves every length.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+
+from dynasparse.config import SparseAttentionConfig
+from dynasparse.errors import DynasparseError
+from dynasparse.ir.analysis import AttentionSite, GraphAnalysis
+from dynasparse.ir.nodes import bound_args, copy_meta, propagate_fake_values
+from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION
+from dynasparse.kernels.sparse_attention import num_blocks
+from dynasparse.passes.base import PassResult, register_pass
+
+
+@register_pass(SparseAttentionConfig)
+class SparseAttentionPass:
+    name = "sparse_attention"
+
+    def __init__(self, config: SparseAttentionConfig):
+        self.config = config
+
+    # -- find sites ---------------------------------------------------------------------------------------
+    def _chosen(self, analysis: GraphAnalysis) -> list[AttentionSite]:
+        chosen = [site for site in analysis.sites if self.config.applies_to(site.layer) and not site.sparse]
+        if not chosen:
+            layers = sorted({s.layer for s in analysis.sites})
+            raise DynasparseError(f"SparseAttentionConfig.layers={self.config.layers} matches no attention "
+                                  f"layer; the model has layers {layers}")
+        return chosen
+
+    # -- decide ---------------------------------------------------------------------------------------------
+    def _dense_at_example(self, site: AttentionSite) -> str | None:
+        """Why the example runs dense at this site (None: it runs sparse). ``top_k`` never exceeds the
+        blocks of a sparse-length input: the config requires ``min_seq_len >= top_k * block_size``."""
+        kv_len = site.example_shape[2]
+        if kv_len < self.config.min_seq_len:
+            return (f"dense at the example's {kv_len} keys (< min_seq_len={self.config.min_seq_len}); "
+                    "sparse on longer inputs")
+        return None
+
+    def _kept_share(self, site: AttentionSite) -> float | None:
+        """Share of the attention work kept at the example shape (None: depends on the data)."""
+        _, q_len, kv_len = site.example_shape
+        if kv_len < self.config.min_seq_len:
+            return 1.0
+        nq, nk = num_blocks(q_len, self.config.block_size), num_blocks(kv_len, self.config.block_size)
+        valid = [min(nk, (min((r + 1) * self.config.block_size, q_len) - 1 + kv_len - q_len)
+                     // self.config.block_size + 1) if site.causal else nk for r in range(nq)]
+        floor = [min(v, self.config.sink_blocks + self.config.local_blocks) for v in valid]
+        if self.config.keep_ratio is not None:
+            kept = [max(math.ceil(v * self.config.keep_ratio - 1e-6), f) for v, f in zip(valid, floor)]
+        elif self.config.top_k is not None:
+            kept = [min(v, max(self.config.top_k, f)) for v, f in zip(valid, floor)]
+        else:
+            return None
+        return sum(kept) / sum(valid)
+
+    # -- rewrite --------------------------------------------------------------------------------------------
+    def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
+        result = PassResult(self.name)
+        c = self.config
+        for site in self._chosen(analysis):
+            dense_reason = self._dense_at_example(site)
+            args = bound_args(site.node)
+            with gm.graph.inserting_before(site.node):
+                plan = gm.graph.call_function(BLOCK_PLAN, (
+                    args["q"], args["k"], args["mask"], args["is_causal"], args["scale"], c.block_size,
+                    c.estimator, c.selector, c.amount, c.sink_blocks, c.local_blocks, c.min_seq_len, c.window))
+                counts = gm.graph.call_function(operator.getitem, (plan, 0))
+                indices = gm.graph.call_function(operator.getitem, (plan, 1))
+                sparse = gm.graph.call_function(BLOCK_SPARSE_ATTENTION, (
+                    args["q"], args["k"], args["v"], args["mask"], counts, indices, args["is_causal"],
+                    args["scale"], c.block_size, c.min_seq_len))
+            for node in (plan, counts, indices, sparse):
+                copy_meta(site.node, node)
+            site.node.replace_all_uses_with(sparse)
+            gm.graph.erase_node(site.node)
+            result.num_matches += 1
+            kept = self._kept_share(site)
+            share = "data-dependent share" if kept is None else f"{kept:.0%} of the blocks at the example"
+            result.applied.append(f"layer {site.layer}: {c.estimator} / {c.selector} {c.amount:g}, "
+                                  f"blocks of {c.block_size}, {share}")
+            if dense_reason:
+                result.notes.append(f"sparse_attention: layer {site.layer}: {dense_reason}")
+            if kept is not None:
+                batch, q_len, kv_len = site.example_shape
+                result.flops_saved += (1.0 - kept) * site.flops(batch, q_len, kv_len)
+        propagate_fake_values(gm)
+        return result
+

@@ -1,0 +1,160 @@
+"""Sparse attention against dense, side by side in one run: the kernel, a Llama prefill, and perplexity.
+
+1. attention only (8 heads, head dim 64, causal, batch 1): causal SDPA vs plan + block-sparse attention at
+   keep ratios 1.0 / 0.5 / 0.25 / 0.1 (sinks and diagonal included), with the estimator's share of the
+   sparse time and the output error vs dense;
+2. prefill of a Llama built from config at 8k tokens: the model vs ``dynasparse.optimize`` with sparse
+   attention;
+3. quality: held-out perplexity of the project's byte-level LM (``dynasparse.bytelm``, trained on stdlib
+   text) at 1k-4k context, dense vs sparse settings.
+
+    python benchmarks/sparse_attention.py [--quick] [--parts attention prefill quality]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import benchmarks  # noqa: F401
+except ImportError:  # run as a file: put the repo root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dynasparse
+from dynasparse import bytelm
+from dynasparse.bench import Case, compare, write_results
+from dynasparse.ir.ops import block_plan, block_sparse_attention
+
+KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
+BLOCK = 64
+
+
+def _median_time(fn, repeats: int = 3) -> float:
+    fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def attention_part(lengths: list[int], repeats: int, heads: int = 8, head_dim: int = 64) -> str:
+    markdown = ""
+    for length in lengths:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+        with torch.inference_mode():
+            dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        cases = []
+        for ratio in KEEP_RATIOS:
+            def plan(ratio=ratio):
+                return block_plan(q, k, None, True, None, BLOCK, "pooled", "keep_ratio", ratio, 1, 1, 0, BLOCK)
+
+            def run(plan=plan):
+                counts, indices = plan()
+                return block_sparse_attention(q, k, v, None, counts, indices, True, None, BLOCK, 0)
+
+            with torch.inference_mode():
+                counts, _ = plan()
+                error = (run().transpose(1, 2) - dense).abs().max().item()
+                share = _median_time(plan) / _median_time(run)
+            valid = sum(min(r + 1, counts.shape[-1]) for r in range(counts.shape[-1])) * heads
+            cases.append(Case(f"sparse keep {ratio:g}", run,
+                              {"blocks kept": counts.sum().item() / valid, "estimator share": share,
+                               "max abs err": error}))
+        rows = compare(Case("SDPA causal (dense)", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)),
+                       cases, warmup=1, repeats=repeats)
+        meta = {"heads": heads, "head_dim": head_dim, "block": BLOCK, "estimator": "pooled",
+                "selector": "keep_ratio (sinks + diagonal included)", "inputs": "random normal q/k/v",
+                "repeats": repeats}
+        markdown += write_results(f"Sparse attention kernel vs causal SDPA, {length} tokens (CPU)", rows,
+                                  name=f"sparse_attention_kernel_{length}", meta=meta) + "\n"
+    return markdown
+
+
+def prefill_part(length: int, repeats: int) -> str:
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=length,
+                         rope_theta=500000.0)
+    model = LlamaModel(config).eval()
+    ids = bytelm.heldout_tokens(length)[None]
+    cases = []
+    with torch.inference_mode():
+        reference = model(input_ids=ids).last_hidden_state
+    for ratio in (0.25, 0.1):
+        cfg = dynasparse.SparseAttentionConfig(keep_ratio=ratio, block_size=BLOCK)
+        optimized = dynasparse.optimize(model, [cfg], example_kwargs={"input_ids": ids})
+        with torch.inference_mode():
+            hidden = optimized(input_ids=ids).last_hidden_state
+        cosine = F.cosine_similarity(hidden, reference, dim=-1).mean().item()
+        cases.append(Case(f"dynasparse keep {ratio:g}", lambda m=optimized: m(input_ids=ids),
+                          {"mean token cosine": cosine}))
+    rows = compare(Case("Llama (HF, SDPA)", lambda: model(input_ids=ids)), cases, warmup=1, repeats=repeats)
+    meta = {"model": "LlamaModel from config: 4 layers, hidden 512, 8 q / 2 kv heads (random weights)",
+            "tokens": length, "batch": 1, "block": BLOCK, "repeats": repeats}
+    return write_results(f"Llama prefill, {length} tokens (CPU)", rows, name=f"sparse_attention_prefill_{length}",
+                         meta=meta)
+
+
+def quality_part(contexts: list[int], tokens: int) -> str:
+    model = bytelm.load_or_train("small")
+    held_out = bytelm.heldout_tokens(tokens)
+    settings = {"keep 0.5": dict(keep_ratio=0.5), "keep 0.25": dict(keep_ratio=0.25),
+                "keep 0.1": dict(keep_ratio=0.1), "mass 0.9": dict(mass=0.9),
+                "streaming keep 0.25": dict(keep_ratio=0.25, estimator="streaming"),
+                "vertical-slash keep 0.25": dict(keep_ratio=0.25, estimator="vertical_slash")}
+    example = {"input_ids": held_out[None, :contexts[0]]}
+    optimized = {name: dynasparse.optimize(model, [dynasparse.SparseAttentionConfig(
+        block_size=BLOCK, min_seq_len=0, **kwargs)], example_kwargs=example) for name, kwargs in settings.items()}
+    header = "| setting | " + " | ".join(f"ppl @ {c}" for c in contexts) + " |"
+    lines = [header, "|---|" + "---:|" * len(contexts)]
+    results = {}
+    with torch.inference_mode():
+        for name, forward in [("dense", None), *((n, (lambda ids, m=m: m(input_ids=ids).logits))
+                                                 for n, m in optimized.items())]:
+            row = [bytelm.perplexity(model, held_out, c, forward=forward)["ppl"] for c in contexts]
+            results[name] = row
+            lines.append(f"| {name} | " + " | ".join(f"{p:.3f}" for p in row) + " |")
+            print(lines[-1], flush=True)
+    title = f"Byte-level LM perplexity, dense vs sparse attention ({tokens} held-out bytes, block {BLOCK})"
+    markdown = f"# {title}\n\n" + "\n".join(lines) + "\n"
+    out = Path("benchmarks") / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sparse_attention_quality.md").write_text(markdown)
+    (out / "sparse_attention_quality.json").write_text(json.dumps({"contexts": contexts, "ppl": results}, indent=2))
+    return markdown
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["attention", "prefill", "quality"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--prefill-length", type=int, default=8192)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--tokens", type=int, default=32768)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="smoke run: short lengths, 1 repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.lengths, args.prefill_length, args.contexts, args.tokens, args.repeats = [512], 512, [256], 1024, 1
+    if "attention" in args.parts:
+        print(attention_part(args.lengths, args.repeats), flush=True)
+    if "prefill" in args.parts:
+        print(prefill_part(args.prefill_length, args.repeats), flush=True)
+    if "quality" in args.parts:
+        print(quality_part(args.contexts, args.tokens), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,8 @@ from onnxscript import ir
 from onnxscript import opset18 as op
 
 from dynasparse.errors import DynasparseError
-from dynasparse.export.spellings import BOOL, FLOAT, as_long, const_like, dim, float_scalar, int_scalar, ints, lowest
+from dynasparse.export.spellings import (BOOL, FLOAT, as_long, const_like, dim, float_scalar, int_scalar, ints,
+                                         key_validity, lowest)
 from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION
 
 
@@ -41,17 +42,6 @@ def _scale(q, scale: float | None):
     if scale is not None:
         return float_scalar(scale)
     return op.Reciprocal(op.Sqrt(op.Cast(dim(q, 3), to=FLOAT)))
-
-
-def _key_validity(mask, batch, kv_len):
-    """``key_validity``: [B, Lk] float 0/1 — keys some query may attend (all ones without a mask)."""
-    shape = op.Concat(batch, kv_len, axis=0)
-    if mask is None:
-        return op.Expand(float_scalar(1.0), shape)
-    allowed = mask if mask.dtype == BOOL else op.Greater(mask, const_like(lowest(mask.dtype) / 2, mask))
-    one = ints(1)
-    allowed = op.Expand(op.Cast(allowed, to=FLOAT), op.Concat(batch, one, one, kv_len, axis=0))
-    return op.ReduceMax(allowed, ints(1, 2), keepdims=0)
 
 
 def _layout(q_len, kv_len, nq, nk, block_size: int, is_causal: bool, sink_blocks: int, local_blocks: int):
@@ -106,7 +96,7 @@ def block_plan(q, k, mask=None, is_causal: bool = False, scale: float | None = N
     batch, q_len, kv_len = dim(q, 0), dim(q, 2), dim(k, 2)
     nq, nk = _blocks_of(q_len, block_size), _blocks_of(kv_len, block_size)
     valid, forced, diagonal = _layout(q_len, kv_len, nq, nk, block_size, is_causal, sink_blocks, local_blocks)
-    key_valid = _key_validity(mask, batch, kv_len)
+    key_valid = op.Cast(key_validity(mask, batch, kv_len), to=FLOAT)
     scores, keys = _pooled_scores(q, k, key_valid, nq, nk, block_size, _scale(q, scale))
     if estimator == "streaming":
         ids = op.Range(int_scalar(0), op.Squeeze(nk), int_scalar(1))

@@ -45,3 +45,18 @@ def dim(x, axis: int):
 
 def as_long(flags):
     return op.Cast(flags, to=INT64)
+
+
+def key_validity(mask, batch, length):
+    """``key_validity``: [B, L] bool, keys some query may attend to (all true without a mask).
+
+    ``batch`` and ``length`` are [1] int64 run-time dims."""
+    shape = op.Concat(batch, length, axis=0)
+    if mask is None:
+        return op.Expand(op.Constant(value=ir.tensor(True)), shape)
+    allowed = mask if mask.dtype == BOOL else op.Greater(mask, const_like(lowest(mask.dtype) / 2, mask))
+    # Expand is bidirectional, so [B, 1, 1, L] stretches only the batch and key axes, like the reference's
+    # expand(batch, m1, m2, L); "any over the two query axes" is a max over 0/1 values.
+    one = ints(1)
+    allowed = op.Expand(op.Cast(allowed, to=FLOAT), op.Concat(batch, one, one, length, axis=0))
+    return op.Cast(op.ReduceMax(allowed, ints(1, 2), keepdims=0), to=BOOL)

@@ -30,8 +30,8 @@ import numpy as np
 from onnxscript import ir
 from onnxscript import opset18 as op
 
-from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, const_like, dim, float_scalar, int_scalar,
-                                         ints, lowest)
+from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, dim, float_scalar, int_scalar, ints,
+                                         key_validity, lowest)
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 
 def _rank(flags):
@@ -91,19 +91,6 @@ def _capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_mil
 
 # --- merge_init ------------------------------------------------------------------------------------------------
 
-def _key_validity(mask, x):
-    """``key_validity``: [B, L] bool, keys any query may attend to (all true without a mask)."""
-    shape = op.Concat(dim(x, 0), dim(x, 1), axis=0)
-    if mask is None:
-        return op.Expand(op.Constant(value=ir.tensor(True)), shape)
-    allowed = mask if mask.dtype == BOOL else op.Greater(mask, const_like(lowest(mask.dtype) / 2, mask))
-    # Expand is bidirectional, so [B, 1, 1, L] stretches only the batch and key axes, like the reference's
-    # expand(batch, m1, m2, L); "any over the two query axes" is a max over 0/1 values.
-    one = ints(1)
-    allowed = op.Expand(op.Cast(allowed, to=FLOAT), op.Concat(dim(x, 0), one, one, dim(x, 1), axis=0))
-    return op.Cast(op.ReduceMax(allowed, ints(1, 2), keepdims=0), to=BOOL)
-
-
 def _encode(slot, real):
     """The ``source`` encoding: the slot for real tokens, ``-(slot + 1)`` for padding."""
     return op.Where(real, slot, op.Sub(op.Neg(slot), int_scalar(1)))
@@ -119,7 +106,7 @@ def _is_real(source):
 
 
 def merge_init(x, mask=None):
-    valid = _key_validity(mask, x)
+    valid = key_validity(mask, dim(x, 0), dim(x, 1))
     return op.Cast(valid, to=FLOAT), _encode(_positions(x), valid)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from dynasparse.kernels import sparse_attention, token_merge
-from dynasparse.kernels.attention import attention_sdpa
+from dynasparse.kernels.attention import attention_sdpa, key_validity
 from dynasparse.kernels.sparse_attention import num_blocks
 
 
@@ -41,7 +41,7 @@ def merge_init(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor
     """Merge state of an unmerged sequence: size 1 per real token (0 for padding), source = identity
     (padding encoded as ``-(position + 1)``)."""
     batch, length = x.shape[0], x.shape[1]
-    valid = token_merge.key_validity(mask, batch, length, x.device)
+    valid = key_validity(mask, batch, length, x.device)
     position = torch.arange(length, device=x.device).expand(batch, length)
     return valid.float(), torch.where(valid, position, -position - 1)
 

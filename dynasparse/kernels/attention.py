@@ -33,6 +33,17 @@ def combined_mask(mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len
     return mask.masked_fill(~causal, torch.finfo(mask.dtype if mask.is_floating_point() else dtype).min)
 
 
+def key_validity(mask: torch.Tensor | None, batch: int, kv_len: int, device: torch.device) -> torch.Tensor:
+    """[B, Lk] bool: keys some query may attend to (padding is the keys no query sees)."""
+    if mask is None:
+        return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    allowed = allowed.expand(batch, allowed.shape[1], allowed.shape[2], kv_len)
+    return allowed.any(dim=2).any(dim=1)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                         is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Explicit softmax(q k^T * scale + mask) v in fp32: the oracle for kernels and tests."""

@@ -28,7 +28,7 @@ import math
 
 import torch
 
-from dynasparse.kernels.attention import attention_reference, causal_mask
+from dynasparse.kernels.attention import attention_reference, causal_mask, key_validity
 
 ESTIMATORS = ("pooled", "vertical_slash", "streaming")
 SELECTORS = ("topk", "keep_ratio", "mass")
@@ -66,16 +66,6 @@ def block_layout(q_len: int, kv_len: int, block_size: int, is_causal: bool, sink
     local = (ids[None, :] <= diagonal[:, None]) & (ids[None, :] > diagonal[:, None] - local_blocks)
     forced = (ids[None, :] < sink_blocks) | local
     return valid, forced & valid
-
-
-def key_validity(mask: torch.Tensor | None, batch: int, kv_len: int) -> torch.Tensor | None:
-    """[B, Lk] bool: keys some query may attend (None when nothing is masked)."""
-    if mask is None:
-        return None
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    return allowed.any(dim=2).any(dim=1).expand(batch, kv_len)
 
 
 def _keys_per_block(key_valid: torch.Tensor | None, batch: int, kv_len: int, block_size: int,
@@ -218,7 +208,7 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_c
     batch, kv_len = q.shape[0], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     valid, forced = block_layout(q.shape[2], kv_len, block_size, is_causal, sink_blocks, local_blocks, q.device)
-    key_valid = key_validity(mask, batch, kv_len)
+    key_valid = None if mask is None else key_validity(mask, batch, kv_len, q.device)
     has_keys = _keys_per_block(key_valid, batch, kv_len, block_size, q.device) > 0  # [B, NK]
     valid = valid[None, None] & has_keys[:, None, None, :]
     plan_shape = (batch, k.shape[1], *valid.shape[2:])

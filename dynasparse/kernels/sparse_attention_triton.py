@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dynasparse.kernels.sparse_attention import SELECTORS, key_validity, num_blocks, pool_blocks
+from dynasparse.kernels.attention import key_validity
+from dynasparse.kernels.sparse_attention import SELECTORS, num_blocks, pool_blocks
 
 
 def _mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, ...]:
@@ -293,7 +294,8 @@ def pooled_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_
                 scale: float | None, block_size: int, selector: str, amount: float, sink_blocks: int,
                 local_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``build_plan`` for the pooled estimator: torch pools (memory-bound), one kernel scores and selects."""
-    q_pooled, k_pooled, keys = pool_blocks(q, k, key_validity(mask, q.shape[0], k.shape[2]), block_size)
+    key_valid = None if mask is None else key_validity(mask, q.shape[0], k.shape[2], q.device)
+    q_pooled, k_pooled, keys = pool_blocks(q, k, key_valid, block_size)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     return pooled_select_triton(q_pooled, k_pooled, keys, q.shape[2], k.shape[2], scale, block_size, selector,
                                 amount, is_causal, sink_blocks, local_blocks)

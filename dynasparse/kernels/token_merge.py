@@ -79,15 +79,6 @@ def check_length(length: int, r: int, ratio_milli: int, protected: int, mode: st
             "the length) for inputs this short, or a smaller r")
 
 
-def key_validity(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """[B, L] bool: keys any query may attend to, read off an encoder's attention mask."""
-    if mask is None:
-        return torch.ones(batch, length, dtype=torch.bool, device=device)
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    allowed = allowed.expand(batch, allowed.shape[1], allowed.shape[2], length)
-    return allowed.any(dim=2).any(dim=1)
-
-
 def best_match_reference(metric: torch.Tensor, is_src: torch.Tensor, is_dst: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """For every slot: cosine similarity to its most similar dst and that dst's index.

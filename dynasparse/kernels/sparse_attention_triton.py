@@ -60,6 +60,12 @@ def _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_pos, q_pos, row_ok, mask
 
 
 @triton.jit
+def _normalized(acc, l_i):
+    """The online softmax's output: acc / sum, and 0 for rows that had no allowed key (as SDPA)."""
+    return tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+
+
+@triton.jit
 def _block_sparse_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, mask_ptr, counts_ptr, indices_ptr,
     q_len, kv_len, qk_scale, groups, kv_heads, q_heads,
@@ -94,45 +100,46 @@ def _block_sparse_fwd_kernel(
         mask_ptrs = mask_ptr + b * s_mb + h * s_mh + rows[:, None] * s_mq + key_pos[None, :] * s_mk
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_pos, q_pos, row_ok, mask_ptrs,
                                       kv_len, IS_CAUSAL, HAS_MASK, MASK_BOOL, PRECISION)
-    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    out = _normalized(acc, l_i)
     tl.store(o_ptr + b * s_ob + rows[:, None] * s_ol + h * s_oh + dv[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, block_size: int) -> None:
+def _attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      is_causal: bool, scale: float | None, block_size: int) -> tuple[torch.Tensor, list, dict]:
+    """What both attention kernels take: the output, the leading tensor/scalar/stride arguments
+    (q, k, v, out, mask, then the strides of q, k, v, out and the mask) and the tile constexprs."""
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"block_size={block_size}: the Triton kernels need a power of two >= 16")
     if q.shape[-1] != k.shape[-1] or q.shape[1] % k.shape[1]:
         raise ValueError("q and k need the same head dim and query heads a multiple of kv heads")
-
-
-def _precision(q: torch.Tensor) -> str:
-    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 stays exact; fp16/bf16 ignore it
+    batch, q_heads, q_len, dim = q.shape
+    kv_len, dim_v = k.shape[2], v.shape[-1]
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = q.new_empty(batch, q_len, q_heads, dim_v)
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    mask_t, *mask_strides = _mask_strides(mask, (batch, q_heads, q_len, kv_len))
+    tensors = [q, k, v, out, mask_t if mask_t is not None else q]
+    strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides]
+    constexprs = dict(BLOCK=block_size, BLOCK_D=max(16, triton.next_power_of_2(dim)),
+                      BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), HEAD_DIM=dim, HEAD_DIM_V=dim_v,
+                      IS_CAUSAL=is_causal, HAS_MASK=mask_t is not None,
+                      MASK_BOOL=mask_t is not None and mask_t.dtype == torch.bool,
+                      PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 stays exact
+    return out, [tensors, scale * 1.4426950408889634, strides], constexprs
 
 
 def block_sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                                   is_causal: bool, scale: float | None, counts: torch.Tensor,
                                   indices: torch.Tensor, block_size: int) -> torch.Tensor:
     """Prefill: [B, Hq, Lq, D] queries against the plan's KV blocks → sequence-major [B, Lq, Hq, Dv]."""
-    _check(q, k, block_size)
-    batch, q_heads, q_len, dim = q.shape
-    kv_heads, kv_len, dim_v = k.shape[1], k.shape[2], v.shape[-1]
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = q.new_empty(batch, q_len, q_heads, dim_v)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
-    mask_t, *ms = _mask_strides(mask, (batch, q_heads, q_len, kv_len))
+    out, (tensors, qk_scale, strides), constexprs = _attention_launch(q, k, v, mask, is_causal, scale, block_size)
+    batch, q_heads, q_len = q.shape[:3]
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     grid = (num_blocks(q_len, block_size), batch * q_heads)
     _block_sparse_fwd_kernel[grid](
-        q, k, v, out, mask_t if mask_t is not None else q, counts, indices,
-        q_len, kv_len, scale * 1.4426950408889634, q_heads // kv_heads, kv_heads, q_heads,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *ms, counts.stride(0), counts.stride(1), counts.stride(2),
-        indices.stride(0), indices.stride(1), indices.stride(2),
-        BLOCK=block_size, BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        BLOCK_DV=max(16, triton.next_power_of_2(dim_v)), HEAD_DIM=dim, HEAD_DIM_V=dim_v,
-        IS_CAUSAL=is_causal, HAS_MASK=mask_t is not None,
-        MASK_BOOL=mask_t is not None and mask_t.dtype == torch.bool, PRECISION=_precision(q))
+        *tensors, counts, indices, q_len, kv_len, qk_scale, q_heads // kv_heads, kv_heads, q_heads,
+        *strides, *counts.stride(), *indices.stride()[:3], **constexprs)
     return out
 
 
@@ -170,7 +177,7 @@ def _block_sparse_decode_kernel(
         mask_ptrs = mask_ptr + b * s_mb + head[:, None] * s_mh + pos[:, None] * s_mq + key_pos[None, :] * s_mk
         acc, m_i, l_i = _attend_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, key_pos, q_pos, row_ok, mask_ptrs,
                                       kv_len, IS_CAUSAL, HAS_MASK, MASK_BOOL, PRECISION)
-    out = tl.where(l_i[:, None] > 0, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], 0.0)
+    out = _normalized(acc, l_i)
     tl.store(o_ptr + b * s_ob + pos[:, None] * s_ol + head[:, None] * s_oh + dv[None, :],
              out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & (dv[None, :] < HEAD_DIM_V))
 
@@ -179,26 +186,16 @@ def block_sparse_decode_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                                is_causal: bool, scale: float | None, counts: torch.Tensor,
                                indices: torch.Tensor, block_size: int) -> torch.Tensor:
     """Decode: a few query rows (one query block) per batch row; the group's heads share each K/V load."""
-    _check(q, k, block_size)
-    batch, q_heads, q_len, dim = q.shape
-    kv_heads, kv_len, dim_v = k.shape[1], k.shape[2], v.shape[-1]
+    out, (tensors, qk_scale, strides), constexprs = _attention_launch(q, k, v, mask, is_causal, scale, block_size)
+    batch, q_heads, q_len = q.shape[:3]
+    kv_heads, kv_len = k.shape[1], k.shape[2]
     if q_len > block_size:
         raise ValueError(f"the decode kernel takes one query block (<= {block_size} rows), got {q_len}")
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = q.new_empty(batch, q_len, q_heads, dim_v)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
     groups = q_heads // kv_heads
-    mask_t, *ms = _mask_strides(mask, (batch, q_heads, q_len, kv_len))
     _block_sparse_decode_kernel[(batch * kv_heads,)](
-        q, k, v, out, mask_t if mask_t is not None else q, counts, indices,
-        q_len, kv_len, scale * 1.4426950408889634, groups, kv_heads,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        *ms, counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1),
-        BLOCK=block_size, ROWS=max(16, triton.next_power_of_2(groups * q_len)),
-        BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_DV=max(16, triton.next_power_of_2(dim_v)),
-        HEAD_DIM=dim, HEAD_DIM_V=dim_v, IS_CAUSAL=is_causal, HAS_MASK=mask_t is not None,
-        MASK_BOOL=mask_t is not None and mask_t.dtype == torch.bool, PRECISION=_precision(q))
+        *tensors, counts, indices, q_len, kv_len, qk_scale, groups, kv_heads,
+        *strides, *counts.stride()[:2], *indices.stride()[:2],
+        ROWS=max(16, triton.next_power_of_2(groups * q_len)), **constexprs)
     return out
 
 

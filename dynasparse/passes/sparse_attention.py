@@ -9,7 +9,6 @@ Sequences shorter than ``min_seq_len`` run dense inside the same nodes, so one g
 """
 from __future__ import annotations
 
-import math
 import operator
 
 import torch
@@ -19,7 +18,7 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_meta, propagate_fake_values
 from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION
-from dynasparse.kernels.sparse_attention import num_blocks
+from dynasparse.kernels.sparse_attention import block_layout, select_blocks
 from dynasparse.passes.base import PassResult, register_pass
 
 
@@ -50,21 +49,18 @@ class SparseAttentionPass:
         return None
 
     def _kept_share(self, site: AttentionSite) -> float | None:
-        """Share of the attention work kept at the example shape (None: depends on the data)."""
+        """Share of the valid blocks kept at the example shape, counted by the op's own selector on the
+        example's block layout (None: ``mass`` depends on the data)."""
         _, q_len, kv_len = site.example_shape
         if kv_len < self.config.min_seq_len:
             return 1.0
-        nq, nk = num_blocks(q_len, self.config.block_size), num_blocks(kv_len, self.config.block_size)
-        valid = [min(nk, (min((r + 1) * self.config.block_size, q_len) - 1 + kv_len - q_len)
-                     // self.config.block_size + 1) if site.causal else nk for r in range(nq)]
-        floor = [min(v, self.config.sink_blocks + self.config.local_blocks) for v in valid]
-        if self.config.keep_ratio is not None:
-            kept = [max(math.ceil(v * self.config.keep_ratio - 1e-6), f) for v, f in zip(valid, floor)]
-        elif self.config.top_k is not None:
-            kept = [min(v, max(self.config.top_k, f)) for v, f in zip(valid, floor)]
-        else:
+        if self.config.selector == "mass":
             return None
-        return sum(kept) / sum(valid)
+        c = self.config
+        valid, forced = block_layout(q_len, kv_len, c.block_size, site.causal, c.sink_blocks, c.local_blocks,
+                                     torch.device("cpu"))
+        counts, _ = select_blocks(torch.zeros(valid.shape), valid, forced, c.selector, c.amount)
+        return counts.sum().item() / valid.sum().item()
 
     # -- rewrite --------------------------------------------------------------------------------------------
     def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, ClassVar
 
 from dynasparse.errors import DynasparseError
+from dynasparse.kernels.kv_cache import POLICIES
 from dynasparse.kernels.sparse_attention import ESTIMATORS
 
 
@@ -219,6 +221,81 @@ class SparseAttentionConfig(BaseConfig):
     @property
     def amount(self) -> float:
         return float(self.keep_ratio if self.keep_ratio is not None else self.top_k or self.mass)
+
+
+@config_type
+@dataclasses.dataclass
+class KVEvictionConfig(BaseConfig):
+    """A bounded KV cache for decoders, owned by the runtime (H2O / StreamingLLM / TOVA / SnapKV).
+
+    ``policy``: ``"full"`` (no eviction: the reference), ``"streaming"`` (sinks + recent window),
+    ``"h2o"`` (accumulated attention mass), ``"tova"`` (the newest query's attention) or ``"snapkv"``
+    (the last ``window`` queries of each chunk, pooled over ``pool`` neighbouring keys).
+    ``budget``: cached tokens per layer, as an int, a share of the sequence (prompt + new tokens) as a
+    float in (0, 1], or one value per layer. ``schedule="pyramid"`` spreads the same total as a linear
+    ramp from 1.5x the budget at the first layer to 0.5x at the last (PyramidKV). ``sink`` first tokens
+    and the ``recent`` newest tokens are never evicted. ``chunk_size``: prompt tokens per prefill step
+    (eviction runs after each chunk, so prefill memory is bounded too). ``layers``: layers that evict
+    (the others keep a full cache).
+    """
+
+    policy: str = "h2o"
+    budget: int | float | tuple = 0.2
+    sink: int = 4
+    recent: int = 32
+    schedule: str = "uniform"
+    window: int = 32
+    pool: int = 5
+    chunk_size: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.policy not in POLICIES:
+            raise DynasparseError(f"{name}.policy={self.policy!r} is not a known policy; expected one of "
+                                  f"{sorted(POLICIES)}")
+        if self.schedule not in ("uniform", "pyramid"):
+            raise DynasparseError(f"{name}.schedule={self.schedule!r}; expected 'uniform' or 'pyramid'")
+        for field_name, low in (("sink", 0), ("recent", 0), ("window", 1), ("pool", 1), ("chunk_size", 1)):
+            value = getattr(self, field_name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise DynasparseError(f"{name}.{field_name}={value!r} must be an int >= {low}")
+        if isinstance(self.budget, list):
+            self.budget = tuple(self.budget)
+        for value in _as_tuple(self.budget):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DynasparseError(f"{name}.budget={self.budget!r}: give tokens (int), a share of the "
+                                      "sequence (float in (0, 1]) or one of those per layer")
+            if isinstance(value, float) and not 0.0 < value <= 1.0:
+                raise DynasparseError(f"{name}.budget={value!r}: a float budget is a share of the sequence, "
+                                      "in (0, 1]; give an int for a number of tokens")
+            if isinstance(value, int) and value < self.sink + self.recent + 1 and self.policy != "full":
+                raise DynasparseError(
+                    f"{name}.budget={value} tokens is below sink + recent + 1 = {self.sink + self.recent + 1}: "
+                    "the sinks and the recent window are never evicted, so the cache must hold them and one "
+                    "more token; raise the budget or lower sink / recent")
+        if self.schedule == "pyramid" and isinstance(self.budget, tuple):
+            raise DynasparseError(f"{name}: schedule='pyramid' spreads one budget over the layers; "
+                                  "give budget as one int or float, or give per-layer budgets without it")
+
+    def capacities(self, num_layers: int, seq_len: int) -> list[int]:
+        """Cache slots per layer for a sequence of ``seq_len`` tokens (never more than it needs)."""
+        budgets = list(self.budget) if isinstance(self.budget, tuple) else [self.budget] * num_layers
+        if len(budgets) != num_layers:
+            raise DynasparseError(f"{type(self).__name__}.budget has {len(budgets)} values for a model with "
+                                  f"{num_layers} attention layers; give one per layer")
+        tokens = [math.ceil(b * seq_len) if isinstance(b, float) else b for b in budgets]
+        if self.schedule == "pyramid" and num_layers > 1:
+            tokens = [round(t * (1.5 - i / (num_layers - 1))) for i, t in enumerate(tokens)]
+        if self.policy == "full":
+            return [seq_len] * num_layers
+        floor = self.sink + self.recent + 1
+        short = [t for t in tokens if t < floor]
+        if short and min(seq_len, floor) == floor:
+            raise DynasparseError(
+                f"{type(self).__name__}: budget {self.budget!r} gives {min(short)} cache slots for "
+                f"{seq_len} tokens, below sink + recent + 1 = {floor}; raise the budget or lower sink / recent")
+        return [min(max(t, floor), seq_len) for t in tokens]
 
 
 def _as_tuple(value) -> tuple:

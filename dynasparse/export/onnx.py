@@ -6,16 +6,23 @@ capture stay dynamic in the ONNX file.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.export import Dim
 
 from dynasparse.api import OptimizedModel, optimize
 from dynasparse.errors import DynasparseError
+from dynasparse.export.kv_cache import step_graph
 from dynasparse.export.translations import TRANSLATIONS
+from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
+from dynasparse.passes.kv_eviction import CACHE_META
+
+KV_METADATA = "dynasparse.kv_cache"
 
 
 def _writable(path: str | os.PathLike) -> Path:
@@ -44,15 +51,48 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, example_inpu
     else:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         args, kwargs = model.layout.arrange(tuple(args), dict(example_kwargs or {}))
+    if CACHE_META in model.graph_module.meta:
+        program = _export_decoder_step(model, args, kwargs, opset_version)
+    else:
+        program = _onnx_program(model.graph_module, tuple(args), kwargs, model.dynamic_shapes, opset_version)
+    program.save(str(path))
+    return path
+
+
+def _onnx_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, opset_version: int,
+                  **names):
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
     try:
         with torch.no_grad():
-            program = torch.onnx.export(model.graph_module, tuple(args), kwargs=kwargs, dynamo=True,
-                                        dynamic_shapes=model.dynamic_shapes, opset_version=opset_version,
-                                        custom_translation_table=TRANSLATIONS, verbose=False)
+            return torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                     opset_version=opset_version, custom_translation_table=TRANSLATIONS,
+                                     verbose=False, **names)
     finally:
         registration_log.setLevel(level)
-    program.save(str(path))
-    return path
+
+
+def _export_decoder_step(model: OptimizedModel, args: tuple, kwargs: dict, opset_version: int):
+    """A KV-cache decoder exports as one step: (inputs, cache) → (outputs, updated cache).
+
+    Batch, new tokens and cache slots stay dynamic; the config and the cache layout go into the file's
+    metadata, so ``dynasparse.generate`` can drive the ONNX Runtime session with its own cache.
+    """
+    plan = model.graph_module.meta[CACHE_META]
+    step, input_names, output_names = step_graph(model.graph_module, plan)
+    inputs = list(args) + [kwargs[name] for name in model.layout.captured[len(args):]]
+    batch = inputs[0].shape[0]
+    states = [empty_state(batch, s.num_kv_heads, 8, s.head_dim, s.value_dim, s.dtype) for s in plan.sites]
+    cache = [state[field] for state in states for field in STATE_FIELDS]
+    auto = Dim.AUTO
+    dynamic = [{0: auto, 1: auto} if t.dim() >= 2 else {0: auto} for t in inputs]
+    for state in states:
+        dynamic += [{0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto}]
+    program = _onnx_program(step, tuple(inputs + cache), {}, tuple(dynamic), opset_version,
+                            input_names=input_names, output_names=output_names)
+    program.model.metadata_props[KV_METADATA] = json.dumps({
+        "config": plan.config.to_dict(),
+        "sites": [{"policy": s.policy, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+                   "value_dim": s.value_dim, "dtype": str(s.dtype).removeprefix("torch.")} for s in plan.sites]})
+    return program

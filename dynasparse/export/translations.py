@@ -11,6 +11,7 @@ import math
 from onnxscript import ir
 from onnxscript import opset18 as op
 
+from dynasparse.export.kv_cache import KV_CACHE_TRANSLATIONS
 from dynasparse.export.sparse_attention import SPARSE_ATTENTION_TRANSLATIONS
 from dynasparse.export.token_merge import TOKEN_MERGE_TRANSLATIONS
 from dynasparse.ir.ops import ATTENTION
@@ -77,4 +78,5 @@ def attention(q, k, v, mask=None, is_causal: bool = False, scale: float | None =
     return op.Transpose(out, perm=[0, 2, 1, 3])  # the op is sequence-major: [B, Lq, Hq, Dv]
 
 
-TRANSLATIONS = {ATTENTION: attention, **TOKEN_MERGE_TRANSLATIONS, **SPARSE_ATTENTION_TRANSLATIONS}
+TRANSLATIONS = {ATTENTION: attention, **TOKEN_MERGE_TRANSLATIONS, **SPARSE_ATTENTION_TRANSLATIONS,
+                **KV_CACHE_TRANSLATIONS}

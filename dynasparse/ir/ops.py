@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dynasparse.kernels import sparse_attention, token_merge
+from dynasparse.kernels import kv_cache, sparse_attention, token_merge
 from dynasparse.kernels.attention import attention_sdpa, key_validity
 from dynasparse.kernels.sparse_attention import num_blocks
 
@@ -172,3 +172,54 @@ def _block_sparse_attention_fake(q, k, v, mask, counts, indices, is_causal, scal
 
 BLOCK_PLAN = torch.ops.dynasparse.block_plan.default
 BLOCK_SPARSE_ATTENTION = torch.ops.dynasparse.block_sparse_attention.default
+
+
+# --- bounded KV cache (dynasparse.kernels.kv_cache has the semantics) ----------------------------------------
+
+@torch.library.custom_op("dynasparse::kv_cache_attention",
+                         mutates_args=("keys", "values", "positions", "scores", "seen"))
+def kv_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                       is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
+                       positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str, sink: int,
+                       recent: int, window: int, pool: int) -> torch.Tensor:
+    """Attention of new tokens over a fixed-capacity cache, which it then updates in place (score, evict,
+    write). Sequence-major [B, T, Hq, Dv] like ``dynasparse::attention``."""
+    if q.is_cuda and q.shape[2] == 1:
+        from dynasparse.kernels import kv_cache_triton
+
+        return kv_cache_triton.kv_cache_decode_step(q, k, v, mask, is_causal, scale, keys, values, positions,
+                                                    scores, seen, policy, sink, recent)
+    return kv_cache.kv_cache_step_reference(q, k, v, mask, is_causal, scale, keys, values, positions, scores,
+                                            seen, policy, sink, recent, window, pool)
+
+
+@kv_cache_attention.register_fake
+def _kv_cache_attention_fake(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy,
+                             sink, recent, window, pool):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
+@torch.library.custom_op("dynasparse::kv_cache_attention_functional", mutates_args=())
+def kv_cache_attention_functional(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+        scale: float | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+        scores: torch.Tensor, seen: torch.Tensor, policy: str, sink: int, recent: int, window: int, pool: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same step returning the updated cache instead of writing it: the form that exports, with the
+    cache as explicit graph inputs and outputs."""
+    state = [t.clone() for t in (keys, values, positions, scores, seen)]
+    out = kv_cache.kv_cache_step_reference(q, k, v, mask, is_causal, scale, *state, policy, sink, recent, window,
+                                           pool)
+    return (out, *state)
+
+
+@kv_cache_attention_functional.register_fake
+def _kv_cache_attention_functional_fake(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen,
+                                        policy, sink, recent, window, pool):
+    out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+    return (out, torch.empty_like(keys), torch.empty_like(values), torch.empty_like(positions),
+            torch.empty_like(scores), torch.empty_like(seen))
+
+
+KV_CACHE_ATTENTION = torch.ops.dynasparse.kv_cache_attention.default
+KV_CACHE_ATTENTION_FUNCTIONAL = torch.ops.dynasparse.kv_cache_attention_functional.default

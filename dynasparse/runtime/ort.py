@@ -1,6 +1,7 @@
 """Running exported files in ONNX Runtime with the model's own argument names."""
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -47,3 +48,54 @@ def flat_outputs(output: Any) -> list[torch.Tensor]:
     from torch.utils import _pytree as pytree
 
     return [t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)]
+
+
+class OrtKVSteps:
+    """Steps of an exported KV-cache decoder in ONNX Runtime: the cache lives here, as numpy arrays, and
+    each step feeds it in and takes the updated cache out (the file's metadata describes its layout)."""
+
+    def __init__(self, model: OrtModel, kv, batch: int, seq_len: int):
+        from dynasparse.config import BaseConfig
+        from dynasparse.export.onnx import KV_METADATA
+        from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
+
+        meta = model.session.get_modelmeta().custom_metadata_map.get(KV_METADATA)
+        if meta is None:
+            raise DynasparseError("this ONNX file has no KV cache; export a model optimized with "
+                                  "KVEvictionConfig (or pass the torch model to generate)")
+        layout = json.loads(meta)
+        self.config = BaseConfig.from_dict(layout["config"])
+        if kv is not None and kv != self.config:
+            raise DynasparseError(f"this ONNX file was exported with {self.config}; generate() got kv={kv}. "
+                                  "Export again with that config, or leave kv out.")
+        self.model, self.fields = model, STATE_FIELDS
+        sites = layout["sites"]
+        evicting = [s for s in sites if s["policy"] != "full"]
+        budgets = iter(self.config.capacities(len(evicting), seq_len) if evicting else [])
+        self.capacities = [next(budgets) if s["policy"] != "full" else seq_len for s in sites]
+        self.states = [{k: t.numpy() for k, t in empty_state(
+            batch, s["num_kv_heads"], capacity, s["head_dim"], s["value_dim"], getattr(torch, s["dtype"])).items()}
+            for s, capacity in zip(sites, self.capacities)]
+        self.allocated_bytes = sum(s["keys"][..., :-1, :].nbytes + s["values"][..., :-1, :].nbytes
+                                   for s in self.states)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
+                 "position_ids": position_ids.numpy()}
+        for i, state in enumerate(self.states):
+            feeds.update({f"kv{i}_{field}": state[field] for field in self.fields})
+        feeds = {name: value for name, value in feeds.items() if name in self.model.input_names}
+        outputs = dict(zip(self.model.output_names, self.model.session.run(None, feeds)))
+        for i, state in enumerate(self.states):
+            for field in self.fields:
+                state[field] = outputs[f"kv{i}_{field}_out"]
+        return torch.from_numpy(outputs["output_0"])
+
+    def used_bytes(self, real_tokens: list[int]) -> int:
+        total = 0
+        for state, capacity in zip(self.states, self.capacities):
+            keys, values = state["keys"], state["values"]
+            per_token = keys.shape[1] * (keys.shape[-1] * keys.itemsize + values.shape[-1] * values.itemsize)
+            total += sum(min(capacity, n) for n in real_tokens) * per_token
+        return total

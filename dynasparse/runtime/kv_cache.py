@@ -1,0 +1,62 @@
+"""The runtime side of the bounded KV cache: allocate each layer's slots, bind them, measure them.
+
+The KV pass leaves a ``CachePlan`` on the graph module; ``KVCache`` sizes every layer for one generation
+(batch, prompt + new tokens, the config's budgets) and binds the tensors as the graph's buffers, so the
+graph's ``kv_cache_attention`` nodes update them in place, step after step, with no reallocation.
+"""
+from __future__ import annotations
+
+import torch
+
+from dynasparse.errors import DynasparseError
+from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
+from dynasparse.passes.kv_eviction import CACHE_META, CachePlan
+
+
+def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:
+    plan = graph_module.meta.get(CACHE_META)
+    if plan is None:
+        raise DynasparseError("this model has no KV cache: optimize it with a KVEvictionConfig (or pass the "
+                              "plain model to dynasparse.generate, which does that)")
+    return plan
+
+
+class KVCache:
+    """Every layer's cache state for one batch of sequences of up to ``seq_len`` tokens."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule, batch: int, seq_len: int,
+                 device: torch.device | str = "cpu"):
+        self.graph_module = graph_module
+        self.plan = cache_plan(graph_module)
+        config = self.plan.config
+        evicting = [s for s in self.plan.sites if s.policy != "full"]
+        budgets = iter(config.capacities(len(evicting), seq_len) if evicting else [])
+        self.capacities = [next(budgets) if s.policy != "full" else seq_len for s in self.plan.sites]
+        self.states = [empty_state(batch, s.num_kv_heads, capacity, s.head_dim, s.value_dim, s.dtype, device)
+                       for s, capacity in zip(self.plan.sites, self.capacities)]
+        self.bind()
+
+    def bind(self) -> None:
+        """Make these tensors the graph's cache buffers (the graph reads them by name on every call)."""
+        for site, state in zip(self.plan.sites, self.states):
+            for field in STATE_FIELDS:
+                setattr(self.graph_module, site.buffer(field), state[field])
+
+    @property
+    def allocated_bytes(self) -> int:
+        """Bytes of K/V slots held (fixed for the whole generation)."""
+        return sum(s["keys"][..., :-1, :].nbytes + s["values"][..., :-1, :].nbytes for s in self.states)
+
+    def used_bytes(self, real_tokens: list[int]) -> int:
+        """Bytes of K/V in slots holding a token, for rows that have taken in ``real_tokens`` tokens each:
+        grows until a layer's cache is full, then stays. Computed on the host (no device sync)."""
+        total = 0
+        for state, capacity in zip(self.states, self.capacities):
+            keys, values = state["keys"], state["values"]
+            per_token = keys.shape[1] * (keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size())
+            total += sum(min(capacity, n) for n in real_tokens) * per_token
+        return total
+
+    def tokens_held(self) -> torch.Tensor:
+        """[layers, B, Hkv] tokens in each cache row."""
+        return torch.stack([(s["positions"][..., :-1] >= 0).sum(-1) for s in self.states])

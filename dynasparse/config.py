@@ -291,7 +291,7 @@ class KVEvictionConfig(BaseConfig):
             return [seq_len] * num_layers
         floor = self.sink + self.recent + 1
         short = [t for t in tokens if t < floor]
-        if short and min(seq_len, floor) == floor:
+        if short and seq_len >= floor:
             raise DynasparseError(
                 f"{type(self).__name__}: budget {self.budget!r} gives {min(short)} cache slots for "
                 f"{seq_len} tokens, below sink + recent + 1 = {floor}; raise the budget or lower sink / recent")

@@ -22,7 +22,8 @@ import torch
 from onnxscript import ir
 from onnxscript import opset18 as op
 
-from dynasparse.export.spellings import BOOL, FLOAT, INT64, as_long, dim, float_scalar, ints
+from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, const_like, dim, float_scalar, ints,
+                                         lowest)
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
 from dynasparse.kernels.kv_cache import STATE_FIELDS
 
@@ -33,11 +34,10 @@ def _token_validity(mask, is_causal: bool, q, length):
     if mask is None:
         ones = op.Expand(op.Constant(value=ir.tensor(1, dtype=INT64)), op.Concat(batch, length, axis=0))
         return ones, ones
-    allowed = mask if mask.dtype == BOOL else op.Greater(mask, op.CastLike(float_scalar(-1.0e30), mask))
+    allowed = mask if mask.dtype == BOOL else op.Greater(mask, const_like(lowest(mask.dtype) / 2, mask))
     if is_causal:
         allowed = op.And(allowed, _causal(length))
-    allowed = op.Cast(op.Expand(op.Cast(allowed, to=FLOAT), op.Concat(batch, ints(1), length, length, axis=0)),
-                      to=FLOAT)
+    allowed = op.Expand(op.Cast(allowed, to=FLOAT), op.Concat(batch, ints(1), length, length, axis=0))
     keys = op.ReduceMax(allowed, ints(1, 2), keepdims=0)
     queries = op.ReduceMax(allowed, ints(1, 3), keepdims=0)
     return as_long(keys), as_long(queries)
@@ -73,7 +73,7 @@ def kv_cache_attention_functional(q, k, v, mask, is_causal: bool, scale, keys, v
     kv_heads, head_dim = dim(k, 1), dim(q, 3)
     groups = op.Div(dim(q, 1), kv_heads)
     scale_value = float_scalar(scale) if scale is not None else op.Reciprocal(op.Sqrt(op.Cast(head_dim, to=FLOAT)))
-    lowest = float_scalar(-3.0e38)
+    masked_score = float_scalar(-3.0e38)
     key_valid, query_valid = _token_validity(mask, is_causal, q, length)
 
     # attention over the slots and the new keys, in float32
@@ -96,7 +96,7 @@ def kv_cache_attention_functional(q, k, v, mask, is_causal: bool, scale, keys, v
     keep_new = op.Expand(keep_new, op.Concat(dim(q, 0), dim(q, 1), length, length, axis=0))
     keep_new = op.Reshape(keep_new, op.Concat(ints(0), kv_heads, ints(-1), length, axis=0))
     keep = op.Concat(keep_cache, keep_new, axis=-1)
-    probs = op.Softmax(op.Where(keep, op.Concat(s_cache, s_new, axis=-1), lowest), axis=-1)
+    probs = op.Softmax(op.Where(keep, op.Concat(s_cache, s_new, axis=-1), masked_score), axis=-1)
     probs = op.Where(keep, probs, float_scalar(0.0))
     p_cache = op.Slice(probs, ints(0), slots, ints(3))
     p_new = op.Slice(probs, slots, ints(2**62), ints(3))

@@ -58,7 +58,8 @@ def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None) -> Optimize
     key = kv.to_json()
     if key not in per_model:
         ids = torch.zeros(1, 8, dtype=torch.long, device=_device(model))
-        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": torch.arange(8)[None]}
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                   "position_ids": torch.arange(8, device=ids.device)[None]}
         per_model[key] = optimize(model, kv, example_kwargs=example)
     return per_model[key]
 
@@ -88,8 +89,8 @@ class TorchSteps:
 
     def __init__(self, decoder: OptimizedModel, batch: int, seq_len: int, device: torch.device):
         self.decoder = decoder
-        self.cache = KVCache(decoder.graph_module, batch, seq_len, device)
-        self.config = self.cache.plan.config
+        self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device)
+        self.config = cache_plan(decoder.graph_module).config
         self.capacities = self.cache.capacities
         self.allocated_bytes = self.cache.allocated_bytes
 

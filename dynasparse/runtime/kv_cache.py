@@ -6,11 +6,14 @@ graph's ``kv_cache_attention`` nodes update them in place, step after step, with
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
+from dynasparse.config import KVEvictionConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
-from dynasparse.passes.kv_eviction import CACHE_META, CachePlan
+from dynasparse.passes.kv_eviction import CACHE_META, CachePlan, CacheSite
 
 
 def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:
@@ -22,25 +25,35 @@ def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:
 
 
 class KVCache:
-    """Every layer's cache state for one batch of sequences of up to ``seq_len`` tokens."""
+    """Every layer's cache state for one batch of sequences of up to ``seq_len`` tokens.
 
-    def __init__(self, graph_module: torch.fx.GraphModule, batch: int, seq_len: int,
+    Owned by whoever drives the steps: ``bind`` hands the tensors to a captured graph, which updates them
+    in place; the ONNX Runtime runner feeds them in and stores the updated ones instead.
+    """
+
+    def __init__(self, sites: Sequence[CacheSite], config: KVEvictionConfig, batch: int, seq_len: int,
                  device: torch.device | str = "cpu"):
-        self.graph_module = graph_module
-        self.plan = cache_plan(graph_module)
-        config = self.plan.config
-        evicting = [s for s in self.plan.sites if s.policy != "full"]
+        self.sites = tuple(sites)
+        evicting = [s for s in self.sites if s.policy != "full"]
         budgets = iter(config.capacities(len(evicting), seq_len) if evicting else [])
-        self.capacities = [next(budgets) if s.policy != "full" else seq_len for s in self.plan.sites]
+        self.capacities = [next(budgets) if s.policy != "full" else seq_len for s in self.sites]
         self.states = [empty_state(batch, s.num_kv_heads, capacity, s.head_dim, s.value_dim, s.dtype, device)
-                       for s, capacity in zip(self.plan.sites, self.capacities)]
-        self.bind()
+                       for s, capacity in zip(self.sites, self.capacities)]
 
-    def bind(self) -> None:
+    @classmethod
+    def for_graph(cls, graph_module: torch.fx.GraphModule, batch: int, seq_len: int,
+                  device: torch.device | str = "cpu") -> KVCache:
+        """A cache sized by the graph's ``CachePlan`` and bound to it."""
+        plan = cache_plan(graph_module)
+        cache = cls(plan.sites, plan.config, batch, seq_len, device)
+        cache.bind(graph_module)
+        return cache
+
+    def bind(self, graph_module: torch.fx.GraphModule) -> None:
         """Make these tensors the graph's cache buffers (the graph reads them by name on every call)."""
-        for site, state in zip(self.plan.sites, self.states):
+        for site, state in zip(self.sites, self.states):
             for field in STATE_FIELDS:
-                setattr(self.graph_module, site.buffer(field), state[field])
+                setattr(graph_module, site.buffer(field), state[field])
 
     @property
     def allocated_bytes(self) -> int:
@@ -53,10 +66,7 @@ class KVCache:
         total = 0
         for state, capacity in zip(self.states, self.capacities):
             keys, values = state["keys"], state["values"]
-            per_token = keys.shape[1] * (keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size())
+            per_head = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
+            per_token = keys.shape[1] * per_head
             total += sum(min(capacity, n) for n in real_tokens) * per_token
         return total
-
-    def tokens_held(self) -> torch.Tensor:
-        """[layers, B, Hkv] tokens in each cache row."""
-        return torch.stack([(s["positions"][..., :-1] >= 0).sum(-1) for s in self.states])

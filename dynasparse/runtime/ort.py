@@ -51,13 +51,14 @@ def flat_outputs(output: Any) -> list[torch.Tensor]:
 
 
 class OrtKVSteps:
-    """Steps of an exported KV-cache decoder in ONNX Runtime: the cache lives here, as numpy arrays, and
-    each step feeds it in and takes the updated cache out (the file's metadata describes its layout)."""
+    """Steps of an exported KV-cache decoder in ONNX Runtime: the ``KVCache`` lives here, each step feeds it
+    in and keeps the updated cache that comes out (the file's metadata describes its layout)."""
 
     def __init__(self, model: OrtModel, kv, batch: int, seq_len: int):
         from dynasparse.config import BaseConfig
         from dynasparse.export.onnx import KV_METADATA
-        from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
+        from dynasparse.passes.kv_eviction import CacheSite
+        from dynasparse.runtime.kv_cache import KVCache
 
         meta = model.session.get_modelmeta().custom_metadata_map.get(KV_METADATA)
         if meta is None:
@@ -68,34 +69,23 @@ class OrtKVSteps:
         if kv is not None and kv != self.config:
             raise DynasparseError(f"this ONNX file was exported with {self.config}; generate() got kv={kv}. "
                                   "Export again with that config, or leave kv out.")
-        self.model, self.fields = model, STATE_FIELDS
-        sites = layout["sites"]
-        evicting = [s for s in sites if s["policy"] != "full"]
-        budgets = iter(self.config.capacities(len(evicting), seq_len) if evicting else [])
-        self.capacities = [next(budgets) if s["policy"] != "full" else seq_len for s in sites]
-        self.states = [{k: t.numpy() for k, t in empty_state(
-            batch, s["num_kv_heads"], capacity, s["head_dim"], s["value_dim"], getattr(torch, s["dtype"])).items()}
-            for s, capacity in zip(sites, self.capacities)]
-        self.allocated_bytes = sum(s["keys"][..., :-1, :].nbytes + s["values"][..., :-1, :].nbytes
-                                   for s in self.states)
+        sites = [CacheSite(i, f"kv{i}", s["policy"], s["num_kv_heads"], s["head_dim"], s["value_dim"],
+                           getattr(torch, s["dtype"])) for i, s in enumerate(layout["sites"])]
+        self.model = model
+        self.cache = KVCache(sites, self.config, batch, seq_len)
+        self.capacities = self.cache.capacities
+        self.allocated_bytes = self.cache.allocated_bytes
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor:
-        feeds = {"input_ids": input_ids.numpy(), "attention_mask": attention_mask.numpy(),
-                 "position_ids": position_ids.numpy()}
-        for i, state in enumerate(self.states):
-            feeds.update({f"kv{i}_{field}": state[field] for field in self.fields})
-        feeds = {name: value for name, value in feeds.items() if name in self.model.input_names}
-        outputs = dict(zip(self.model.output_names, self.model.session.run(None, feeds)))
-        for i, state in enumerate(self.states):
-            for field in self.fields:
-                state[field] = outputs[f"kv{i}_{field}_out"]
-        return torch.from_numpy(outputs["output_0"])
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        for site, state in zip(self.cache.sites, self.cache.states):
+            feeds.update({site.buffer(field): tensor for field, tensor in state.items()})
+        outputs = dict(zip(self.model.output_names, self.model(**feeds)))
+        for site, state in zip(self.cache.sites, self.cache.states):
+            for field in state:
+                state[field] = outputs[site.buffer(field) + "_out"]
+        return outputs["output_0"]
 
     def used_bytes(self, real_tokens: list[int]) -> int:
-        total = 0
-        for state, capacity in zip(self.states, self.capacities):
-            keys, values = state["keys"], state["values"]
-            per_token = keys.shape[1] * (keys.shape[-1] * keys.itemsize + values.shape[-1] * values.itemsize)
-            total += sum(min(capacity, n) for n in real_tokens) * per_token
-        return total
+        return self.cache.used_bytes(real_tokens)

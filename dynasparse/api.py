@@ -10,6 +10,7 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.capture import capture
 from dynasparse.ir.signature import CallLayout
+from dynasparse.passes.exit_gate import EXIT_META
 from dynasparse.passes.pipeline import build_passes, run_pipeline
 from dynasparse.passes.report import OptimizationReport
 
@@ -26,7 +27,18 @@ class OptimizedModel(torch.nn.Module):
         self.example_args = example_args
         self.example_kwargs = example_kwargs
         self.dynamic_shapes = dynamic_shapes
+        self.runner = None
+        if EXIT_META in graph_module.meta:
+            from dynasparse.runtime.staged import StagedModel
+
+            self.runner = StagedModel(graph_module)
         self.train(False)
+
+    @property
+    def exit_blocks(self) -> torch.Tensor | None:
+        """After a call of a model with exit gates: the block after which each row left (the last block:
+        it ran full depth)."""
+        return self.runner.last_exit_blocks if self.runner is not None else None
 
     def train(self, mode: bool = True) -> OptimizedModel:
         """Inference only: the graph was captured in eval mode and has no training behaviour to switch to."""
@@ -38,7 +50,7 @@ class OptimizedModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         args, kwargs = self.layout.arrange(args, kwargs)
         try:
-            return self.graph_module(*args, **kwargs)
+            return (self.runner or self.graph_module)(*args, **kwargs)
         except AssertionError as err:
             if "Guard failed" not in str(err):
                 raise

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import POLICIES
+from dynasparse.kernels.exit_gate import CRITERIA, DEFAULT_THRESHOLDS
 from dynasparse.kernels.sparse_attention import ESTIMATORS
 
 
@@ -300,3 +301,99 @@ class KVEvictionConfig(BaseConfig):
 
 def _as_tuple(value) -> tuple:
     return value if isinstance(value, tuple) else (value,)
+
+
+@config_type
+@dataclasses.dataclass
+class ExitGateConfig(BaseConfig):
+    """Exit gates after transformer blocks (DeeBERT / PABEE / CALM / LayerSkip family).
+
+    ``after_blocks``: block indices to gate after (default: every block but the last). At a gate, the
+    model's own final norm + head read the hidden state (``head="model"``, as LayerSkip does), or the same
+    head behind an affine map fitted on calibration data (``head="tuned"``). A row leaves when its
+    ``criterion`` confidence is strictly above ``threshold`` (one value, or one per gate):
+    ``max_prob``, ``margin`` (top-2 probability gap), ``entropy`` (1 - entropy / log V), ``saturation``
+    (cosine of the hidden state with the block's input, CALM), ``patience`` (the prediction has not changed
+    for ``patience`` gates, PABEE, and its max probability is above ``threshold``). Every confidence is at
+    most 1, so ``threshold=1.0`` never exits. Confidence is read from the model's first output as logits
+    over its last dimension; a row with several positions exits when all of them are confident.
+
+    ``threshold=None`` takes the criterion's default, or with ``max_quality_drop`` (share of calibration
+    rows whose prediction may change) or ``target_speedup`` (estimated from blocks run) is chosen on
+    ``optimize(..., calibration=...)``.
+
+    ``mode``: ``staged`` (rows leave the batch at each gate, the rest continue compacted), ``whole_batch``
+    (one graph, ``torch.cond`` exits when every row is confident; exports to ONNX ``If``), ``draft`` (the
+    model cut after its single gate: the drafter of self-speculative decoding).
+    """
+
+    after_blocks: tuple[int, ...] | None = None
+    criterion: str = "max_prob"
+    threshold: float | tuple | None = None
+    head: str = "model"
+    patience: int = 2
+    mode: str = "staged"
+    max_quality_drop: float | None = None
+    target_speedup: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.layers is not None:
+            raise DynasparseError(f"{name} gates blocks: give after_blocks=(...) instead of layers")
+        if self.after_blocks is not None:
+            self.after_blocks = tuple(self.after_blocks)
+            if (not self.after_blocks or any(not isinstance(b, int) or isinstance(b, bool) or b < 0
+                                             for b in self.after_blocks)):
+                raise DynasparseError(f"{name}.after_blocks={self.after_blocks!r} must be block indices >= 0")
+            if list(self.after_blocks) != sorted(set(self.after_blocks)):
+                raise DynasparseError(f"{name}.after_blocks={self.after_blocks!r} must be increasing, without "
+                                      "repeats")
+        if self.criterion not in CRITERIA:
+            raise DynasparseError(f"{name}.criterion={self.criterion!r} is not a known criterion; expected one "
+                                  f"of {list(CRITERIA)}")
+        if self.head not in ("model", "tuned"):
+            raise DynasparseError(f"{name}.head={self.head!r}; expected 'model' (the model's own head) or "
+                                  "'tuned' (an affine map before it, fitted on calibration data)")
+        if self.mode not in ("staged", "whole_batch", "draft"):
+            raise DynasparseError(f"{name}.mode={self.mode!r}; expected 'staged', 'whole_batch' or 'draft'")
+        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
+            raise DynasparseError(f"{name}.patience={self.patience!r} must be an int >= 1")
+        if isinstance(self.threshold, list):
+            self.threshold = tuple(self.threshold)
+        for value in _as_tuple(self.threshold) if self.threshold is not None else ():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise DynasparseError(f"{name}.threshold={self.threshold!r}: confidences lie in [0, 1]; give "
+                                      "values in [0, 1] (1.0 never exits)")
+        targets = [f for f in ("max_quality_drop", "target_speedup") if getattr(self, f) is not None]
+        if len(targets) > 1:
+            raise DynasparseError(f"{name}: give max_quality_drop or target_speedup, not both")
+        if targets and self.threshold is not None:
+            raise DynasparseError(f"{name}: {targets[0]} chooses the threshold on calibration data; "
+                                  "drop threshold= or the target")
+        if self.max_quality_drop is not None:
+            self.check_range("max_quality_drop", 0.0, 1.0, high_open=True)
+        if self.target_speedup is not None and not self.target_speedup > 1.0:
+            raise DynasparseError(f"{name}.target_speedup={self.target_speedup!r} must be > 1")
+        if self.mode == "draft" and (self.after_blocks is None or len(self.after_blocks) != 1):
+            raise DynasparseError(f"{name}(mode='draft') cuts the model after one block: give "
+                                  "after_blocks=(index,)")
+        if self.mode == "whole_batch" and self.criterion == "patience":
+            raise DynasparseError(f"{name}(mode='whole_batch'): the patience criterion carries state from gate "
+                                  "to gate per row; use mode='staged' or another criterion")
+
+    @property
+    def calibrates(self) -> bool:
+        return self.head == "tuned" or self.max_quality_drop is not None or self.target_speedup is not None
+
+    def thresholds(self, num_gates: int) -> list[float]:
+        """One threshold per gate (the criterion's default when none was given or calibrated)."""
+        if self.threshold is None:
+            return [DEFAULT_THRESHOLDS[self.criterion]] * num_gates
+        values = list(_as_tuple(self.threshold))
+        if len(values) == 1:
+            return values * num_gates
+        if len(values) != num_gates:
+            raise DynasparseError(f"{type(self).__name__}.threshold has {len(values)} values for {num_gates} "
+                                  "gates; give one value or one per gate")
+        return [float(v) for v in values]

@@ -20,9 +20,12 @@ from dynasparse.errors import DynasparseError
 from dynasparse.export.kv_cache import step_graph
 from dynasparse.export.translations import TRANSLATIONS
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
+from dynasparse.ir.capture import batch_of_two
+from dynasparse.passes.exit_gate import EXIT_META
 from dynasparse.passes.kv_eviction import CACHE_META
 
 KV_METADATA = "dynasparse.kv_cache"
+EXIT_METADATA = "dynasparse.exit"
 
 
 def _writable(path: str | os.PathLike) -> Path:
@@ -51,6 +54,8 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, example_inpu
     else:
         args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
         args, kwargs = model.layout.arrange(tuple(args), dict(example_kwargs or {}))
+    if EXIT_META in model.graph_module.meta:
+        return _export_gated(model, path, args, kwargs, opset_version)
     if CACHE_META in model.graph_module.meta:
         program = _export_decoder_step(model, args, kwargs, opset_version)
     else:
@@ -96,3 +101,47 @@ def _export_decoder_step(model: OptimizedModel, args: tuple, kwargs: dict, opset
         "sites": [{"policy": s.policy, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
                    "value_dim": s.value_dim, "dtype": str(s.dtype).removeprefix("torch.")} for s in plan.sites]})
     return program
+
+
+def _auto_dims(tensors: list[torch.Tensor]) -> tuple:
+    return tuple({i: Dim.AUTO for i in range(t.dim())} for t in tensors)
+
+
+def _export_gated(model: OptimizedModel, path: Path, args: tuple, kwargs: dict, opset_version: int) -> Path:
+    """A model with exit gates exports as its stages.
+
+    ``mode="staged"``: ``path`` holds stage 0, ``<stem>.stage<k>.onnx`` the others, and the metadata of
+    ``path`` the exit logic, so ``ort_session(path)`` runs them with the staged runtime (rows leave at each
+    gate). ``mode="whole_batch"``: one file whose gates are ONNX ``If`` nodes, runnable by any ONNX Runtime.
+    """
+    from torch.fx._pytree import tree_flatten_spec
+
+    from dynasparse.runtime.staged import WholeBatchExit
+
+    runner, plan = model.runner, model.runner.plan
+    args, kwargs, _ = batch_of_two(tuple(args), dict(kwargs))  # a batch of one would fix the batch dim
+    flat = list(tree_flatten_spec((args, kwargs), model.graph_module._in_spec))
+    split = runner.split
+    if plan.config.mode == "whole_batch":
+        program = _onnx_program(WholeBatchExit(split, plan), tuple(flat), {}, (_auto_dims(flat),), opset_version,
+                                input_names=split.input_names[0])
+        program.save(str(path))
+        return path
+    files, live = [], flat
+    for k, stage in enumerate(split.modules):
+        target = path if k == 0 else path.with_name(f"{path.stem}.stage{k}{path.suffix}")
+        program = _onnx_program(stage, tuple(live), {}, _auto_dims(live), opset_version,
+                                input_names=split.input_names[k], output_names=split.output_names[k])
+        if k == 0:
+            first = program
+        else:
+            program.save(str(target))
+        files.append(target.name)
+        with torch.no_grad():
+            live = list(stage(*live))[:len(split.row_wise[k])] if k < len(split.row_wise) else []
+    first.model.metadata_props[EXIT_METADATA] = json.dumps({
+        "stages": files, "row_wise": split.row_wise, "thresholds": plan.thresholds,
+        "config": plan.config.to_dict(), "num_blocks": plan.num_blocks,
+        "gate_blocks": [g.block for g in plan.gates]})
+    first.save(str(path))
+    return path

@@ -11,6 +11,7 @@ import math
 from onnxscript import ir
 from onnxscript import opset18 as op
 
+from dynasparse.export.exit_gate import EXIT_GATE_TRANSLATIONS
 from dynasparse.export.kv_cache import KV_CACHE_TRANSLATIONS
 from dynasparse.export.sparse_attention import SPARSE_ATTENTION_TRANSLATIONS
 from dynasparse.export.token_merge import TOKEN_MERGE_TRANSLATIONS
@@ -79,4 +80,4 @@ def attention(q, k, v, mask=None, is_causal: bool = False, scale: float | None =
 
 
 TRANSLATIONS = {ATTENTION: attention, **TOKEN_MERGE_TRANSLATIONS, **SPARSE_ATTENTION_TRANSLATIONS,
-                **KV_CACHE_TRANSLATIONS}
+                **KV_CACHE_TRANSLATIONS, **EXIT_GATE_TRANSLATIONS}

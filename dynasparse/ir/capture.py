@@ -50,7 +50,7 @@ def _check_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         )
 
 
-def _batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
+def batch_of_two(args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
     """Repeat a batch of one to two so export keeps the batch dimension dynamic."""
     tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.ndim > 0]
     if not tensors or any(t.shape[0] != 1 for t in tensors):
@@ -109,7 +109,7 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     example_args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
     _check_inputs(model, example_args, example_kwargs)
     notes: list[str] = []
-    args, kwargs, grew = _batch_of_two(example_args, example_kwargs)
+    args, kwargs, grew = batch_of_two(example_args, example_kwargs)
     if grew:
         notes.append("example batch of 1 repeated to 2 so the batch dimension stays dynamic")
     model = model.eval()

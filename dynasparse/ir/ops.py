@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dynasparse.kernels import kv_cache, sparse_attention, token_merge
+from dynasparse.kernels import exit_gate, kv_cache, sparse_attention, token_merge
 from dynasparse.kernels.attention import attention_sdpa, key_validity
 from dynasparse.kernels.sparse_attention import num_blocks
 
@@ -223,3 +223,22 @@ def _kv_cache_attention_functional_fake(q, k, v, mask, is_causal, scale, keys, v
 
 KV_CACHE_ATTENTION = torch.ops.dynasparse.kv_cache_attention.default
 KV_CACHE_ATTENTION_FUNCTIONAL = torch.ops.dynasparse.kv_cache_attention_functional.default
+
+
+# --- exit gates (dynasparse.kernels.exit_gate has the semantics) -------------------------------------------------
+
+@torch.library.custom_op("dynasparse::exit_confidence", mutates_args=())
+def exit_confidence(logits: torch.Tensor, hidden: torch.Tensor, previous: torch.Tensor, criterion: str
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence [B] in fp32, prediction = argmax of ``logits``) of an exit gate; rows exit where the
+    confidence is above the gate's threshold."""
+    return exit_gate.gate_confidence(logits, hidden, previous, criterion)
+
+
+@exit_confidence.register_fake
+def _exit_confidence_fake(logits, hidden, previous, criterion):
+    return (logits.new_empty(logits.shape[0], dtype=torch.float32),
+            logits.new_empty(logits.shape[:-1], dtype=torch.long))
+
+
+EXIT_CONFIDENCE = torch.ops.dynasparse.exit_confidence.default

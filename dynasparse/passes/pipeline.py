@@ -15,7 +15,7 @@ from dynasparse.config import BaseConfig, CanonicalizeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis, analyze
 from dynasparse.passes.base import Pass, PassResult, known_configs, pass_for
-from dynasparse.passes import kv_eviction, sparse_attention, token_merge  # noqa: F401  (register their passes)
+from dynasparse.passes import exit_gate, kv_eviction, sparse_attention, token_merge  # noqa: F401  (register passes)
 from dynasparse.passes.canonicalize import CanonicalizePass
 
 

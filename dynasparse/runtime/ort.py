@@ -31,16 +31,58 @@ class OrtModel:
         return [torch.from_numpy(out) for out in self.session.run(None, arrays)]
 
 
-def ort_session(path: str | os.PathLike, providers: list[str] | None = None,
-                threads: int | None = None) -> OrtModel:
-    """Open an exported file; CPU provider unless ``providers`` says otherwise."""
-    if not os.path.exists(path):
-        raise DynasparseError(f"no ONNX file at {path}; export one with dynasparse.export_onnx first")
+def _session(path: str | os.PathLike, providers: list[str] | None, threads: int | None) -> ort.InferenceSession:
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
-    return OrtModel(session)
+    return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+
+
+def ort_session(path: str | os.PathLike, providers: list[str] | None = None,
+                threads: int | None = None) -> OrtModel | OrtStagedModel:
+    """Open an exported file; CPU provider unless ``providers`` says otherwise. A model exported with
+    staged exit gates opens as an ``OrtStagedModel`` over all its stage files."""
+    from dynasparse.export.onnx import EXIT_METADATA
+
+    if not os.path.exists(path):
+        raise DynasparseError(f"no ONNX file at {path}; export one with dynasparse.export_onnx first")
+    session = _session(path, providers, threads)
+    meta = session.get_modelmeta().custom_metadata_map.get(EXIT_METADATA)
+    if meta is None:
+        return OrtModel(session)
+    layout = json.loads(meta)
+    folder = os.path.dirname(os.path.abspath(path))
+    stages = [OrtModel(session)] + [OrtModel(_session(os.path.join(folder, name), providers, threads))
+                                    for name in layout["stages"][1:]]
+    return OrtStagedModel(stages, layout)
+
+
+class OrtStagedModel:
+    """The stages of a model with exit gates in ONNX Runtime, run by the same staged loop as in torch:
+    rows leave at each gate and the rest continue compacted. Returns the flat outputs, like ``OrtModel``."""
+
+    def __init__(self, stages: list[OrtModel], layout: dict[str, Any]):
+        from dynasparse.config import BaseConfig
+        from dynasparse.passes.exit_gate import ExitPlan, Gate
+
+        self.stages, self.row_wise = stages, layout["row_wise"]
+        gates = [Gate(block, "", "", "", [], "") for block in layout["gate_blocks"]]
+        self.plan = ExitPlan(BaseConfig.from_dict(layout["config"]), gates, layout["thresholds"],
+                             layout["num_blocks"], "", 0)
+        self.input_names = stages[0].input_names
+        self.last_exit_blocks: torch.Tensor | None = None
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
+        from dynasparse.runtime.staged import run_staged
+
+        feeds = dict(zip(self.input_names, args))
+        feeds.update({k: v for k, v in kwargs.items() if k in self.input_names})
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise DynasparseError(f"ONNX model needs inputs {self.input_names}; missing {missing}")
+        result = run_staged(self.stages, self.row_wise, self.plan, [feeds[n] for n in self.input_names])
+        self.last_exit_blocks = result.exit_blocks
+        return result.outputs
 
 
 def flat_outputs(output: Any) -> list[torch.Tensor]:

@@ -324,7 +324,8 @@ class ExitGateConfig(BaseConfig):
 
     ``mode``: ``staged`` (rows leave the batch at each gate, the rest continue compacted), ``whole_batch``
     (one graph, ``torch.cond`` exits when every row is confident; exports to ONNX ``If``), ``draft`` (the
-    model cut after its single gate: the drafter of self-speculative decoding).
+    model cut after its single gate: the drafter of self-speculative decoding; ``draft_tokens`` is where
+    the draft length starts, it then adapts to how many drafts the full model accepts).
     """
 
     after_blocks: tuple[int, ...] | None = None
@@ -335,10 +336,13 @@ class ExitGateConfig(BaseConfig):
     mode: str = "staged"
     max_quality_drop: float | None = None
     target_speedup: float | None = None
+    draft_tokens: int = 4
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if not isinstance(self.draft_tokens, int) or isinstance(self.draft_tokens, bool) or self.draft_tokens < 1:
+            raise DynasparseError(f"{name}.draft_tokens={self.draft_tokens!r} must be an int >= 1")
         if self.layers is not None:
             raise DynasparseError(f"{name} gates blocks: give after_blocks=(...) instead of layers")
         if self.after_blocks is not None:

@@ -226,3 +226,44 @@ def test_bad_settings_fail_clearly(config, calibration, message):
 def test_bad_configs_fail_clearly(config, message):
     with pytest.raises(DynasparseError, match=message):
         ExitGateConfig(**config)
+
+
+def _gpt2() -> hf.GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return hf.GPT2LMHeadModel(hf.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=VOCAB)).eval()
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("block", [0, 1])
+def test_self_speculative_greedy_equals_plain_greedy(build, block):
+    model = build()
+    inputs = _text(batch=3, length=10)
+    plain = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=24)
+    draft = ExitGateConfig(after_blocks=(block,), mode="draft", draft_tokens=3)
+    out = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=24, draft=draft)
+    assert torch.equal(out.sequences, plain.sequences)
+    assert out.stats.verify_steps < 24 * 3 and 0.0 <= out.stats.acceptance <= 1.0
+
+
+def test_self_speculative_rows_stop_at_their_eos():
+    model = _llama()
+    inputs = _text(batch=3, length=10)
+    plain = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=12)
+    eos = int(plain.sequences[1, 14])  # row 1's fifth new token
+    kwargs = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    expected = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], **kwargs).sequences
+    out = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"],
+                              draft=ExitGateConfig(after_blocks=(0,), mode="draft"), **kwargs).sequences
+    assert torch.equal(out[:, :expected.shape[1]], expected)
+    assert (out[:, expected.shape[1]:] == 0).all()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=0.7), "greedy"),
+    (dict(kv=dynasparse.KVEvictionConfig(policy="h2o", budget=64)), "full cache"),
+    (dict(draft=ExitGateConfig(after_blocks=(0,))), "mode='draft'"),
+])
+def test_self_speculative_bad_settings(kwargs, message):
+    kwargs.setdefault("draft", ExitGateConfig(after_blocks=(0,), mode="draft"))
+    with pytest.raises(DynasparseError, match=message):
+        dynasparse.generate(_llama(), torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2, **kwargs)

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from dynasparse.api import OptimizedModel, optimize
-from dynasparse.config import KVEvictionConfig
+from dynasparse.config import ExitGateConfig, KVEvictionConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.runtime.kv_cache import KVCache, cache_plan
 
@@ -32,6 +32,13 @@ class GenerateStats:
     cache_capacity: list[int] = field(default_factory=list)
     cache_allocated_bytes: int = 0
     cache_used_bytes: list[int] = field(default_factory=list)  # after prefill, then after each step
+    verify_steps: int = 0  # self-speculative decoding: full-model passes
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of which the full model agreed with
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -45,8 +52,10 @@ class GenerateOutput:
     stats: GenerateStats
 
 
-def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None) -> OptimizedModel:
-    """The model with a KV-cache graph: optimized once per (model, config) and remembered."""
+def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None,
+                draft: ExitGateConfig | None = None) -> OptimizedModel:
+    """The model with a KV-cache graph (cut after ``draft``'s gate when given): optimized once per
+    (model, configs) and remembered."""
     if isinstance(model, OptimizedModel):
         plan = cache_plan(model.graph_module)
         if kv is not None and kv != plan.config:
@@ -55,12 +64,12 @@ def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None) -> Optimize
         return model
     kv = kv or KVEvictionConfig(policy="full")
     per_model = _DECODERS.setdefault(model, {})
-    key = kv.to_json()
+    key = kv.to_json() + (draft.to_json() if draft is not None else "")
     if key not in per_model:
         ids = torch.zeros(1, 8, dtype=torch.long, device=_device(model))
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                    "position_ids": torch.arange(8, device=ids.device)[None]}
-        per_model[key] = optimize(model, kv, example_kwargs=example)
+        per_model[key] = optimize(model, [draft, kv] if draft is not None else kv, example_kwargs=example)
     return per_model[key]
 
 
@@ -168,7 +177,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
              max_new_tokens: int = 32, kv: KVEvictionConfig | None = None, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              stream: Callable[[torch.Tensor], None] | None = None, progress: bool | None = None,
-             generator: torch.Generator | None = None) -> GenerateOutput:
+             generator: torch.Generator | None = None, draft: ExitGateConfig | None = None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` per row with a bounded KV cache (``kv``; default: the full cache).
 
     ``model``: a causal LM module (captured once per config and remembered), an ``OptimizedModel`` with a
@@ -177,6 +186,9 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     ``eos_token_id`` stop; their later tokens are ``pad_token_id`` (default: the first eos id, else 0).
     ``stream(tokens [B])`` is called after every step; ``progress`` prints a live line on stderr
     (default: on for 256+ new tokens in a terminal).
+    ``draft=ExitGateConfig(after_blocks=(i,), mode="draft")``: self-speculative decoding (greedy only).
+    The model's first blocks and its own head draft tokens, the full model verifies them in one pass and
+    the longest agreeing prefix is kept, so the output is the plain greedy output.
     """
     if input_ids.dim() != 2:
         raise DynasparseError(f"input_ids must be [batch, prompt_len], got shape {tuple(input_ids.shape)}")
@@ -188,6 +200,11 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    if draft is not None:
+        from dynasparse.runtime.speculative import self_speculative
+
+        return self_speculative(model, input_ids, attention_mask, max_new_tokens, draft, kv, temperature, eos, pad,
+                                stream)
 
     step_fn = steps_for(model, kv, batch, prompt_len + max_new_tokens, input_ids.device)
     stats = GenerateStats(prompt_len, 0, cache_capacity=step_fn.capacities,

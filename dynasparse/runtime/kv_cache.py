@@ -55,6 +55,15 @@ class KVCache:
             for field in STATE_FIELDS:
                 setattr(graph_module, site.buffer(field), state[field])
 
+    def rollback(self, keep: torch.Tensor) -> None:
+        """Forget all but the first ``keep[b]`` tokens of each row b (drafts the full model rejected).
+
+        Their slots become empty (position -1) and are the first reused; only exact for caches that have
+        not evicted anything since those tokens came in (the ``full`` policy)."""
+        for state in self.states:
+            state["positions"].masked_fill_(state["positions"] >= keep[:, None, None], -1)
+            state["seen"].copy_(keep)
+
     @property
     def allocated_bytes(self) -> int:
         """Bytes of K/V slots held (fixed for the whole generation)."""

@@ -48,6 +48,9 @@ def dynasparse_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], mode
     if options:
         raise DynasparseError(f"unknown dynasparse backend options {sorted(options)}; "
                               "known: configs, inductor, on_report")
+    if any(p.name == "exit_gate" for p in passes):
+        raise DynasparseError("exit gates need the staged runtime, which runs between compiled graphs: use "
+                              "dynasparse.optimize(model, ExitGateConfig(...)) and torch.compile the result")
     result = run_pipeline(_aten_graph(gm, example_inputs), passes)
     if on_report is not None:
         on_report(OptimizationReport("dynamo graph", result.analysis, result.results))

@@ -267,3 +267,10 @@ def test_self_speculative_bad_settings(kwargs, message):
     kwargs.setdefault("draft", ExitGateConfig(after_blocks=(0,), mode="draft"))
     with pytest.raises(DynasparseError, match=message):
         dynasparse.generate(_llama(), torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2, **kwargs)
+
+
+def test_compile_backend_points_to_optimize_for_exit_gates():
+    model, inputs = _bert(), _text()
+    compiled = torch.compile(model, backend="dynasparse", options={"configs": [ExitGateConfig()]})
+    with pytest.raises(Exception, match="staged runtime"):
+        compiled(**inputs)

@@ -6,7 +6,8 @@
    runtime at several thresholds (fixed, and calibrated on a held-out split to a quality target);
 2. decoder: greedy decoding of the project's byte-level LM trained with the early-exit loss
    (``bytelm`` size ``small-exit``): plain greedy vs self-speculative decoding drafting with its first
-   blocks. Tokens/s, acceptance, and whether the output equals plain greedy.
+   blocks (tokens/s, acceptance, whether the output equals plain greedy), and vs per-token exits (CALM;
+   tokens/s, blocks per token, share of tokens equal to plain greedy).
 
     python benchmarks/early_exit.py [--quick] [--parts classifier decoder]
 """
@@ -143,33 +144,50 @@ def classifier_part(thresholds: list[float], targets: list[float], batch: int, r
     return _save("early_exit_classifier", markdown, {"title": title, "results": data})
 
 
-def decoder_part(draft_blocks: list[int], batch: int, new_tokens: int, prompt_len: int) -> str:
+def _decode(model, prompts: torch.Tensor, new_tokens: int, repeats: int, config: ExitGateConfig | None = None):
+    """(median decoded tokens/s over ``repeats`` runs after a warm-up that captures the graphs, last output)."""
+    dynasparse.generate(model, prompts, max_new_tokens=4, early_exit=config)
+    speeds, out = [], None
+    for _ in range(repeats):
+        out = dynasparse.generate(model, prompts, max_new_tokens=new_tokens, early_exit=config)
+        speeds.append(out.stats.new_tokens * prompts.shape[0] / out.stats.decode_seconds)
+    return statistics.median(speeds), out
+
+
+def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, new_tokens: int,
+                 prompt_len: int, repeats: int) -> str:
     rows, data = [], {}
     tokens = bytelm.heldout_tokens(batch * 4096)
     prompts = torch.stack([tokens[i * 4096:i * 4096 + prompt_len] for i in range(batch)])
     for size in ("small-exit", "small"):
         model = bytelm.load_or_train(size)
         with torch.inference_mode():
-            dynasparse.generate(model, prompts, max_new_tokens=4)  # capture once, outside the timing
-            plain = dynasparse.generate(model, prompts, max_new_tokens=new_tokens)
-            base = plain.stats.new_tokens * batch / plain.stats.decode_seconds
+            base, plain = _decode(model, prompts, new_tokens, repeats)
             rows.append([size, "plain greedy", "—", f"{base:.1f}", "1.00x", "—"])
+            data[f"{size} plain"] = {"tokens_per_s": base}
             for block in draft_blocks:
-                config = ExitGateConfig(after_blocks=(block,), mode="draft")
-                dynasparse.generate(model, prompts, max_new_tokens=4, draft=config)
-                out = dynasparse.generate(model, prompts, max_new_tokens=new_tokens, draft=config)
-                speed = out.stats.new_tokens * batch / out.stats.decode_seconds
+                speed, out = _decode(model, prompts, new_tokens, repeats,
+                                     ExitGateConfig(after_blocks=(block,), mode="draft"))
                 same = torch.equal(out.sequences, plain.sequences)
                 rows.append([size, f"draft with blocks 0..{block}", f"{out.stats.acceptance:.0%}", f"{speed:.1f}",
                              f"{speed / base:.2f}x", "yes" if same else "NO"])
                 data[f"{size} draft {block}"] = {"acceptance": out.stats.acceptance, "tokens_per_s": speed,
                                                  "speedup": speed / base, "equal_to_greedy": same}
                 print(rows[-1], flush=True)
-            data[f"{size} plain"] = {"tokens_per_s": base}
+            for threshold in (thresholds if size == "small-exit" else []):
+                speed, out = _decode(model, prompts, new_tokens, repeats, ExitGateConfig(threshold=threshold))
+                same = float((out.sequences == plain.sequences)[:, prompt_len:].float().mean())
+                rows.append([size, f"per-token exit, max_prob > {threshold} ({out.stats.blocks_per_token:.2f} "
+                             "blocks/token)", "—", f"{speed:.1f}", f"{speed / base:.2f}x", f"{same:.0%} of tokens"])
+                data[f"{size} token exit {threshold}"] = {"tokens_per_s": speed, "speedup": speed / base,
+                                                          "blocks_per_token": out.stats.blocks_per_token,
+                                                          "tokens_equal_to_greedy": same}
+                print(rows[-1], flush=True)
     title = (f"Self-speculative greedy decoding, byte LM (4 blocks, d=256), batch {batch}, {prompt_len}-byte "
-             f"held-out prompts, {new_tokens} new bytes, CPU ({torch.get_num_threads()} threads)")
+             f"held-out prompts, {new_tokens} new bytes, CPU ({torch.get_num_threads()} threads), median of "
+             f"{repeats} runs")
     markdown = f"# {title}\n\n" + _table(["model", "decoding", "drafts accepted", "tokens/s", "speedup",
-                                          "equals greedy"], rows)
+                                          "equals plain greedy"], rows)
     return _save("early_exit_decoder", markdown, {"title": title, "results": data})
 
 
@@ -181,6 +199,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--draft-blocks", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--token-thresholds", type=float, nargs="+", default=[0.3, 0.6, 0.9])
     parser.add_argument("--lm-batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=256)
@@ -192,7 +211,8 @@ def main() -> None:
     if "classifier" in args.parts:
         print(classifier_part(args.thresholds, args.quality_targets, args.batch, args.repeats), flush=True)
     if "decoder" in args.parts:
-        print(decoder_part(args.draft_blocks, args.lm_batch, args.new_tokens, args.prompt_len), flush=True)
+        print(decoder_part(args.draft_blocks, args.token_thresholds, args.lm_batch, args.new_tokens,
+                           args.prompt_len, args.repeats), flush=True)
 
 
 if __name__ == "__main__":

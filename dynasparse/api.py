@@ -11,6 +11,7 @@ from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.capture import capture
 from dynasparse.ir.signature import CallLayout
 from dynasparse.passes.exit_gate import EXIT_META
+from dynasparse.passes.kv_eviction import CACHE_META
 from dynasparse.passes.pipeline import build_passes, run_pipeline
 from dynasparse.passes.report import OptimizationReport
 
@@ -28,7 +29,8 @@ class OptimizedModel(torch.nn.Module):
         self.example_kwargs = example_kwargs
         self.dynamic_shapes = dynamic_shapes
         self.runner = None
-        if EXIT_META in graph_module.meta:
+        # with a KV cache, exits are per generated token and dynasparse.generate runs them
+        if EXIT_META in graph_module.meta and CACHE_META not in graph_module.meta:
             from dynasparse.runtime.staged import StagedModel
 
             self.runner = StagedModel(graph_module)

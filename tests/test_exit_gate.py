@@ -240,7 +240,7 @@ def test_self_speculative_greedy_equals_plain_greedy(build, block):
     inputs = _text(batch=3, length=10)
     plain = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=24)
     draft = ExitGateConfig(after_blocks=(block,), mode="draft", draft_tokens=3)
-    out = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=24, draft=draft)
+    out = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=24, early_exit=draft)
     assert torch.equal(out.sequences, plain.sequences)
     assert out.stats.verify_steps < 24 * 3 and 0.0 <= out.stats.acceptance <= 1.0
 
@@ -253,7 +253,7 @@ def test_self_speculative_rows_stop_at_their_eos():
     kwargs = dict(max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
     expected = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], **kwargs).sequences
     out = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"],
-                              draft=ExitGateConfig(after_blocks=(0,), mode="draft"), **kwargs).sequences
+                              early_exit=ExitGateConfig(after_blocks=(0,), mode="draft"), **kwargs).sequences
     assert torch.equal(out[:, :expected.shape[1]], expected)
     assert (out[:, expected.shape[1]:] == 0).all()
 
@@ -261,10 +261,10 @@ def test_self_speculative_rows_stop_at_their_eos():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(temperature=0.7), "greedy"),
     (dict(kv=dynasparse.KVEvictionConfig(policy="h2o", budget=64)), "full cache"),
-    (dict(draft=ExitGateConfig(after_blocks=(0,))), "mode='draft'"),
+    (dict(early_exit=ExitGateConfig(after_blocks=(0,), mode="whole_batch")), "mode='staged'"),
 ])
 def test_self_speculative_bad_settings(kwargs, message):
-    kwargs.setdefault("draft", ExitGateConfig(after_blocks=(0,), mode="draft"))
+    kwargs.setdefault("early_exit", ExitGateConfig(after_blocks=(0,), mode="draft"))
     with pytest.raises(DynasparseError, match=message):
         dynasparse.generate(_llama(), torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2, **kwargs)
 
@@ -274,3 +274,42 @@ def test_compile_backend_points_to_optimize_for_exit_gates():
     compiled = torch.compile(model, backend="dynasparse", options={"configs": [ExitGateConfig()]})
     with pytest.raises(Exception, match="staged runtime"):
         compiled(**inputs)
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_per_token_exit_at_threshold_one_is_plain_greedy(build):
+    model, inputs = build(), _text(batch=3, length=10)
+    plain = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=12)
+    out = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=12,
+                              early_exit=ExitGateConfig(threshold=1.0))
+    assert torch.equal(out.sequences, plain.sequences)
+    assert out.stats.blocks_per_token == 3.0
+
+
+def test_per_token_exit_everywhere_is_the_drafter_with_propagated_kv():
+    """Every decoded token exits after block 0 (later blocks only get their KV filled), so the tokens are
+    those of the model cut after block 0, fed the full model's first token (the prompt runs full depth)."""
+    model, inputs = _llama(), _text(batch=3, length=10)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    out = dynasparse.generate(model, ids, mask, max_new_tokens=12,
+                              early_exit=ExitGateConfig(after_blocks=(0,), threshold=0.0))
+    assert out.stats.blocks_per_token == 1.0
+    example = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(10)[None].expand(3, 10)}
+    drafter = dynasparse.optimize(model, [ExitGateConfig(after_blocks=(0,), mode="draft"),
+                                          dynasparse.KVEvictionConfig(policy="full")], example_kwargs=example)
+    first = out.sequences[:, 10:11]
+    expected = dynasparse.generate(drafter, torch.cat([ids, first], 1),
+                                   torch.cat([mask, torch.ones_like(first)], 1), max_new_tokens=11)
+    assert torch.equal(expected.sequences[:, 11:], out.sequences[:, 11:])
+
+
+def test_per_token_exit_batched_rows_equal_rows_alone():
+    model, inputs = _llama(), _text(batch=3, length=10)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    config = ExitGateConfig(threshold=0.015)  # some tokens exit after block 0 or 1, others run full depth
+    out = dynasparse.generate(model, ids, mask, max_new_tokens=12, early_exit=config)
+    assert 1.0 < out.stats.blocks_per_token < 3.0
+    for row in range(3):
+        real = mask[row].bool()
+        alone = dynasparse.generate(model, ids[row:row + 1, real], max_new_tokens=12, early_exit=config)
+        assert torch.equal(alone.sequences[:, -12:], out.sequences[row:row + 1, -12:])

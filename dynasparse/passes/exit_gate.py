@@ -32,11 +32,12 @@ class Gate:
     """One gate, by node name (names survive stage splitting and export)."""
 
     block: int
-    hidden: str
+    hidden: str  # what the head reads (the block's output, or the tuned map of it)
     confidence: str
     prediction: str
     outputs: list[str]  # the head's outputs at this gate, in the graph's flat output order
     last: str  # the gate's last node: the staged runtime cuts the graph after it
+    block_output: str = ""  # the block's output: the residual stream carried to the next block
 
 
 @dataclass
@@ -49,6 +50,7 @@ class ExitPlan:
     num_blocks: int
     final_hidden: str  # the last block's output
     logits_index: int  # which flat output confidence is read from
+    block_outputs: list[str] = field(default_factory=list)  # every block's output, in order
     curve: list[dict] = field(default_factory=list)  # calibration trade-off, one row per threshold tried
 
 
@@ -157,7 +159,7 @@ class ExitGatePass:
             return result
         propagate_fake_values(gm)
         plan = ExitPlan(c, gates, c.thresholds(len(gates)), len(analysis.blocks), last.name,
-                        output_nodes(gm).index(logits))
+                        output_nodes(gm).index(logits), [b.output.name for b in analysis.blocks])
         if self.uses_calibration:
             from dynasparse.passes.exit_calibration import calibrate
 
@@ -190,7 +192,8 @@ class ExitGatePass:
                                                          else hidden, self.config.criterion))
             confidence = graph.call_function(operator.getitem, (pair, 0))
             prediction = graph.call_function(operator.getitem, (pair, 1))
-        return Gate(b, read.name, confidence.name, prediction.name, [o.name for o in outputs], prediction.name)
+        return Gate(b, read.name, confidence.name, prediction.name, [o.name for o in outputs], prediction.name,
+                    hidden.name)
 
     @staticmethod
     def _cut_after(gm: torch.fx.GraphModule, gate: Gate) -> None:

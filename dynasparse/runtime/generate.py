@@ -35,6 +35,7 @@ class GenerateStats:
     verify_steps: int = 0  # self-speculative decoding: full-model passes
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # of which the full model agreed with
+    blocks_per_token: float = 0.0  # per-token exits: mean blocks run per decoded token
 
     @property
     def acceptance(self) -> float:
@@ -53,9 +54,9 @@ class GenerateOutput:
 
 
 def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None,
-                draft: ExitGateConfig | None = None) -> OptimizedModel:
-    """The model with a KV-cache graph (cut after ``draft``'s gate when given): optimized once per
-    (model, configs) and remembered."""
+                gates: ExitGateConfig | None = None) -> OptimizedModel:
+    """The model with a KV-cache graph (and exit ``gates``, or cut after the gate of a drafter): optimized
+    once per (model, configs) and remembered."""
     if isinstance(model, OptimizedModel):
         plan = cache_plan(model.graph_module)
         if kv is not None and kv != plan.config:
@@ -64,12 +65,12 @@ def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None,
         return model
     kv = kv or KVEvictionConfig(policy="full")
     per_model = _DECODERS.setdefault(model, {})
-    key = kv.to_json() + (draft.to_json() if draft is not None else "")
+    key = kv.to_json() + (gates.to_json() if gates is not None else "")
     if key not in per_model:
         ids = torch.zeros(1, 8, dtype=torch.long, device=_device(model))
         example = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                    "position_ids": torch.arange(8, device=ids.device)[None]}
-        per_model[key] = optimize(model, [draft, kv] if draft is not None else kv, example_kwargs=example)
+        per_model[key] = optimize(model, [gates, kv] if gates is not None else kv, example_kwargs=example)
     return per_model[key]
 
 
@@ -111,13 +112,20 @@ class TorchSteps:
         return self.cache.used_bytes(real_tokens)
 
 
-def steps_for(model, kv: KVEvictionConfig | None, batch: int, seq_len: int, device: torch.device):
-    """The step function for ``model``: a torch module (captured and rewritten once) or an ONNX Runtime
-    session of an exported KV-cache decoder."""
+def steps_for(model, kv: KVEvictionConfig | None, batch: int, seq_len: int, device: torch.device,
+              gates: ExitGateConfig | None = None):
+    """The step function for ``model``: a torch module (captured and rewritten once, with per-token exit
+    ``gates`` if given) or an ONNX Runtime session of an exported KV-cache decoder."""
     from dynasparse.runtime.ort import OrtKVSteps, OrtModel
 
     if isinstance(model, OrtModel):
+        if gates is not None:
+            raise DynasparseError("per-token exits run torch modules; pass the model, not an ONNX session")
         return OrtKVSteps(model, kv, batch, seq_len)
+    if gates is not None:
+        from dynasparse.runtime.token_exit import TokenExitSteps
+
+        return TokenExitSteps(decoder_for(model, kv, gates), batch, seq_len, device)
     return TorchSteps(decoder_for(model, kv), batch, seq_len, device)
 
 
@@ -177,7 +185,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
              max_new_tokens: int = 32, kv: KVEvictionConfig | None = None, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              stream: Callable[[torch.Tensor], None] | None = None, progress: bool | None = None,
-             generator: torch.Generator | None = None, draft: ExitGateConfig | None = None) -> GenerateOutput:
+             generator: torch.Generator | None = None, early_exit: ExitGateConfig | None = None) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` per row with a bounded KV cache (``kv``; default: the full cache).
 
     ``model``: a causal LM module (captured once per config and remembered), an ``OptimizedModel`` with a
@@ -186,9 +194,11 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     ``eos_token_id`` stop; their later tokens are ``pad_token_id`` (default: the first eos id, else 0).
     ``stream(tokens [B])`` is called after every step; ``progress`` prints a live line on stderr
     (default: on for 256+ new tokens in a terminal).
-    ``draft=ExitGateConfig(after_blocks=(i,), mode="draft")``: self-speculative decoding (greedy only).
-    The model's first blocks and its own head draft tokens, the full model verifies them in one pass and
-    the longest agreeing prefix is kept, so the output is the plain greedy output.
+    ``early_exit=ExitGateConfig(...)``: per-token exits (CALM): a token whose gate is confident takes the
+    gate's prediction, and later layers' KV are filled from its hidden state. With ``mode="draft"``:
+    self-speculative decoding (greedy only): the model's first blocks and its own head draft tokens, the
+    full model verifies them in one pass and keeps the longest agreeing prefix, so the output is exactly
+    the plain greedy output.
     """
     if input_ids.dim() != 2:
         raise DynasparseError(f"input_ids must be [batch, prompt_len], got shape {tuple(input_ids.shape)}")
@@ -200,13 +210,16 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    if draft is not None:
+    if early_exit is not None and early_exit.mode == "draft":
         from dynasparse.runtime.speculative import self_speculative
 
-        return self_speculative(model, input_ids, attention_mask, max_new_tokens, draft, kv, temperature, eos, pad,
-                                stream)
+        return self_speculative(model, input_ids, attention_mask, max_new_tokens, early_exit, kv, temperature, eos,
+                                pad, stream)
+    if early_exit is not None and early_exit.mode != "staged":
+        raise DynasparseError(f"generate(early_exit=...) takes mode='staged' (per-token exits) or 'draft' "
+                              f"(self-speculative decoding), not {early_exit.mode!r}")
 
-    step_fn = steps_for(model, kv, batch, prompt_len + max_new_tokens, input_ids.device)
+    step_fn = steps_for(model, kv, batch, prompt_len + max_new_tokens, input_ids.device, early_exit)
     stats = GenerateStats(prompt_len, 0, cache_capacity=step_fn.capacities,
                           cache_allocated_bytes=step_fn.allocated_bytes)
     begin = time.perf_counter()
@@ -238,5 +251,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         stats.cache_used_bytes.append(step_fn.used_bytes(real_tokens))
         bar.update(step + 1, stats.cache_used_bytes[-1])
     stats.decode_seconds = time.perf_counter() - begin
+    blocks_run = getattr(step_fn, "blocks_run", None)
+    if blocks_run:
+        stats.blocks_per_token = sum(blocks_run) / len(blocks_run)
     bar.update(max_new_tokens, stats.cache_used_bytes[-1])
     return GenerateOutput(torch.cat([input_ids, torch.stack(produced, dim=1)], dim=1), stats)

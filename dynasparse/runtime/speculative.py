@@ -22,7 +22,7 @@ from dynasparse.runtime.generate import (GenerateOutput, GenerateStats, TorchSte
 
 def _check(draft: ExitGateConfig, kv: KVEvictionConfig | None, temperature: float, model) -> None:
     if draft.mode != "draft":
-        raise DynasparseError("generate(draft=...) takes ExitGateConfig(after_blocks=(i,), mode='draft')")
+        raise DynasparseError("self-speculative decoding takes ExitGateConfig(after_blocks=(i,), mode='draft')")
     if temperature != 0:
         raise DynasparseError("self-speculative decoding here is greedy (temperature=0), where it is lossless")
     if kv is not None and kv.policy != "full":

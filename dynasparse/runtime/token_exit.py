@@ -1,0 +1,104 @@
+"""Per-token early exit while decoding (CALM), with the skipped layers' KV filled by propagation.
+
+A decode step runs the gated decoder stage by stage. At each gate, a row whose token is confident takes
+the gate's prediction and **freezes** its hidden state: every later block reads that frozen state, so
+the block's K/V for this token come from it (CALM's propagation) and later tokens still find every
+layer's cache filled. Rows do not leave the batch (the cache is per row in place); instead, once every
+row has exited, the remaining stages run as **fill stages**: only what the cache writes need (norm,
+K/V projections, RoPE, the cache op), not attention output, projections or MLPs. The prompt (prefill)
+always runs full depth.
+"""
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, GraphModule
+from torch.fx._pytree import tree_flatten_spec
+
+from dynasparse.api import OptimizedModel
+from dynasparse.kernels.exit_gate import exit_decision
+from dynasparse.passes.exit_gate import EXIT_META, ExitPlan
+from dynasparse.runtime.kv_cache import KVCache, cache_plan
+from dynasparse.runtime.staged import split_stages
+
+
+def fill_stage(stage: GraphModule, block_outputs: list[str], hidden: str, carried: int) -> GraphModule:
+    """``stage`` for rows that all exited: each block's output is replaced by the frozen hidden state
+    ``hidden`` (so every block reads it), and what no cache write needs is dropped."""
+    graph = Graph()
+    mapped = graph.graph_copy(stage.graph, {})
+    graph.output(tuple(mapped[:carried]))
+    nodes = {n.name: n for n in graph.nodes}
+    for name in block_outputs:
+        nodes[name].replace_all_uses_with(nodes[hidden])
+    graph.eliminate_dead_code()  # the cache ops mutate their buffers: they are kept
+    return GraphModule(stage, graph, class_name="FillStage").eval()
+
+
+class TokenExitSteps:
+    """Decode steps of a gated KV-cache decoder: per-token exits; prefill runs the whole graph."""
+
+    def __init__(self, decoder: OptimizedModel, batch: int, seq_len: int, device: torch.device):
+        gm = decoder.graph_module
+        self.decoder, self.plan = decoder, gm.meta[EXIT_META]
+        self.config = cache_plan(gm).config
+        self.split = split_stages(gm, self.plan)
+        self.hidden_index = [[n.removeprefix("carry_") for n in names].index(gate.block_output)
+                             for names, gate in zip(self.split.output_names, self.plan.gates)]
+        firsts = [0] + [g.block + 1 for g in self.plan.gates]
+        lasts = [g.block for g in self.plan.gates] + [self.plan.num_blocks - 1]
+        self.fills: list[GraphModule | None] = [None]
+        for s in range(1, len(self.split.modules)):
+            outputs = self.plan.block_outputs[firsts[s]:lasts[s] + 1]
+            carried = len(self.split.row_wise[s]) if s < len(self.split.row_wise) else 0
+            self.fills.append(fill_stage(self.split.modules[s], outputs, self.plan.gates[s - 1].block_output,
+                                         carried))
+        self.cache = KVCache.for_graph(gm, batch, seq_len, device)
+        for module in self.split.modules + self.fills[1:]:
+            self.cache.bind(module)
+        self.capacities, self.allocated_bytes = self.cache.capacities, self.cache.allocated_bytes
+        self.blocks_run: list[float] = []  # per decode step: mean blocks per row
+
+    def used_bytes(self, real_tokens: list[int]) -> int:
+        return self.cache.used_bytes(real_tokens)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 position_ids: torch.Tensor) -> torch.Tensor:
+        from dynasparse.runtime.generate import logits_of
+
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if input_ids.shape[1] > 1:
+            return logits_of(self.decoder(**kwargs))
+        args, kwargs = self.decoder.layout.arrange((), kwargs)
+        live = list(tree_flatten_spec((args, kwargs), self.decoder.graph_module._in_spec))
+        return self._decode(live, input_ids.shape[0], input_ids.device)
+
+    def _decode(self, live: list, batch: int, device: torch.device) -> torch.Tensor:
+        plan: ExitPlan = self.plan
+        exited = torch.zeros(batch, dtype=torch.bool, device=device)
+        blocks = torch.full((batch,), float(plan.num_blocks), device=device)
+        count = torch.zeros(batch, dtype=torch.long, device=device)
+        logits = frozen = previous = None
+        everyone = False
+        for s, stage in enumerate(self.split.modules):
+            if everyone:
+                live = list(self.fills[s](*live))
+                continue
+            result = list(stage(*live))
+            if s == len(self.split.modules) - 1:
+                final = result[plan.logits_index]
+                logits = final if logits is None else torch.where(exited[:, None, None], logits, final)
+                break
+            carried = len(self.split.row_wise[s])
+            fire, count = exit_decision(result[carried], result[carried + 1], previous, count, plan.thresholds[s],
+                                        plan.config.criterion, plan.config.patience)
+            fire = fire & ~exited
+            here = result[carried + 2 + plan.logits_index]
+            logits = here if logits is None else torch.where(fire[:, None, None], here, logits)
+            live, previous, index = result[:carried], result[carried + 1], self.hidden_index[s]
+            frozen = live[index] if frozen is None else torch.where(fire[:, None, None], live[index], frozen)
+            exited = exited | fire
+            blocks = torch.where(fire, torch.full_like(blocks, plan.gates[s].block + 1), blocks)
+            live[index] = torch.where(exited[:, None, None], frozen, live[index])
+            everyone = bool(exited.all())  # one host sync per gate
+        self.blocks_run.append(float(blocks.mean()))
+        return logits

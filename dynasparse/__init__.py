@@ -7,6 +7,7 @@ from dynasparse.export.onnx import export_onnx
 from dynasparse.runtime.generate import generate
 from dynasparse.runtime.ort import ort_session
 
-__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "ExitGateConfig", "KVEvictionConfig", "OptimizedModel",
-           "SparseAttentionConfig", "TokenMergeConfig", "export_onnx", "generate", "optimize", "ort_session"]
+__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "ExitGateConfig", "KVEvictionConfig",
+           "OptimizedModel", "SparseAttentionConfig", "TokenMergeConfig", "export_onnx", "generate", "optimize",
+           "ort_session"]
 __version__ = "0.1.0"

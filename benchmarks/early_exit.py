@@ -7,7 +7,7 @@
 2. decoder: greedy decoding of the project's byte-level LM trained with the early-exit loss
    (``bytelm`` size ``small-exit``): plain greedy vs self-speculative decoding drafting with its first
    blocks (tokens/s, acceptance, whether the output equals plain greedy), and vs per-token exits (CALM;
-   tokens/s, blocks per token, share of tokens equal to plain greedy).
+   and SkipDecode's schedule; tokens/s, blocks per token, share of tokens equal to plain greedy).
 
     python benchmarks/early_exit.py [--quick] [--parts classifier decoder]
 """
@@ -174,14 +174,15 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, n
                 data[f"{size} draft {block}"] = {"acceptance": out.stats.acceptance, "tokens_per_s": speed,
                                                  "speedup": speed / base, "equal_to_greedy": same}
                 print(rows[-1], flush=True)
-            for threshold in (thresholds if size == "small-exit" else []):
-                speed, out = _decode(model, prompts, new_tokens, repeats, ExitGateConfig(threshold=threshold))
+            exits = [(f"per-token exit, max_prob > {t}", ExitGateConfig(threshold=t)) for t in thresholds]
+            exits.append(("SkipDecode schedule 4 → 2 blocks", ExitGateConfig(decode_schedule=(4, 2))))
+            for name, config in (exits if size == "small-exit" else []):
+                speed, out = _decode(model, prompts, new_tokens, repeats, config)
                 same = float((out.sequences == plain.sequences)[:, prompt_len:].float().mean())
-                rows.append([size, f"per-token exit, max_prob > {threshold} ({out.stats.blocks_per_token:.2f} "
-                             "blocks/token)", "—", f"{speed:.1f}", f"{speed / base:.2f}x", f"{same:.0%} of tokens"])
-                data[f"{size} token exit {threshold}"] = {"tokens_per_s": speed, "speedup": speed / base,
-                                                          "blocks_per_token": out.stats.blocks_per_token,
-                                                          "tokens_equal_to_greedy": same}
+                rows.append([size, f"{name} ({out.stats.blocks_per_token:.2f} blocks/token)", "—", f"{speed:.1f}",
+                             f"{speed / base:.2f}x", f"{same:.0%} of tokens"])
+                data[f"{size} {name}"] = {"tokens_per_s": speed, "speedup": speed / base,
+                                          "blocks_per_token": out.stats.blocks_per_token, "tokens_equal_to_greedy": same}
                 print(rows[-1], flush=True)
     title = (f"Self-speculative greedy decoding, byte LM (4 blocks, d=256), batch {batch}, {prompt_len}-byte "
              f"held-out prompts, {new_tokens} new bytes, CPU ({torch.get_num_threads()} threads), median of "

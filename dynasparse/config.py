@@ -337,10 +337,18 @@ class ExitGateConfig(BaseConfig):
     max_quality_drop: float | None = None
     target_speedup: float | None = None
     draft_tokens: int = 4
+    decode_schedule: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if self.decode_schedule is not None:
+            self.decode_schedule = tuple(self.decode_schedule)
+            if (len(self.decode_schedule) != 2 or any(not isinstance(b, int) or isinstance(b, bool) or b < 1
+                                                      for b in self.decode_schedule)
+                    or self.decode_schedule[0] < self.decode_schedule[1]):
+                raise DynasparseError(f"{name}.decode_schedule={self.decode_schedule!r}: give (blocks for the first "
+                                      "generated token, blocks for the last), ints >= 1, not increasing")
         if not isinstance(self.draft_tokens, int) or isinstance(self.draft_tokens, bool) or self.draft_tokens < 1:
             raise DynasparseError(f"{name}.draft_tokens={self.draft_tokens!r} must be an int >= 1")
         if self.layers is not None:

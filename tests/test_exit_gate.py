@@ -223,6 +223,7 @@ def test_bad_settings_fail_clearly(config, calibration, message):
     (dict(mode="draft"), "after_blocks=\\(index,\\)"),
     (dict(criterion="patience", mode="whole_batch"), "patience"),
     (dict(threshold=0.5, max_quality_drop=0.01), "drop threshold"),
+    (dict(decode_schedule=(1, 3)), "not increasing"),
 ])
 def test_bad_configs_fail_clearly(config, message):
     with pytest.raises(DynasparseError, match=message):
@@ -314,3 +315,18 @@ def test_per_token_exit_batched_rows_equal_rows_alone():
         real = mask[row].bool()
         alone = dynasparse.generate(model, ids[row:row + 1, real], max_new_tokens=12, early_exit=config)
         assert torch.equal(alone.sequences[:, -12:], out.sequences[row:row + 1, -12:])
+
+
+def test_skipdecode_schedule_runs_fewer_blocks_for_later_tokens():
+    model, inputs = _llama(), _text(batch=3, length=10)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    plain = dynasparse.generate(model, ids, mask, max_new_tokens=9)
+    same = dynasparse.generate(model, ids, mask, max_new_tokens=9, early_exit=ExitGateConfig(decode_schedule=(3, 3)))
+    assert torch.equal(same.sequences, plain.sequences)
+    config = ExitGateConfig(decode_schedule=(3, 1))
+    steps = dynasparse.runtime.generate.steps_for(model, None, 3, 19, ids.device, config, new_tokens=9)
+    out = dynasparse.generate(model, ids, mask, max_new_tokens=9, early_exit=config)
+    assert out.stats.blocks_per_token == pytest.approx(sum(round(3 - 2 * t / 7) for t in range(8)) / 8)
+    assert steps.decode_steps == 8 and torch.equal(out.sequences[:, :11], plain.sequences[:, :11])
+    with pytest.raises(DynasparseError, match="dynasparse.generate"):
+        dynasparse.optimize(model, config, example_kwargs=inputs)

@@ -113,7 +113,7 @@ class TorchSteps:
 
 
 def steps_for(model, kv: KVEvictionConfig | None, batch: int, seq_len: int, device: torch.device,
-              gates: ExitGateConfig | None = None):
+              gates: ExitGateConfig | None = None, new_tokens: int = 1):
     """The step function for ``model``: a torch module (captured and rewritten once, with per-token exit
     ``gates`` if given) or an ONNX Runtime session of an exported KV-cache decoder."""
     from dynasparse.runtime.ort import OrtKVSteps, OrtModel
@@ -125,7 +125,7 @@ def steps_for(model, kv: KVEvictionConfig | None, batch: int, seq_len: int, devi
     if gates is not None:
         from dynasparse.runtime.token_exit import TokenExitSteps
 
-        return TokenExitSteps(decoder_for(model, kv, gates), batch, seq_len, device)
+        return TokenExitSteps(decoder_for(model, kv, gates), batch, seq_len, device, new_tokens)
     return TorchSteps(decoder_for(model, kv), batch, seq_len, device)
 
 
@@ -219,7 +219,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
         raise DynasparseError(f"generate(early_exit=...) takes mode='staged' (per-token exits) or 'draft' "
                               f"(self-speculative decoding), not {early_exit.mode!r}")
 
-    step_fn = steps_for(model, kv, batch, prompt_len + max_new_tokens, input_ids.device, early_exit)
+    step_fn = steps_for(model, kv, batch, prompt_len + max_new_tokens, input_ids.device, early_exit, max_new_tokens)
     stats = GenerateStats(prompt_len, 0, cache_capacity=step_fn.capacities,
                           cache_allocated_bytes=step_fn.allocated_bytes)
     begin = time.perf_counter()

@@ -226,6 +226,10 @@ class StagedModel(torch.nn.Module):
     def __init__(self, gm: GraphModule):
         super().__init__()
         self.plan: ExitPlan = gm.meta[EXIT_META]
+        if self.plan.config.decode_schedule is not None:
+            raise DynasparseError("ExitGateConfig.decode_schedule sets the depth of each generated token: use it "
+                                  "with dynasparse.generate(..., early_exit=...); optimize a model with a "
+                                  "criterion and threshold instead")
         self.split = split_stages(gm, self.plan)
         self.stages = torch.nn.ModuleList(self.split.modules)
         self.whole_batch = WholeBatchExit(self.split, self.plan) if self.plan.config.mode == "whole_batch" else None

@@ -6,7 +6,8 @@ the block's K/V for this token come from it (CALM's propagation) and later token
 layer's cache filled. Rows do not leave the batch (the cache is per row in place); instead, once every
 row has exited, the remaining stages run as **fill stages**: only what the cache writes need (norm,
 K/V projections, RoPE, the cache op), not attention output, projections or MLPs. The prompt (prefill)
-always runs full depth.
+always runs full depth. With ``decode_schedule`` (SkipDecode) the depth of each step is fixed in advance
+and falls over the generation, the same for every row: the whole batch leaves together.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def fill_stage(stage: GraphModule, block_outputs: list[str], hidden: str, carrie
 class TokenExitSteps:
     """Decode steps of a gated KV-cache decoder: per-token exits; prefill runs the whole graph."""
 
-    def __init__(self, decoder: OptimizedModel, batch: int, seq_len: int, device: torch.device):
+    def __init__(self, decoder: OptimizedModel, batch: int, seq_len: int, device: torch.device, new_tokens: int):
         gm = decoder.graph_module
         self.decoder, self.plan = decoder, gm.meta[EXIT_META]
         self.config = cache_plan(gm).config
@@ -57,6 +58,16 @@ class TokenExitSteps:
             self.cache.bind(module)
         self.capacities, self.allocated_bytes = self.cache.capacities, self.cache.allocated_bytes
         self.blocks_run: list[float] = []  # per decode step: mean blocks per row
+        self.decode_steps = max(1, new_tokens - 1)  # the first new token comes from the prompt's pass
+
+    def _scheduled_blocks(self) -> int | None:
+        """SkipDecode: blocks for this decode step, falling linearly over the generation."""
+        schedule = self.plan.config.decode_schedule
+        if schedule is None:
+            return None
+        first, last = schedule
+        step = min(len(self.blocks_run), self.decode_steps - 1)
+        return round(first + (last - first) * step / max(1, self.decode_steps - 1))
 
     def used_bytes(self, real_tokens: list[int]) -> int:
         return self.cache.used_bytes(real_tokens)
@@ -79,6 +90,7 @@ class TokenExitSteps:
         count = torch.zeros(batch, dtype=torch.long, device=device)
         logits = frozen = previous = None
         everyone = False
+        scheduled = self._scheduled_blocks()
         for s, stage in enumerate(self.split.modules):
             if everyone:
                 live = list(self.fills[s](*live))
@@ -91,6 +103,8 @@ class TokenExitSteps:
             carried = len(self.split.row_wise[s])
             fire, count = exit_decision(result[carried], result[carried + 1], previous, count, plan.thresholds[s],
                                         plan.config.criterion, plan.config.patience)
+            if scheduled is not None:  # the whole batch leaves at the scheduled depth
+                fire = torch.full_like(fire, plan.gates[s].block + 1 >= scheduled)
             fire = fire & ~exited
             here = result[carried + 2 + plan.logits_index]
             logits = here if logits is None else torch.where(fire[:, None, None], here, logits)

@@ -40,6 +40,12 @@ class BaseConfig:
             raise DynasparseError(f"{type(self).__name__}.{name}={value!r} is out of range; "
                                   f"expected a value in {lo}{low}, {high}{hi}")
 
+    def check_int(self, name: str, low: int) -> None:
+        """Raise a DynasparseError unless the field is an int (not a bool) >= ``low``."""
+        value = getattr(self, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise DynasparseError(f"{type(self).__name__}.{name}={value!r} must be an int >= {low}")
+
     def applies_to(self, layer: int | None) -> bool:
         return self.layers is None or layer in self.layers
 
@@ -147,8 +153,7 @@ class TokenMergeConfig(BaseConfig):
         if any(not isinstance(p, int) or p < 0 for p in self.protect):
             raise DynasparseError(f"{name}.protect={self.protect!r} must be token positions >= 0")
         self.check_range("min_merge_fraction", 0.0, 1.0)
-        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
-            raise DynasparseError(f"{name}.min_tokens={self.min_tokens!r} must be an int >= 0")
+        self.check_int("min_tokens", 0)
         if self.min_tokens and self.keep_ratio is None:
             raise DynasparseError(f"{name}: min_tokens goes with keep_ratio (a share of the tokens beyond it)")
         if self.threshold is not None:
@@ -201,14 +206,11 @@ class SparseAttentionConfig(BaseConfig):
             raise DynasparseError(f"{name}.block_size={self.block_size!r}: blocks are kernel tiles, so the size "
                                   "must be a power of two >= 16 (64 or 128 are the usual choices)")
         for field_name in ("sink_blocks", "local_blocks", "min_seq_len"):
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or value < 0:
-                raise DynasparseError(f"{name}.{field_name}={value!r} must be an int >= 0")
+            self.check_int(field_name, 0)
         if not isinstance(self.window, int) or self.window < 1:
             raise DynasparseError(f"{name}.window={self.window!r} must be an int >= 1 (probe queries)")
         if self.top_k is not None:
-            if not isinstance(self.top_k, int) or self.top_k < 1:
-                raise DynasparseError(f"{name}.top_k={self.top_k!r} must be an int >= 1")
+            self.check_int("top_k", 1)
             if self.top_k * self.block_size > max(self.min_seq_len, self.block_size):
                 raise DynasparseError(
                     f"{name}.top_k={self.top_k} blocks of {self.block_size} tokens is more than a sequence of "
@@ -258,9 +260,7 @@ class KVEvictionConfig(BaseConfig):
         if self.schedule not in ("uniform", "pyramid"):
             raise DynasparseError(f"{name}.schedule={self.schedule!r}; expected 'uniform' or 'pyramid'")
         for field_name, low in (("sink", 0), ("recent", 0), ("window", 1), ("pool", 1), ("chunk_size", 1)):
-            value = getattr(self, field_name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise DynasparseError(f"{name}.{field_name}={value!r} must be an int >= {low}")
+            self.check_int(field_name, low)
         if isinstance(self.budget, list):
             self.budget = tuple(self.budget)
         for value in _as_tuple(self.budget):
@@ -349,8 +349,7 @@ class ExitGateConfig(BaseConfig):
                     or self.decode_schedule[0] < self.decode_schedule[1]):
                 raise DynasparseError(f"{name}.decode_schedule={self.decode_schedule!r}: give (blocks for the first "
                                       "generated token, blocks for the last), ints >= 1, not increasing")
-        if not isinstance(self.draft_tokens, int) or isinstance(self.draft_tokens, bool) or self.draft_tokens < 1:
-            raise DynasparseError(f"{name}.draft_tokens={self.draft_tokens!r} must be an int >= 1")
+        self.check_int("draft_tokens", 1)
         if self.layers is not None:
             raise DynasparseError(f"{name} gates blocks: give after_blocks=(...) instead of layers")
         if self.after_blocks is not None:
@@ -369,8 +368,7 @@ class ExitGateConfig(BaseConfig):
                                   "'tuned' (an affine map before it, fitted on calibration data)")
         if self.mode not in ("staged", "whole_batch", "draft"):
             raise DynasparseError(f"{name}.mode={self.mode!r}; expected 'staged', 'whole_batch' or 'draft'")
-        if not isinstance(self.patience, int) or isinstance(self.patience, bool) or self.patience < 1:
-            raise DynasparseError(f"{name}.patience={self.patience!r} must be an int >= 1")
+        self.check_int("patience", 1)
         if isinstance(self.threshold, list):
             self.threshold = tuple(self.threshold)
         for value in _as_tuple(self.threshold) if self.threshold is not None else ():

@@ -20,14 +20,18 @@ class OrtModel:
         self.input_names = [i.name for i in session.get_inputs()]
         self.output_names = [o.name for o in session.get_outputs()]
 
-    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
+    def feeds(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """Arguments by input name (positional first, then keywords); a missing input is an error."""
         feeds = dict(zip(self.input_names, args))
         feeds.update({k: v for k, v in kwargs.items() if k in self.input_names})
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise DynasparseError(f"ONNX model needs inputs {self.input_names}; missing {missing}")
+        return feeds
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
         arrays = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-                  for k, v in feeds.items()}
+                  for k, v in self.feeds(args, kwargs).items()}
         return [torch.from_numpy(out) for out in self.session.run(None, arrays)]
 
 
@@ -69,18 +73,14 @@ class OrtStagedModel:
         gates = [Gate(block, "", "", "", [], "") for block in layout["gate_blocks"]]
         self.plan = ExitPlan(BaseConfig.from_dict(layout["config"]), gates, layout["thresholds"],
                              layout["num_blocks"], "", 0)
-        self.input_names = stages[0].input_names
         self.last_exit_blocks: torch.Tensor | None = None
 
     def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
         from dynasparse.runtime.staged import run_staged
 
-        feeds = dict(zip(self.input_names, args))
-        feeds.update({k: v for k, v in kwargs.items() if k in self.input_names})
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise DynasparseError(f"ONNX model needs inputs {self.input_names}; missing {missing}")
-        result = run_staged(self.stages, self.row_wise, self.plan, [feeds[n] for n in self.input_names])
+        first = self.stages[0]
+        feeds = first.feeds(args, kwargs)
+        result = run_staged(self.stages, self.row_wise, self.plan, [feeds[n] for n in first.input_names])
         self.last_exit_blocks = result.exit_blocks
         return result.outputs
 

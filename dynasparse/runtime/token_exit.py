@@ -11,6 +11,9 @@ and falls over the generation, the same for every row: the whole batch leaves to
 """
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass
+
 import torch
 from torch.fx import Graph, GraphModule
 from torch.fx._pytree import tree_flatten_spec
@@ -18,8 +21,8 @@ from torch.fx._pytree import tree_flatten_spec
 from dynasparse.api import OptimizedModel
 from dynasparse.kernels.exit_gate import exit_decision
 from dynasparse.passes.exit_gate import EXIT_META, ExitPlan
-from dynasparse.runtime.kv_cache import KVCache, cache_plan
-from dynasparse.runtime.staged import split_stages
+from dynasparse.runtime.generate import TorchSteps
+from dynasparse.runtime.staged import Stages, split_stages
 
 
 def fill_stage(stage: GraphModule, block_outputs: list[str], hidden: str, carried: int) -> GraphModule:
@@ -35,28 +38,44 @@ def fill_stage(stage: GraphModule, block_outputs: list[str], hidden: str, carrie
     return GraphModule(stage, graph, class_name="FillStage").eval()
 
 
-class TokenExitSteps:
+@dataclass
+class GatedStages:
+    """A gated decoder split for per-token exits: built once per graph, shared by every generation."""
+
+    split: Stages
+    fills: list[GraphModule | None]  # per stage, the fill-only variant (None for the first)
+    hidden_index: list[int]  # per cut, which carried value is the residual stream
+
+
+_STAGES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def gated_stages(gm: GraphModule) -> GatedStages:
+    if gm not in _STAGES:
+        plan: ExitPlan = gm.meta[EXIT_META]
+        split = split_stages(gm, plan)
+        hidden_index = [[n.removeprefix("carry_") for n in names].index(gate.block_output)
+                        for names, gate in zip(split.output_names, plan.gates)]
+        firsts = [0] + [g.block + 1 for g in plan.gates]
+        lasts = [g.block for g in plan.gates] + [plan.num_blocks - 1]
+        fills: list[GraphModule | None] = [None]
+        for s in range(1, len(split.modules)):
+            carried = len(split.row_wise[s]) if s < len(split.row_wise) else 0
+            fills.append(fill_stage(split.modules[s], plan.block_outputs[firsts[s]:lasts[s] + 1],
+                                    plan.gates[s - 1].block_output, carried))
+        _STAGES[gm] = GatedStages(split, fills, hidden_index)
+    return _STAGES[gm]
+
+
+class TokenExitSteps(TorchSteps):
     """Decode steps of a gated KV-cache decoder: per-token exits; prefill runs the whole graph."""
 
     def __init__(self, decoder: OptimizedModel, batch: int, seq_len: int, device: torch.device, new_tokens: int):
-        gm = decoder.graph_module
-        self.decoder, self.plan = decoder, gm.meta[EXIT_META]
-        self.config = cache_plan(gm).config
-        self.split = split_stages(gm, self.plan)
-        self.hidden_index = [[n.removeprefix("carry_") for n in names].index(gate.block_output)
-                             for names, gate in zip(self.split.output_names, self.plan.gates)]
-        firsts = [0] + [g.block + 1 for g in self.plan.gates]
-        lasts = [g.block for g in self.plan.gates] + [self.plan.num_blocks - 1]
-        self.fills: list[GraphModule | None] = [None]
-        for s in range(1, len(self.split.modules)):
-            outputs = self.plan.block_outputs[firsts[s]:lasts[s] + 1]
-            carried = len(self.split.row_wise[s]) if s < len(self.split.row_wise) else 0
-            self.fills.append(fill_stage(self.split.modules[s], outputs, self.plan.gates[s - 1].block_output,
-                                         carried))
-        self.cache = KVCache.for_graph(gm, batch, seq_len, device)
-        for module in self.split.modules + self.fills[1:]:
+        super().__init__(decoder, batch, seq_len, device)
+        self.plan: ExitPlan = decoder.graph_module.meta[EXIT_META]
+        self.stages = gated_stages(decoder.graph_module)
+        for module in self.stages.split.modules + self.stages.fills[1:]:
             self.cache.bind(module)
-        self.capacities, self.allocated_bytes = self.cache.capacities, self.cache.allocated_bytes
         self.blocks_run: list[float] = []  # per decode step: mean blocks per row
         self.decode_steps = max(1, new_tokens - 1)  # the first new token comes from the prompt's pass
 
@@ -69,16 +88,11 @@ class TokenExitSteps:
         step = min(len(self.blocks_run), self.decode_steps - 1)
         return round(first + (last - first) * step / max(1, self.decode_steps - 1))
 
-    def used_bytes(self, real_tokens: list[int]) -> int:
-        return self.cache.used_bytes(real_tokens)
-
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  position_ids: torch.Tensor) -> torch.Tensor:
-        from dynasparse.runtime.generate import logits_of
-
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         if input_ids.shape[1] > 1:
-            return logits_of(self.decoder(**kwargs))
+            return super().__call__(input_ids, attention_mask, position_ids)
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
         args, kwargs = self.decoder.layout.arrange((), kwargs)
         live = list(tree_flatten_spec((args, kwargs), self.decoder.graph_module._in_spec))
         return self._decode(live, input_ids.shape[0], input_ids.device)
@@ -91,16 +105,16 @@ class TokenExitSteps:
         logits = frozen = previous = None
         everyone = False
         scheduled = self._scheduled_blocks()
-        for s, stage in enumerate(self.split.modules):
+        for s, stage in enumerate(self.stages.split.modules):
             if everyone:
-                live = list(self.fills[s](*live))
+                live = list(self.stages.fills[s](*live))
                 continue
             result = list(stage(*live))
-            if s == len(self.split.modules) - 1:
+            if s == len(self.stages.split.modules) - 1:
                 final = result[plan.logits_index]
                 logits = final if logits is None else torch.where(exited[:, None, None], logits, final)
                 break
-            carried = len(self.split.row_wise[s])
+            carried = len(self.stages.split.row_wise[s])
             fire, count = exit_decision(result[carried], result[carried + 1], previous, count, plan.thresholds[s],
                                         plan.config.criterion, plan.config.patience)
             if scheduled is not None:  # the whole batch leaves at the scheduled depth
@@ -108,7 +122,7 @@ class TokenExitSteps:
             fire = fire & ~exited
             here = result[carried + 2 + plan.logits_index]
             logits = here if logits is None else torch.where(fire[:, None, None], here, logits)
-            live, previous, index = result[:carried], result[carried + 1], self.hidden_index[s]
+            live, previous, index = result[:carried], result[carried + 1], self.stages.hidden_index[s]
             frozen = live[index] if frozen is None else torch.where(fire[:, None, None], live[index], frozen)
             exited = exited | fire
             blocks = torch.where(fire, torch.full_like(blocks, plan.gates[s].block + 1), blocks)

@@ -34,6 +34,16 @@ class Pass(Protocol):
     def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult: ...
 
 
+def calibration_call(batch) -> tuple[tuple, dict]:
+    """(args, kwargs) of one calibration batch: a tensor, a tuple of positional tensors, or a dict of
+    keyword tensors, the way the model is called."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (), dict(batch)
+
+
 _PASSES: dict[type[BaseConfig], Callable[[BaseConfig], Pass]] = {}
 
 

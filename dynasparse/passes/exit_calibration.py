@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.exit_gate import exit_decision
+from dynasparse.passes.base import calibration_call
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -34,8 +35,7 @@ def _runs(gm: torch.fx.GraphModule, batches: Iterable, names: set[str]):
     """Each calibration batch's recorded values and flat outputs, with a clear error for a bad batch."""
     count = 0
     for count, batch in enumerate(batches, start=1):
-        args, kwargs = ((batch,), {}) if isinstance(batch, torch.Tensor) else \
-            (tuple(batch), {}) if isinstance(batch, (tuple, list)) else ((), dict(batch))
+        args, kwargs = calibration_call(batch)
         recorder = _Recorder(gm, names)
         try:
             flat = tree_flatten_spec((args, kwargs), gm._in_spec)

@@ -23,7 +23,7 @@ from dynasparse.ir.analysis import Block, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, fake, hint, module_paths, propagate_fake_values
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, recording_edge_scores
-from dynasparse.passes.base import PassResult, register_pass
+from dynasparse.passes.base import PassResult, calibration_call, register_pass
 
 
 _VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
@@ -229,7 +229,7 @@ class TokenMergePass:
         batches = 0
         try:
             for batch in self.calibration:
-                args, kwargs = (batch, {}) if isinstance(batch, (tuple, list)) else ((), batch)
+                args, kwargs = calibration_call(batch)
                 with torch.no_grad(), recording_edge_scores() as recorded:
                     try:
                         gm(*args, **kwargs)

@@ -75,9 +75,11 @@ def cmd_export(args) -> None:
 
 
 def encoder_merge_config(keep_ratio: float, num_blocks: int) -> TokenMergeConfig:
-    """The token-merge setting tuned on MiniLM: block 0 left dense and inputs of up to 48 tokens left
-    whole (benchmarks/token_merge.py measures it against plain ToMe)."""
-    return TokenMergeConfig(keep_ratio=keep_ratio, layers=tuple(range(1, num_blocks)), min_tokens=48)
+    """The token-merge setting tuned on MiniLM: the first and last blocks left dense, the hidden state as
+    the similarity metric, inputs of up to 32 tokens left whole, and batches with fewer than 128 tokens
+    beyond those run dense (benchmarks/token_merge.py measures it against plain ToMe)."""
+    return TokenMergeConfig(keep_ratio=keep_ratio, metric="hidden", layers=tuple(range(1, num_blocks - 1)),
+                            min_tokens=32, dense_below=128)
 
 
 def _merge_table(entry, keep_ratios: list[float], plain_tome: bool) -> tuple[list, dict[str, list]]:

@@ -13,6 +13,7 @@ from dynasparse.ir.signature import CallLayout
 from dynasparse.passes.exit_gate import EXIT_META
 from dynasparse.passes.kv_eviction import CACHE_META
 from dynasparse.passes.pipeline import build_passes, run_pipeline
+from dynasparse.passes.token_merge import MERGE_GATE
 from dynasparse.passes.report import OptimizationReport
 
 
@@ -34,13 +35,20 @@ class OptimizedModel(torch.nn.Module):
             from dynasparse.runtime.staged import StagedModel
 
             self.runner = StagedModel(graph_module)
+        if MERGE_GATE in graph_module.meta:
+            if self.runner is not None:
+                raise DynasparseError("TokenMergeConfig.dense_below chooses between two graphs per call and "
+                                      "cannot be combined with exit gates; leave dense_below at 0")
+            from dynasparse.runtime.merge_gate import MergeGatedModel
+
+            self.runner = MergeGatedModel(graph_module)
         self.train(False)
 
     @property
     def exit_blocks(self) -> torch.Tensor | None:
         """After a call of a model with exit gates: the block after which each row left (the last block:
         it ran full depth)."""
-        return self.runner.last_exit_blocks if self.runner is not None else None
+        return getattr(self.runner, "last_exit_blocks", None)
 
     def train(self, mode: bool = True) -> OptimizedModel:
         """Inference only: the graph was captured in eval mode and has no training behaviour to switch to."""

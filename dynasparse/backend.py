@@ -6,6 +6,7 @@ the rewritten graph then goes to Inductor, which compiles everything else and ca
 kernels. Options: ``configs`` (list of configs), ``inductor`` (default True; False runs the rewritten
 graph eagerly, handy for debugging), ``on_report`` (called with each compiled graph's
 ``OptimizationReport``, since Dynamo may split a model into several graphs).
+``TokenMergeConfig.dense_below`` is decided once per compiled graph, from the shapes Dynamo compiles for.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from torch.fx.traceback import preserve_node_meta
 from dynasparse.errors import DynasparseError
 from dynasparse.passes.pipeline import build_passes, run_pipeline
 from dynasparse.passes.report import OptimizationReport
+from dynasparse.passes.token_merge import MERGE_GATE
 
 
 def _aten_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:
@@ -52,10 +54,19 @@ def dynasparse_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], mode
         raise DynasparseError("exit gates need the staged runtime, which runs between compiled graphs: use "
                               "dynasparse.optimize(model, ExitGateConfig(...)) and torch.compile the result")
     result = run_pipeline(_aten_graph(gm, example_inputs), passes)
+    graph_module = result.graph_module
+    gate = graph_module.meta.get(MERGE_GATE)
+    if gate is not None and not gate.worth_merging(example_inputs):
+        from dynasparse.runtime.merge_gate import dense_module
+
+        graph_module = dense_module(graph_module, gate)
+        next(r for r in result.results if r.pass_name == "token_merge").notes.append(
+            f"token_merge: compiled dense, the example batch has {gate.mergeable_tokens(example_inputs)} "
+            f"mergeable tokens (dense_below={gate.dense_below})")
     if on_report is not None:
         on_report(OptimizationReport("dynamo graph", result.analysis, result.results))
     if not use_inductor:
-        return result.graph_module
+        return graph_module
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(result.graph_module, example_inputs)
+    return compile_fx(graph_module, example_inputs)

@@ -115,6 +115,9 @@ class TokenMergeConfig(BaseConfig):
     ``protect``: real-token positions never merged (CLS). ``proportional_attention``: keys of merged
     tokens get log(size) added to their logits. ``min_tokens`` (with keep_ratio): each row merges only a
     share of its tokens beyond the first ``min_tokens``, so short inputs (queries) stay exact.
+    ``dense_below``: a call whose batch holds fewer mergeable tokens than this (batch size × (padded
+    length − ``min_tokens``)) runs the graph as it was before merging. Each merge has a fixed cost
+    (many small ops), so small batches lose time unless they skip merging.
     ``layers``: blocks to merge after (default: all).
     """
 
@@ -129,6 +132,7 @@ class TokenMergeConfig(BaseConfig):
     min_merge_fraction: float = 0.5
     fuse_pruned: bool = True
     min_tokens: int = 0
+    dense_below: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -154,6 +158,7 @@ class TokenMergeConfig(BaseConfig):
             raise DynasparseError(f"{name}.protect={self.protect!r} must be token positions >= 0")
         self.check_range("min_merge_fraction", 0.0, 1.0)
         self.check_int("min_tokens", 0)
+        self.check_int("dense_below", 0)
         if self.min_tokens and self.keep_ratio is None:
             raise DynasparseError(f"{name}: min_tokens goes with keep_ratio (a share of the tokens beyond it)")
         if self.threshold is not None:

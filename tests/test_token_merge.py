@@ -172,3 +172,45 @@ def test_merged_model_compiles_without_graph_breaks():
                                    atol=1e-4, rtol=0)
     assert not torch._dynamo.utils.counters["graph_break"]
     assert reports[0].passes[1].num_matches == 2
+
+
+def test_small_batches_run_the_dense_graph():
+    """dense_below: a call with fewer mergeable tokens (batch × (length − min_tokens)) than the gate runs
+    the graph as it was before merging, exactly; larger calls merge exactly as without the gate."""
+    entry = load("minilm")
+    example = entry.make_inputs(2, 16)
+    gated = dynasparse.optimize(entry.model, [TokenMergeConfig(keep_ratio=0.5, min_tokens=4, dense_below=40)],
+                                example_kwargs=example)
+    plain = dynasparse.optimize(entry.model, [TokenMergeConfig(keep_ratio=0.5, min_tokens=4)], example_kwargs=example)
+    assert "runs the dense graph" in str(gated.report)
+    with torch.no_grad():
+        for batch, seq_len, merges in ((1, 20, False), (2, 20, False), (3, 30, True)):
+            inputs = entry.make_inputs(batch, seq_len)
+            out = gated(**inputs).last_hidden_state
+            assert gated.runner.last_call_merged is merges
+            expected = (plain if merges else entry.model)(**inputs).last_hidden_state
+            torch.testing.assert_close(out, expected, atol=1e-5 if not merges else 0, rtol=0)
+
+
+def test_dense_below_under_compile_and_export(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    entry = load("bert-tiny")
+    config = TokenMergeConfig(keep_ratio=0.6, dense_below=10_000)
+    reports = []
+    compiled = torch.compile(entry.model, backend="dynasparse",
+                             options={"configs": [config], "on_report": reports.append, "inductor": False})
+    inputs = entry.make_inputs(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**inputs).last_hidden_state, entry.model(**inputs).last_hidden_state,
+                                   atol=1e-5, rtol=0)
+    assert "compiled dense" in str(reports[0])
+    gated = dynasparse.optimize(entry.model, [config], example_kwargs=inputs)
+    with pytest.warns(UserWarning, match="merges at every batch size"):
+        dynasparse.export_onnx(gated, tmp_path / "gated.onnx")
+
+
+def test_dense_below_is_validated():
+    with pytest.raises(DynasparseError, match="dense_below"):
+        TokenMergeConfig(r=1, dense_below=-1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
 from dynasparse.ir.capture import batch_of_two
 from dynasparse.passes.exit_gate import EXIT_META
 from dynasparse.passes.kv_eviction import CACHE_META
+from dynasparse.passes.token_merge import MERGE_GATE
 
 KV_METADATA = "dynasparse.kv_cache"
 EXIT_METADATA = "dynasparse.exit"
@@ -56,6 +58,9 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, example_inpu
         args, kwargs = model.layout.arrange(tuple(args), dict(example_kwargs or {}))
     if EXIT_META in model.graph_module.meta:
         return _export_gated(model, path, args, kwargs, opset_version)
+    if MERGE_GATE in model.graph_module.meta:
+        warnings.warn("TokenMergeConfig.dense_below chooses a graph per call in PyTorch only: the ONNX file holds "
+                      "the merged graph and merges at every batch size", stacklevel=2)
     if CACHE_META in model.graph_module.meta:
         program = _export_decoder_step(model, args, kwargs, opset_version)
     else:

@@ -11,7 +11,10 @@ Only bidirectional (encoder) attention is merged; causal sites stay dense and ar
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import operator
+import warnings
 
 import networkx as nx
 import torch
@@ -24,6 +27,46 @@ from dynasparse.ir.nodes import bound_args, fake, hint, module_paths, propagate_
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, recording_edge_scores
 from dynasparse.passes.base import PassResult, calibration_call, register_pass
+
+
+MERGE_GATE = "dynasparse.merge_gate"  # gm.meta key: a MergeGate when TokenMergeConfig.dense_below is set
+
+
+@dataclasses.dataclass
+class MergeGate:
+    """Which graph a call runs: the merged one, or ``dense`` (the graph before merging) when the batch
+    holds fewer than ``dense_below`` mergeable tokens. Sizes are read from the flat inputs, in
+    placeholder order: ``(input, dim)``, or ``(None, size)`` for a size fixed at capture."""
+
+    dense: torch.fx.Graph
+    batch_at: tuple[int | None, int]
+    length_at: tuple[int | None, int]
+    min_tokens: int
+    dense_below: int
+
+    def mergeable_tokens(self, flat_inputs: list) -> int:
+        def read(at: tuple[int | None, int]) -> int:
+            index, dim = at
+            return dim if index is None else hint(flat_inputs[index].shape[dim])
+
+        return read(self.batch_at) * max(read(self.length_at) - self.min_tokens, 0)
+
+    def worth_merging(self, flat_inputs: list) -> bool:
+        return self.mergeable_tokens(flat_inputs) >= self.dense_below
+
+
+def _input_dim(gm: torch.fx.GraphModule, size: int | torch.SymInt, what: str) -> tuple[int | None, int]:
+    """Where a call's ``size`` can be read: a dimension of an input, or the capture-time constant."""
+    if not isinstance(size, torch.SymInt):
+        return None, int(size)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        value = fake(node)
+        for dim, dim_size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+            if isinstance(dim_size, torch.SymInt) and dim_size.node.expr == size.node.expr:
+                return index, dim
+    raise DynasparseError(f"TokenMergeConfig.dense_below reads the {what} from the inputs, but no input has it "
+                          f"as a dimension (it is {size}); leave dense_below at 0 for this model")
 
 
 _VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
@@ -177,6 +220,11 @@ class TokenMergePass:
         length = hint(length_symbol)
         schedule = _schedule(self.config, len(chosen))
         self._check_lengths(length, schedule)
+        dense_graph = None
+        if self.config.dense_below:
+            with warnings.catch_warnings():  # copying the graph's pytree spec trips a torch deprecation notice
+                warnings.simplefilter("ignore", FutureWarning)
+                dense_graph = copy.deepcopy(gm.graph)
         merged_hidden: list[Node] = []  # the hidden state right after each merge
         thresholds = _thresholds(self.config, len(chosen))
         if self.config.mode == "prune" and any(s.num_heads != s.num_kv_heads for s in analysis.sites):
@@ -205,6 +253,13 @@ class TokenMergePass:
             result.num_matches += 1
         self._insert_unmerge(gm, analysis.blocks[-1].output, source)
         self._repoint_lengths(gm, length_symbol, merged_hidden)
+        if dense_graph is not None:
+            batch_symbol = fake(chosen[0][2]).shape[0]
+            gm.meta[MERGE_GATE] = MergeGate(dense_graph, _input_dim(gm, batch_symbol, "batch size"),
+                                            _input_dim(gm, length_symbol, "sequence length"),
+                                            self.config.min_tokens, self.config.dense_below)
+            result.notes.append(f"token_merge: a batch with fewer than {self.config.dense_below} mergeable "
+                                f"tokens (batch × (length − {self.config.min_tokens})) runs the dense graph")
         if self.uses_calibration:
             result.notes.append(self._calibrate_thresholds(gm))
         propagate_fake_values(gm)

@@ -167,7 +167,7 @@ def main() -> None:
         vit_tables([224], batch=2, repeats=2)
         return
     minilm_tables([256], [32, 8, 1], timed_docs=128, repeats=5, candidates=CANDIDATES)
-    minilm_tables([128, 512], [32], timed_docs=128, repeats=3, candidates=dict(list(CANDIDATES.items())[1:5]))
+    minilm_tables([128, 512], [32, 8, 1], timed_docs=128, repeats=3, candidates=dict(list(CANDIDATES.items())[1:5]))
     vit_tables([224, 384], batch=8, repeats=3)
 
 

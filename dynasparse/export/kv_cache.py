@@ -14,7 +14,6 @@ after the logits, so ONNX Runtime (or any runner) owns the state between steps.
 """
 from __future__ import annotations
 
-import copy
 import math
 import operator
 
@@ -24,6 +23,7 @@ from onnxscript import opset18 as op
 
 from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, const_like, dim, float_scalar, ints,
                                          lowest)
+from dynasparse.ir.nodes import copy_graph
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
 from dynasparse.kernels.kv_cache import STATE_FIELDS
 
@@ -159,7 +159,7 @@ def step_graph(graph_module: torch.fx.GraphModule, plan) -> tuple[torch.fx.Graph
     Cache buffers become inputs named ``kv<i>_<field>``; each in-place cache node becomes the functional op,
     whose updated state is appended to the outputs as ``kv<i>_<field>_out``.
     """
-    gm = copy.deepcopy(graph_module)
+    gm = copy_graph(graph_module)
     gm.graph._codegen = torch.fx.graph.CodeGen()  # plain positional inputs and a flat output tuple
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]

@@ -1,8 +1,10 @@
 """Reading FX nodes of an aten-level graph: bound arguments, fake values, module paths."""
 from __future__ import annotations
 
+import copy
 import re
-from typing import Any
+import warnings
+from typing import Any, TypeVar
 
 import torch
 from torch.fx import Node
@@ -101,3 +103,14 @@ def propagate_fake_values(gm: torch.fx.GraphModule) -> None:
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*inputs)
     finally:
         mode.allow_non_fake_inputs = allow
+
+
+GraphLike = TypeVar("GraphLike", torch.fx.Graph, torch.fx.GraphModule)
+
+
+def copy_graph(graph: GraphLike) -> GraphLike:
+    """A deep copy of a graph or graph module. Copying an export graph's pytree spec makes torch print a
+    deprecation notice about its own internals, which is not the user's to act on, so it is silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(graph)

@@ -11,10 +11,8 @@ Only bidirectional (encoder) attention is merged; causal sites stay dense and ar
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import operator
-import warnings
 
 import networkx as nx
 import torch
@@ -23,7 +21,7 @@ from torch.fx import Node
 from dynasparse.config import TokenMergeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import Block, GraphAnalysis
-from dynasparse.ir.nodes import bound_args, fake, hint, module_paths, propagate_fake_values
+from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, module_paths, propagate_fake_values
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, recording_edge_scores
 from dynasparse.passes.base import PassResult, calibration_call, register_pass
@@ -220,11 +218,7 @@ class TokenMergePass:
         length = hint(length_symbol)
         schedule = _schedule(self.config, len(chosen))
         self._check_lengths(length, schedule)
-        dense_graph = None
-        if self.config.dense_below:
-            with warnings.catch_warnings():  # copying the graph's pytree spec trips a torch deprecation notice
-                warnings.simplefilter("ignore", FutureWarning)
-                dense_graph = copy.deepcopy(gm.graph)
+        dense_graph = copy_graph(gm.graph) if self.config.dense_below else None
         merged_hidden: list[Node] = []  # the hidden state right after each merge
         thresholds = _thresholds(self.config, len(chosen))
         if self.config.mode == "prune" and any(s.num_heads != s.num_kv_heads for s in analysis.sites):

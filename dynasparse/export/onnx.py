@@ -22,6 +22,7 @@ from dynasparse.export.kv_cache import step_graph
 from dynasparse.export.translations import TRANSLATIONS
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
 from dynasparse.ir.capture import batch_of_two
+from dynasparse.ir.nodes import quiet_pytree_notice
 from dynasparse.passes.exit_gate import EXIT_META
 from dynasparse.passes.kv_eviction import CACHE_META
 from dynasparse.passes.token_merge import MERGE_GATE
@@ -75,7 +76,7 @@ def _onnx_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_pytree_notice():
             return torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                                      opset_version=opset_version, custom_translation_table=TRANSLATIONS,
                                      verbose=False, **names)

@@ -1,6 +1,7 @@
 """Reading FX nodes of an aten-level graph: bound arguments, fake values, module paths."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -108,9 +109,16 @@ def propagate_fake_values(gm: torch.fx.GraphModule) -> None:
 GraphLike = TypeVar("GraphLike", torch.fx.Graph, torch.fx.GraphModule)
 
 
-def copy_graph(graph: GraphLike) -> GraphLike:
-    """A deep copy of a graph or graph module. Copying an export graph's pytree spec makes torch print a
-    deprecation notice about its own internals, which is not the user's to act on, so it is silenced."""
+@contextlib.contextmanager
+def quiet_pytree_notice():
+    """Copying an export graph's pytree spec (our copies, and torch.onnx.export's own) makes torch print a
+    deprecation notice about its internals that is not the user's to act on: silence that one notice."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        yield
+
+
+def copy_graph(graph: GraphLike) -> GraphLike:
+    """A deep copy of a graph or graph module."""
+    with quiet_pytree_notice():
         return copy.deepcopy(graph)

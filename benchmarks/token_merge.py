@@ -12,6 +12,7 @@ A ViT built from config gives the image-side speed table (random weights: speed 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -24,27 +25,25 @@ except ImportError:  # run as a file: put the repo root on the path
 
 import dynasparse
 from dynasparse.bench import Case, compare, format_table, write_results
+from dynasparse.cli import encoder_merge_config
 from dynasparse import TokenMergeConfig, zoo
 
-MIDDLE_BLOCKS = (1, 2, 3, 4)
 LATER_BLOCKS = (1, 2, 3, 4, 5)
-CANDIDATES = {  # plain ToMe first, then dynasparse's tuned settings: block 0 (and the last block) left dense,
-    # inputs of up to min_tokens kept whole so short queries stay exact, and the hidden state as the metric
+# the setting `dynasparse demo` and the README use: blocks 0 and 5 dense, inputs of up to 32 tokens whole
+# (short queries stay exact), the hidden state as the metric; calls with fewer than 128 tokens beyond those
+# (batch × (length − 32)) skip merging, whose fixed cost they do not earn back
+TUNED = encoder_merge_config(0.3, num_blocks=6)
+CANDIDATES = {  # plain ToMe first, then dynasparse settings
     "ToMe: keys, all blocks, keep 0.5": TokenMergeConfig(keep_ratio=0.5),
     "keys, blocks 1-5, keep 0.3, min 48": TokenMergeConfig(keep_ratio=0.3, layers=LATER_BLOCKS, min_tokens=48),
-    "hidden, blocks 1-4, keep 0.3, min 32": TokenMergeConfig(keep_ratio=0.3, metric="hidden", layers=MIDDLE_BLOCKS,
-                                                             min_tokens=32),
-    "+ dense below 128 mergeable": TokenMergeConfig(keep_ratio=0.3, metric="hidden", layers=MIDDLE_BLOCKS,
-                                                    min_tokens=32, dense_below=128),
-    "hidden, blocks 1-4, keep 0.25, min 32": TokenMergeConfig(keep_ratio=0.25, metric="hidden",
-                                                              layers=MIDDLE_BLOCKS, min_tokens=32),
-    "hidden, blocks 1-5, keep 0.2, min 32": TokenMergeConfig(keep_ratio=0.2, metric="hidden", layers=LATER_BLOCKS,
-                                                             min_tokens=32),
+    "hidden, blocks 1-4, keep 0.3, min 32": dataclasses.replace(TUNED, dense_below=0),
+    "+ dense below 128 mergeable": TUNED,
+    "hidden, blocks 1-4, keep 0.25, min 32": dataclasses.replace(TUNED, keep_ratio=0.25, dense_below=0),
+    "hidden, blocks 1-5, keep 0.2, min 32": dataclasses.replace(TUNED, keep_ratio=0.2, layers=LATER_BLOCKS,
+                                                                dense_below=0),
 }
 # every help-topic paragraph of at least this many characters: 577 query/document pairs, enough that
-# recall@1 differences of one point are not a handful of near-tied queries. "dense below": calls with fewer
-# than that many tokens beyond min_tokens (batch × (length − 32)) skip merging, whose fixed cost they
-# do not earn back
+# recall@1 differences of one point are not a handful of near-tied queries
 MIN_PARAGRAPH_CHARS = 150
 
 

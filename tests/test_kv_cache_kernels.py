@@ -7,6 +7,8 @@ torch's topk may pick different slots among equal priorities.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -188,3 +190,59 @@ def test_the_op_dispatches_decode_to_the_kernels_on_cuda(monkeypatch):
     assert calls
     torch.testing.assert_close(out.float(), reference.float(), atol=2e-2, rtol=0)
     torch.testing.assert_close(actual["positions"].sort(-1).values, expected["positions"].sort(-1).values)
+
+
+# --- the torch step that runs on CPU (append fast paths) against the reference ----------------------------
+
+def _chunk_mask(kind: str, key_valid: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+    """A site mask for new tokens with ``key_valid`` [B, T] real keys: what Hugging Face hands over (bool,
+    causal folded in), an additive one, or none at all with is_causal."""
+    batch, length = key_valid.shape
+    if kind == "none":
+        return None, True
+    causal = torch.ones(length, length, dtype=torch.bool, device=DEVICE).tril()
+    allowed = (causal & key_valid[:, None, None, :]).expand(batch, 1, length, length)
+    if kind == "bool":
+        return allowed, False
+    return torch.zeros(allowed.shape, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min), False
+
+
+@pytest.mark.parametrize("policy", sorted(kc.POLICIES))
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("kind", ["none", "bool", "additive"])
+def test_torch_step_matches_the_reference_through_fill_and_eviction(policy, padded, kind):
+    """Chunks, then decode steps, into a cache of 12 slots: the append paths (rows alike or not) while it
+    fills, then eviction; outputs and contents equal the reference's at every step. (TOVA and SnapKV score
+    afresh whenever they evict, so their scores are compared once the cache is full.)"""
+    if kind == "none" and padded:
+        pytest.skip("padding needs a mask")
+    gen = torch.Generator().manual_seed(5)
+    batch, q_heads, kv_heads, dim, capacity = 2, 4, 2, 16, 12
+    expected = kc.empty_state(batch, kv_heads, capacity, dim, dim, torch.float32, DEVICE)
+    actual = {name: t.clone() for name, t in expected.items()}
+    for step, length in enumerate([5, 4, 1, 1, 3, 1, 1, 1, 1]):
+        key_valid = torch.ones(batch, length, dtype=torch.bool, device=DEVICE)
+        if padded and step < 2:
+            key_valid[1, :2] = False  # row 1's prompt is left-padded
+        mask, is_causal = _chunk_mask(kind, key_valid)
+        q, k, v = (_randn(gen, batch, heads, length, dim) for heads in (q_heads, kv_heads, kv_heads))
+        reference = kc.kv_cache_step_reference(q, k, v, mask, is_causal, None, *expected.values(), policy, 1, 2, 3, 3)
+        out = kc.kv_cache_step(q, k, v, mask, is_causal, None, *actual.values(), policy, 1, 2, 3, 3)
+        real = key_valid.any(0)  # padding queries' outputs are not compared: the site decides them
+        torch.testing.assert_close(out[:, real], reference[:, real], atol=1e-5, rtol=0)
+        rule = kc.POLICIES[policy]
+        fresh_scores = rule.uses_attention and not rule.accumulates and int(expected["seen"].min()) <= capacity
+        assert_same_contents(actual, expected, score_atol=math.inf if fresh_scores else 1e-5)
+
+
+def test_torch_step_keeps_an_unevicted_cache_in_position_order():
+    gen = torch.Generator().manual_seed(6)
+    state = kc.empty_state(2, 2, 16, 8, 8, torch.float32, DEVICE)
+    key_valid = torch.tensor([[True] * 6, [False, False] + [True] * 4], device=DEVICE)
+    mask, _ = _chunk_mask("bool", key_valid)
+    q, k, v = _randn(gen, 2, 4, 6, 8), _randn(gen, 2, 2, 6, 8), _randn(gen, 2, 2, 6, 8)
+    kc.kv_cache_step(q, k, v, mask, False, None, *state.values(), "h2o", 1, 2, 3, 3)
+    slots = torch.arange(17, device=DEVICE)
+    seen = state["seen"][:, None, None]
+    expected = torch.where(slots < seen, slots, torch.full_like(slots, -1))
+    assert torch.equal(state["positions"], expected.expand_as(state["positions"]))

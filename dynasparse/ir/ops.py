@@ -6,14 +6,30 @@ Every op has a fake (shape) implementation and dispatches to a kernel in ``dynas
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from dynasparse.kernels import exit_gate, kv_cache, sparse_attention, token_merge
 from dynasparse.kernels.attention import attention_sdpa, key_validity
 from dynasparse.kernels.sparse_attention import num_blocks
 
+_LIBRARY = torch.library.Library("dynasparse", "DEF")
 
-@torch.library.custom_op("dynasparse::attention", mutates_args=())
+
+def dynasparse_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+    """Define ``dynasparse::<name>`` from a type-hinted function, as ``torch.library.custom_op`` does, but
+    registered on the dispatcher directly: an eager call then costs microseconds instead of tens of them,
+    which a decode step pays once per layer. Returns the op; ``torch.library.register_fake(op)`` gives its
+    shapes."""
+    def define(fn: Callable) -> Callable:
+        _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+        _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
+        return getattr(torch.ops.dynasparse, name).default
+    return define
+
+
+@dynasparse_op("attention")
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Canonical attention; see ``dynasparse.kernels.attention`` for the exact semantics.
@@ -25,7 +41,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return attention_sdpa(q, k, v, mask, is_causal, scale).transpose(1, 2).contiguous()
 
 
-@attention.register_fake
+@torch.library.register_fake(attention)
 def _attention_fake(q, k, v, mask=None, is_causal=False, scale=None):
     torch._check(q.shape[1] % k.shape[1] == 0, lambda: "query heads must be a multiple of kv heads")
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
@@ -36,7 +52,7 @@ ATTENTION = torch.ops.dynasparse.attention.default
 
 # --- token merging (dynasparse.kernels.token_merge has the semantics) -------------------------------------------
 
-@torch.library.custom_op("dynasparse::merge_init", mutates_args=())
+@dynasparse_op("merge_init")
 def merge_init(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge state of an unmerged sequence: size 1 per real token (0 for padding), source = identity
     (padding encoded as ``-(position + 1)``)."""
@@ -46,12 +62,12 @@ def merge_init(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor
     return valid.float(), torch.where(valid, position, -position - 1)
 
 
-@merge_init.register_fake
+@torch.library.register_fake(merge_init)
 def _merge_init_fake(x, mask):
     return x.new_empty(x.shape[:2], dtype=torch.float32), x.new_empty(x.shape[:2], dtype=torch.long)
 
 
-@torch.library.custom_op("dynasparse::merge_tokens", mutates_args=())
+@dynasparse_op("merge_tokens")
 def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor,
                  importance: torch.Tensor | None, r: int, ratio_milli: int, protect: list[int], mode: str,
                  threshold: float, r_min_milli: int, fuse: bool
@@ -62,7 +78,7 @@ def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, sour
                                               r_min_milli=r_min_milli, fuse=fuse)
 
 
-@merge_tokens.register_fake
+@torch.library.register_fake(merge_tokens)
 def _merge_tokens_fake(x, metric, size, source, importance, r, ratio_milli, protect, mode, threshold,
                        r_min_milli, fuse):
     capacity = token_merge.merged_capacity(x.shape[1], r, ratio_milli, mode, fuse, r_min_milli)
@@ -70,7 +86,7 @@ def _merge_tokens_fake(x, metric, size, source, importance, r, ratio_milli, prot
             torch.empty_like(source))
 
 
-@torch.library.custom_op("dynasparse::merge_bias", mutates_args=())
+@dynasparse_op("merge_bias")
 def merge_bias(size: torch.Tensor, like: torch.Tensor, proportional: bool) -> torch.Tensor:
     """[B, 1, 1, L] additive attention bias for merged keys, in ``like``'s dtype."""
     if proportional:
@@ -78,23 +94,23 @@ def merge_bias(size: torch.Tensor, like: torch.Tensor, proportional: bool) -> to
     return token_merge.attention_bias((size > 0).to(size.dtype), like.dtype)
 
 
-@merge_bias.register_fake
+@torch.library.register_fake(merge_bias)
 def _merge_bias_fake(size, like, proportional):
     return size.new_empty(size.shape[0], 1, 1, size.shape[1], dtype=like.dtype)
 
 
-@torch.library.custom_op("dynasparse::unmerge", mutates_args=())
+@dynasparse_op("unmerge")
 def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Back to the original length: each original position reads the slot that holds it."""
     return token_merge.unmerge_reference(x, source)
 
 
-@unmerge.register_fake
+@torch.library.register_fake(unmerge)
 def _unmerge_fake(x, source):
     return x.new_empty(x.shape[0], source.shape[1], x.shape[2])
 
 
-@torch.library.custom_op("dynasparse::cls_importance", mutates_args=())
+@dynasparse_op("cls_importance")
 def cls_importance(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, scale: float | None,
                    cls_index: int) -> torch.Tensor:
     """[B, L]: attention of the CLS query to each key, averaged over heads (EViT's token importance).
@@ -104,7 +120,7 @@ def cls_importance(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, 
     return token_merge.cls_importance_reference(q, k, bias, scale, cls_index)
 
 
-@cls_importance.register_fake
+@torch.library.register_fake(cls_importance)
 def _cls_importance_fake(q, k, bias, scale, cls_index):
     return q.new_empty(q.shape[0], k.shape[2], dtype=torch.float32)
 
@@ -118,7 +134,7 @@ CLS_IMPORTANCE = torch.ops.dynasparse.cls_importance.default
 
 # --- block-sparse attention (dynasparse.kernels.sparse_attention has the semantics) ------------------------
 
-@torch.library.custom_op("dynasparse::block_plan", mutates_args=())
+@dynasparse_op("block_plan")
 def block_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                scale: float | None, block_size: int, estimator: str, selector: str, amount: float,
                sink_blocks: int, local_blocks: int, min_seq_len: int, window: int
@@ -135,7 +151,7 @@ def block_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_c
                                        sink_blocks, local_blocks, min_seq_len, window)
 
 
-@block_plan.register_fake
+@torch.library.register_fake(block_plan)
 def _block_plan_fake(q, k, mask, is_causal, scale, block_size, estimator, selector, amount, sink_blocks,
                      local_blocks, min_seq_len, window):
     nq = (q.shape[2] + block_size - 1) // block_size
@@ -144,7 +160,7 @@ def _block_plan_fake(q, k, mask, is_causal, scale, block_size, estimator, select
             q.new_empty(q.shape[0], k.shape[1], nq, nk, dtype=torch.int32))
 
 
-@torch.library.custom_op("dynasparse::block_sparse_attention", mutates_args=())
+@dynasparse_op("block_sparse_attention")
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            counts: torch.Tensor, indices: torch.Tensor, is_causal: bool, scale: float | None,
                            block_size: int, min_seq_len: int) -> torch.Tensor:
@@ -165,7 +181,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return sparse_attention.sparse_attention_gather(q, k, v, mask, is_causal, scale, counts, indices, block_size)
 
 
-@block_sparse_attention.register_fake
+@torch.library.register_fake(block_sparse_attention)
 def _block_sparse_attention_fake(q, k, v, mask, counts, indices, is_causal, scale, block_size, min_seq_len):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
@@ -176,8 +192,7 @@ BLOCK_SPARSE_ATTENTION = torch.ops.dynasparse.block_sparse_attention.default
 
 # --- bounded KV cache (dynasparse.kernels.kv_cache has the semantics) ----------------------------------------
 
-@torch.library.custom_op("dynasparse::kv_cache_attention",
-                         mutates_args=("keys", "values", "positions", "scores", "seen"))
+@dynasparse_op("kv_cache_attention", mutates_args=("keys", "values", "positions", "scores", "seen"))
 def kv_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                        is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
                        positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str, sink: int,
@@ -189,17 +204,17 @@ def kv_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
         return kv_cache_triton.kv_cache_decode_step(q, k, v, mask, is_causal, scale, keys, values, positions,
                                                     scores, seen, policy, sink, recent)
-    return kv_cache.kv_cache_step_reference(q, k, v, mask, is_causal, scale, keys, values, positions, scores,
-                                            seen, policy, sink, recent, window, pool)
+    return kv_cache.kv_cache_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy,
+                                  sink, recent, window, pool)
 
 
-@kv_cache_attention.register_fake
+@torch.library.register_fake(kv_cache_attention)
 def _kv_cache_attention_fake(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy,
                              sink, recent, window, pool):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
-@torch.library.custom_op("dynasparse::kv_cache_attention_functional", mutates_args=())
+@dynasparse_op("kv_cache_attention_functional")
 def kv_cache_attention_functional(
         q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
         scale: float | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
@@ -213,7 +228,7 @@ def kv_cache_attention_functional(
     return (out, *state)
 
 
-@kv_cache_attention_functional.register_fake
+@torch.library.register_fake(kv_cache_attention_functional)
 def _kv_cache_attention_functional_fake(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen,
                                         policy, sink, recent, window, pool):
     out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
@@ -227,7 +242,7 @@ KV_CACHE_ATTENTION_FUNCTIONAL = torch.ops.dynasparse.kv_cache_attention_function
 
 # --- exit gates (dynasparse.kernels.exit_gate has the semantics) -------------------------------------------------
 
-@torch.library.custom_op("dynasparse::exit_confidence", mutates_args=())
+@dynasparse_op("exit_confidence")
 def exit_confidence(logits: torch.Tensor, hidden: torch.Tensor, previous: torch.Tensor, criterion: str
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """(confidence [B] in fp32, prediction = argmax of ``logits``) of an exit gate; rows exit where the
@@ -235,7 +250,7 @@ def exit_confidence(logits: torch.Tensor, hidden: torch.Tensor, previous: torch.
     return exit_gate.gate_confidence(logits, hidden, previous, criterion)
 
 
-@exit_confidence.register_fake
+@torch.library.register_fake(exit_confidence)
 def _exit_confidence_fake(logits, hidden, previous, criterion):
     return (logits.new_empty(logits.shape[0], dtype=torch.float32),
             logits.new_empty(logits.shape[:-1], dtype=torch.long))

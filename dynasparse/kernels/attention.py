@@ -66,11 +66,20 @@ def attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """The dense fast path: PyTorch's fused SDPA (flash / memory-efficient / CPU flash kernels).
 
     Called with the same arguments the captured model used, so a canonicalized graph is bit-identical to
-    the original. SDPA's own ``is_causal`` is top-left aligned, so it is only used when Lq == Lk.
+    the original. SDPA's own ``is_causal`` is top-left aligned, so it is only used when Lq == Lk. One
+    query per head (decoding) with grouped K/V stacks each group's query heads on the query axis, so
+    every K/V head is read once rather than once per query head.
     """
     q_len, kv_len = q.shape[-2], k.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
+    groups = q.shape[1] // k.shape[1]
+    if q_len == 1:
+        is_causal = False  # bottom-right aligned: the one query sees every key
     if is_causal and (mask is not None or q_len != kv_len):
         mask, is_causal = combined_mask(mask, True, q_len, kv_len, q.dtype, q.device), False
+    if q_len == 1 and groups > 1 and (mask is None or mask.dim() < 3 or mask.shape[-3] == 1):
+        batch, q_heads, _, head_dim = q.shape
+        out = F.scaled_dot_product_attention(q.reshape(batch, k.shape[1], groups, head_dim), k, v, attn_mask=mask,
+                                             scale=scale)
+        return out.reshape(batch, q_heads, 1, -1)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
-                                          enable_gqa=gqa)
+                                          enable_gqa=groups > 1)

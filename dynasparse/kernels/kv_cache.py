@@ -13,8 +13,13 @@ One step takes T new tokens: attend over the valid slots plus the new tokens (th
 causality between new tokens), score every candidate, then keep the ``capacity`` best of the
 ``capacity + T`` candidates: the T lowest are dropped, and each new token that is kept overwrites a
 dropped slot. Sinks (``position < sink``) and the recent window (the ``recent`` newest tokens) have
-infinite priority; empty slots and padding have none. Slot order is meaningless: attention is
-permutation invariant over keys, so eviction never moves data it keeps.
+infinite priority; empty slots and padding have none. Attention is permutation invariant over keys, so
+eviction never moves data it keeps.
+
+Slot order is free, and one rule fixes it: kept new tokens take free slots in slot order. A cache that
+has not evicted yet therefore holds its row's tokens in slots ``0 .. seen - 1``, slot index == position.
+``kv_cache_step`` (what runs) relies on that: until a row must evict, a step appends and attends with one
+fused SDPA call over the filled slots; only steps that evict take the scoring path of the reference.
 """
 from __future__ import annotations
 
@@ -24,16 +29,18 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from dynasparse.kernels.attention import combined_mask
+from dynasparse.kernels.attention import attention_sdpa, causal_mask, combined_mask
 
 
 # --- policies: what each candidate is worth (kvpress-style, one small class each) -------------------------
 
 class Policy:
-    """Scores cache candidates. ``observe`` says which queries' attention the score reads."""
+    """Scores cache candidates. ``observe`` says which queries' attention the score reads; ``accumulates``:
+    scores carry over from step to step, so they are kept up to date even before anything is evicted."""
 
     name: ClassVar[str]
     uses_attention: ClassVar[bool] = True
+    accumulates: ClassVar[bool] = False
 
     def observe(self, query_valid: torch.Tensor, window: int) -> torch.Tensor:
         """[B, T] weights of the new queries whose attention is observed (all real queries by default)."""
@@ -66,6 +73,7 @@ class H2OPolicy(Policy):
     """Heavy hitters: attention mass accumulated over every query so far, plus the recent window."""
 
     name = "h2o"
+    accumulates = True
 
     def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
         return old + mass_cache, mass_new
@@ -129,21 +137,32 @@ def empty_state(batch: int, kv_heads: int, capacity: int, head_dim: int, value_d
     }
 
 
+def allowed_new(mask: torch.Tensor | None, is_causal: bool, batch: int, length: int,
+                device: torch.device) -> torch.Tensor | None:
+    """[B, H', T, T] bool: which new key each new query may attend to (H' is 1 or Hq); None: all of them."""
+    if mask is None and not is_causal:
+        return None
+    if mask is None:
+        allowed = causal_mask(length, length, device)
+    else:
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        if is_causal:
+            allowed = combined_mask(allowed, True, length, length, torch.float32, device)
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed.expand(batch, allowed.shape[1], length, length)
+
+
 def token_validity(mask: torch.Tensor | None, is_causal: bool, batch: int, length: int,
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """([B, T] real keys, [B, T] real queries) of the new tokens, read from the site's own mask.
 
     A padding key is one no query may attend to; a padding query is one that may attend to nothing.
     """
-    if mask is None:
+    allowed = allowed_new(None if mask is None else mask, is_causal and mask is not None, batch, length, device)
+    if allowed is None:
         ones = torch.ones(batch, length, dtype=torch.bool, device=device)
         return ones, ones
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    if is_causal:
-        allowed = combined_mask(allowed, True, length, length, torch.float32, device)
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    allowed = allowed.expand(batch, allowed.shape[1], length, length)
     return allowed.any(dim=2).any(dim=1), allowed.any(dim=3).any(dim=1)
 
 
@@ -202,24 +221,32 @@ def cache_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def evict_and_write(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor,
                     new_k: torch.Tensor, new_v: torch.Tensor, new_pos: torch.Tensor, cache_scores: torch.Tensor,
                     new_scores: torch.Tensor, seen_after: torch.Tensor, sink: int, recent: int) -> None:
-    """Keep the ``capacity`` best of slots + new tokens, in place: each kept new token overwrites a dropped
-    slot; new tokens dropped on arrival go to the scratch slot (and stay invalid there)."""
+    """Keep the ``capacity`` best of slots + new tokens, in place.
+
+    Per (row, KV head), the real candidates beyond ``capacity`` (the excess) are dropped, lowest priority
+    first (among equals the slot goes and the newest token stays). Kept new tokens then take the free slots
+    (empty or dropped) in slot order; new tokens dropped on arrival go to the scratch slot.
+    """
     batch, kv_heads, slots, _ = keys.shape
     capacity, length = slots - 1, new_k.shape[2]
     new_pos = new_pos[:, None, :].expand(batch, kv_heads, length)
     cand_pos = torch.cat([positions[..., :capacity], new_pos], dim=-1)
-    cand_scores = torch.cat([cache_scores[..., :capacity], new_scores], dim=-1)
-    priority = priorities(cand_scores, cand_pos, seen_after, sink, recent)
-    dropped_index = priority.topk(length, dim=-1, largest=False).indices
-    dropped = torch.zeros_like(priority, dtype=torch.bool).scatter_(-1, dropped_index, True)
-    freed, kept_new = dropped[..., :capacity], ~dropped[..., capacity:]
-    # pair the r-th freed slot with the r-th kept new token (there are as many of each)
-    freed_rank = torch.where(freed, freed.long().cumsum(-1) - 1, torch.full_like(freed, length, dtype=torch.long))
-    slot_of_rank = torch.full((batch, kv_heads, length + 1), capacity, dtype=torch.long, device=keys.device)
+    real = cand_pos >= 0
+    priority = priorities(torch.cat([cache_scores[..., :capacity], new_scores], dim=-1), cand_pos, seen_after,
+                          sink, recent).masked_fill(~real, math.inf)
+    excess = (real.sum(-1, keepdim=True) - capacity).clamp(min=0)
+    rank = priority.sort(dim=-1, stable=True).indices.argsort(dim=-1)  # rank of each candidate, ties in order
+    dropped = real & (rank < excess)
+    free = ~real[..., :capacity] | dropped[..., :capacity]
+    kept_new = real[..., capacity:] & ~dropped[..., capacity:]
+    # pair the r-th free slot with the r-th kept new token
+    free_rank = torch.where(free, free.long().cumsum(-1) - 1, torch.full_like(free, capacity, dtype=torch.long))
+    slot_of_rank = torch.full((batch, kv_heads, capacity + 1), capacity, dtype=torch.long, device=keys.device)
     slot_ids = torch.arange(capacity, device=keys.device).expand(batch, kv_heads, capacity)
-    slot_of_rank.scatter_(-1, freed_rank, slot_ids)
+    slot_of_rank.scatter_(-1, free_rank, slot_ids)
     new_rank = (kept_new.long().cumsum(-1) - 1).clamp(min=0)
     target = torch.where(kept_new, slot_of_rank.gather(-1, new_rank), torch.full_like(new_rank, capacity))
+    positions[..., :capacity].masked_fill_(dropped[..., :capacity], -1)
     scores.copy_(cache_scores)
     keys.scatter_(2, target[..., None].expand_as(new_k), new_k.to(keys.dtype))
     values.scatter_(2, target[..., None].expand_as(new_v), new_v.to(values.dtype))
@@ -249,3 +276,188 @@ def kv_cache_step_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                     sink, recent)
     seen.copy_(seen_after)
     return out
+
+
+# --- the step that runs: append with fused attention until a row must evict ------------------------------------
+
+def _slot_mask(allowed: torch.Tensor | None, seen: torch.Tensor, key_valid: torch.Tensor, step_pos: torch.Tensor,
+               filled: int) -> torch.Tensor:
+    """[B, H', T, filled] bool over the slots of an appending cache: every query sees the row's cached
+    tokens (slots below ``seen``) and the new tokens its own mask allows, which sit at their positions."""
+    batch, length = key_valid.shape
+    if allowed is None:
+        allowed = torch.ones(batch, 1, length, length, dtype=torch.bool, device=seen.device)
+    slot = torch.arange(filled + 1, device=seen.device)
+    cached = (slot[:filled] < seen[:, None])[:, None, None, :]  # [B, 1, 1, filled]
+    at = torch.where(key_valid, step_pos, filled)[:, None, None, :].expand(*allowed.shape)
+    new = torch.zeros(*allowed.shape[:3], filled + 1, dtype=torch.bool, device=seen.device)
+    return new.scatter_(-1, at, allowed)[..., :filled] | cached
+
+
+def _slot_masses(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, scale: float | None,
+                 observed: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, filled]: softmax mass each slot gets from the ``observed`` [B, T] queries (summed over the
+    group's query heads), for policies whose scores accumulate."""
+    batch, q_heads, length, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    groups = q_heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    logits = (q.float().reshape(batch, kv_heads, groups * length, head_dim) @ keys.float().transpose(-2, -1)) * scale
+    if visible is not None:
+        visible = visible.expand(batch, q_heads, length, visible.shape[-1])
+        logits = logits.masked_fill(~visible.reshape(batch, kv_heads, groups * length, -1), -math.inf)
+    weights = observed.repeat(1, groups)[:, None, :, None]
+    return (logits.softmax(-1).nan_to_num(0.0) * weights).sum(2)
+
+
+def _plain_causal(mask: torch.Tensor | None, is_causal: bool, batch: int, length: int, device: torch.device) -> bool:
+    """True when the site's mask over the new tokens is plain causal attention: no padding, nothing else."""
+    if length == 1:  # one query, one key: causal either way
+        return mask is None or bool((mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2).all())
+    allowed = allowed_new(mask, is_causal, batch, length, device)
+    return allowed is not None and bool((allowed == causal_mask(length, length, device)).all())
+
+
+def _cached_then_causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        scale: float | None) -> torch.Tensor:
+    """A chunk's attention over older cached tokens (no mask: each is before every query) and over itself
+    (causal), as two flash calls merged by their log-sum-exp: the causal half is skipped, not masked."""
+    batch, q_heads, length, head_dim = q.shape
+    kv_heads = k.shape[1]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+    grouped = q.reshape(batch, kv_heads, q_heads // kv_heads * length, head_dim)  # a group's queries share K/V
+    out_cached, lse_cached = flash(grouped, keys, values, 0.0, False, scale=scale)
+    groups = q_heads // kv_heads
+    out_new, lse_new = flash(q, k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1), 0.0, True,
+                             scale=scale)
+    lse_cached = lse_cached.reshape(batch, q_heads, length, 1)
+    top = torch.maximum(lse_cached, lse_new[..., None])
+    w_cached, w_new = (lse_cached - top).exp(), (lse_new[..., None] - top).exp()
+    out = out_cached.reshape(batch, q_heads, length, -1).float() * w_cached + out_new.float() * w_new
+    return (out / (w_cached + w_new)).to(q.dtype)
+
+
+def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                  scale: float | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                  scores: torch.Tensor, seen: torch.Tensor, rule: Policy, filled: int, window: int) -> torch.Tensor:
+    """Every row holds ``filled`` tokens and takes T real tokens with causal attention: the tokens go to
+    slots ``filled .. filled + T - 1`` and attention is one SDPA call (the site's own call into an empty
+    cache, so a single prefill chunk computes exactly what the uncached model computes)."""
+    batch, _, length, _ = q.shape
+    end = filled + length
+    keys[:, :, filled:end] = k
+    values[:, :, filled:end] = v
+    if length == 1:
+        positions[:, :, filled] = filled
+    else:
+        positions[:, :, filled:end] = torch.arange(filled, end, device=q.device)
+    visible = None if length == 1 else causal_mask(length, end, q.device)
+    if filled == 0:
+        out = attention_sdpa(q, k, v, mask, is_causal, scale)
+    elif length > 1 and q.device.type == "cpu":
+        out = _cached_then_causal(q, keys[:, :, :filled], values[:, :, :filled], k, v, scale)
+    else:
+        out = attention_sdpa(q, keys[:, :, :end], values[:, :, :end], visible, False, scale)
+    if rule.accumulates:
+        observed = rule.observe(torch.ones(batch, length, dtype=torch.bool, device=q.device), window)
+        masses = _slot_masses(q, keys[:, :, :end], visible, scale, observed)
+        scores[..., :filled] += masses[..., :filled]
+        scores[..., filled:end] = masses[..., filled:]
+    else:  # positions for full / streaming; the others score only when they evict
+        scores[:, :, filled:end] = 0.0 if rule.uses_attention else positions[:, :, filled:end]
+    seen.add_(length)
+    return out.transpose(1, 2).contiguous()
+
+
+def _evict_one_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, keys: torch.Tensor,
+                     values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor,
+                     rule: Policy, sink: int, recent: int) -> torch.Tensor:
+    """One real token into caches that are all full: attend in fp32 (masses included), then the lowest
+    candidate leaves (among equals the slot, lowest first, and the new token stays), as ``evict_and_write``."""
+    batch, q_heads, _, head_dim = q.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    capacity = slots - 1
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qg = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
+    logits = torch.cat([qg @ keys[:, :, :capacity].float().transpose(-2, -1), qg @ k.float().transpose(-2, -1)], -1)
+    probs = (logits * scale).softmax(-1)  # [B, Hkv, G, capacity + 1]: the slots, then the new token
+    out = probs[..., :capacity] @ values[:, :, :capacity].float() + probs[..., capacity:] @ v.float()
+    out = out.reshape(batch, q_heads, 1, -1).to(q.dtype)
+    mass = probs.sum(2)
+    step_pos = seen[:, None, None].expand(batch, kv_heads, 1)
+    cache_scores, new_score = rule.update(scores[..., :capacity], mass[..., :capacity], mass[..., capacity:],
+                                          positions[..., :capacity], step_pos, 1)
+    seen_after = seen + 1
+    priority = priorities(cache_scores, positions[..., :capacity], seen_after, sink, recent)
+    lowest, victim = priority.min(-1, keepdim=True)
+    keep = priorities(new_score, step_pos, seen_after, sink, recent) >= lowest
+    target = torch.where(keep, victim, capacity)
+    scores[..., :capacity] = cache_scores
+    keys.scatter_(2, target[..., None].expand_as(k), k.to(keys.dtype))
+    values.scatter_(2, target[..., None].expand_as(v), v.to(values.dtype))
+    positions.scatter_(2, target, torch.where(keep, step_pos, -1))
+    scores.scatter_(2, target, new_score)
+    positions[..., capacity] = -1
+    seen.copy_(seen_after)
+    return out.transpose(1, 2).contiguous()
+
+
+def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                  scale: float | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                  scores: torch.Tensor, seen: torch.Tensor, policy: str, sink: int, recent: int, window: int,
+                  pool: int) -> torch.Tensor:
+    """``kv_cache_step_reference``, fast. Reads ``seen`` on the host to pick a path:
+
+    * rows alike (same length, no padding, causal): an append is slice writes and one SDPA call; a decode
+      step into full caches is ``_evict_one_alike``;
+    * otherwise, while no row has to evict: append at slot == position, one SDPA call with a slot mask;
+    * steps that evict otherwise: the reference.
+    """
+    rule = POLICIES[policy]
+    batch, _, length, _ = q.shape
+    capacity = keys.shape[2] - 1
+    lengths = seen.tolist()
+    low, high = min(lengths), max(lengths)
+    if low == high and _plain_causal(mask, is_causal, batch, length, q.device):
+        if high + length <= capacity:
+            return _append_alike(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, rule, high,
+                                 window)
+        if length == 1 and high >= capacity:
+            return _evict_one_alike(q, k, v, scale, keys, values, positions, scores, seen, rule, sink, recent)
+    allowed = allowed_new(mask, is_causal, batch, length, q.device)
+    if allowed is None:
+        key_valid = query_valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)
+    else:
+        key_valid, query_valid = allowed.any(dim=2).any(dim=1), allowed.any(dim=3).any(dim=1)
+    seen_after = seen + key_valid.long().sum(-1)
+    filled = int(seen_after.max())
+    if filled > capacity:
+        return kv_cache_step_reference(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen,
+                                       policy, sink, recent, window, pool)
+    step_pos = new_positions(seen, key_valid)
+    at = torch.where(key_valid, step_pos, capacity)  # padding goes to the scratch slot
+    target = at[:, None, :].expand(batch, k.shape[1], length)
+    keys.scatter_(2, target[..., None].expand_as(k), k.to(keys.dtype))
+    values.scatter_(2, target[..., None].expand_as(v), v.to(values.dtype))
+    positions.scatter_(2, target, step_pos[:, None, :].expand_as(target))
+    positions[..., capacity] = -1
+    if high == 0:  # nothing was cached: exactly the site's own attention over the new tokens
+        out, visible, slot_keys = attention_sdpa(q, k, v, mask, is_causal, scale), allowed, k
+    else:
+        visible = _slot_mask(allowed, seen, key_valid, step_pos, filled)
+        slot_keys = keys[:, :, :filled]
+        out = attention_sdpa(q, slot_keys, values[:, :, :filled], visible, False, scale)
+        out = out * visible.any(-1, keepdim=True).to(out.dtype)  # a query that sees nothing gives 0
+    if rule.accumulates:
+        masses = _slot_masses(q, slot_keys, visible, scale, rule.observe(query_valid, window))
+        if high == 0:  # masses of the new keys, moved to their slots
+            where = torch.where(key_valid, step_pos, filled)[:, None, :].expand_as(masses)
+            masses = masses.new_zeros(*masses.shape[:2], filled + 1).scatter_(-1, where, masses)[..., :filled]
+        fresh = torch.arange(filled, device=q.device) >= seen[:, None, None]
+        scores[..., :filled] = torch.where(fresh, masses, scores[..., :filled] + masses)
+    else:  # positions for full / streaming; the others score only when they evict
+        step_scores = torch.zeros_like(target, dtype=scores.dtype) if rule.uses_attention else \
+            step_pos.to(scores.dtype)[:, None, :].expand_as(target)
+        scores.scatter_(2, target, step_scores)
+    seen.copy_(seen_after)
+    return out.transpose(1, 2).contiguous()

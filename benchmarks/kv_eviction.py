@@ -32,7 +32,7 @@ except ImportError:  # run as a file: put the repo root on the path
 
 import dynasparse
 from dynasparse import bytelm
-from dynasparse.runtime.generate import TorchSteps, decoder_for, prefill, prompt_positions
+from dynasparse.runtime.steps import TorchSteps, decoder_for, prefill
 
 POLICIES = ("streaming", "h2o", "tova", "snapkv")
 OUT = Path("benchmarks") / "results"

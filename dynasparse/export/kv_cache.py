@@ -9,23 +9,20 @@
   evict       ``TopK(T, largest=0)`` of the priorities drops T candidates; the r-th freed slot is matched
               to the r-th kept new token by comparing ranks (``CumSum``); ``ScatterElements`` writes them.
 
-The exported decoder takes the cache as explicit inputs (``kv<i>_<field>``) and returns the updated cache
-after the logits, so ONNX Runtime (or any runner) owns the state between steps.
+The exported decoder (``passes.kv_eviction.step_graph``) takes the cache as explicit inputs
+(``kv<i>_<field>``) and returns the updated cache after the logits, so ONNX Runtime owns the state between
+steps.
 """
 from __future__ import annotations
 
 import math
-import operator
 
-import torch
 from onnxscript import ir
 from onnxscript import opset18 as op
 
 from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, const_like, dim, float_scalar, ints,
                                          lowest)
-from dynasparse.ir.nodes import copy_graph
-from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
-from dynasparse.kernels.kv_cache import STATE_FIELDS
+from dynasparse.ir.ops import KV_CACHE_ATTENTION_FUNCTIONAL
 
 
 def _token_validity(mask, is_causal: bool, q, length):
@@ -151,48 +148,3 @@ def kv_cache_attention_functional(q, k, v, mask, is_causal: bool, scale, keys, v
 
 
 KV_CACHE_TRANSLATIONS = {KV_CACHE_ATTENTION_FUNCTIONAL: kv_cache_attention_functional}
-
-
-def step_graph(graph_module: torch.fx.GraphModule, plan) -> tuple[torch.fx.GraphModule, list[str], list[str]]:
-    """A copy of the decoder graph as a plain step function: (model inputs, cache) → (outputs, new cache).
-
-    Cache buffers become inputs named ``kv<i>_<field>``; each in-place cache node becomes the functional op,
-    whose updated state is appended to the outputs as ``kv<i>_<field>_out``.
-    """
-    gm = copy_graph(graph_module)
-    gm.graph._codegen = torch.fx.graph.CodeGen()  # plain positional inputs and a flat output tuple
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    by_buffer = {site.buffer(f): (i, f) for i, site in enumerate(plan.sites) for f in STATE_FIELDS}
-    inputs: dict[str, torch.fx.Node] = {}
-    with graph.inserting_after(placeholders[-1]):
-        for i, site in reversed(list(enumerate(plan.sites))):
-            for field in reversed(STATE_FIELDS):
-                node = graph.placeholder(f"kv{i}_{field}")
-                node.meta["val"] = getattr(gm, site.buffer(field))
-                inputs[site.buffer(field)] = node
-    for node in list(graph.nodes):
-        if node.op == "get_attr" and node.target in by_buffer:
-            node.replace_all_uses_with(inputs[node.target])
-            graph.erase_node(node)
-    new_state: list[torch.fx.Node] = []
-    for node in list(graph.nodes):
-        if node.op == "call_function" and node.target is KV_CACHE_ATTENTION:
-            with graph.inserting_after(node):
-                functional = graph.call_function(KV_CACHE_ATTENTION_FUNCTIONAL, node.args, node.kwargs)
-            with graph.inserting_after(functional):
-                parts = [graph.call_function(operator.getitem, (functional, j)) for j in range(6)]
-            node.replace_all_uses_with(parts[0])
-            graph.erase_node(node)
-            new_state.extend(parts[1:])
-    output = next(n for n in graph.nodes if n.op == "output")
-    flat = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
-    output.args = (tuple(flat) + tuple(new_state),)
-    for site in plan.sites:
-        for field in STATE_FIELDS:
-            delattr(gm, site.buffer(field))
-    gm.recompile()
-    input_names = [n.name for n in placeholders] + [f"kv{i}_{f}" for i in range(len(plan.sites)) for f in STATE_FIELDS]
-    output_names = [f"output_{j}" for j in range(len(flat))] + [
-        f"kv{i}_{f}_out" for i in range(len(plan.sites)) for f in STATE_FIELDS]
-    return gm, input_names, output_names

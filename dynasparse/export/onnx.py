@@ -18,13 +18,12 @@ from torch.export import Dim
 
 from dynasparse.api import OptimizedModel, optimize
 from dynasparse.errors import DynasparseError
-from dynasparse.export.kv_cache import step_graph
 from dynasparse.export.translations import TRANSLATIONS
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
 from dynasparse.ir.capture import batch_of_two
 from dynasparse.ir.nodes import quiet_pytree_notice
 from dynasparse.passes.exit_gate import EXIT_META
-from dynasparse.passes.kv_eviction import CACHE_META
+from dynasparse.passes.kv_eviction import CACHE_META, step_graph
 from dynasparse.passes.token_merge import MERGE_GATE
 
 KV_METADATA = "dynasparse.kv_cache"
@@ -71,7 +70,7 @@ def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, example_inpu
 
 
 def _onnx_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, opset_version: int,
-                  **names):
+                  optimize: bool = True, **names):
     registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     level = registration_log.level
     registration_log.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
@@ -79,7 +78,7 @@ def _onnx_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sh
         with torch.no_grad(), quiet_pytree_notice():
             return torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                                      opset_version=opset_version, custom_translation_table=TRANSLATIONS,
-                                     verbose=False, **names)
+                                     verbose=False, optimize=optimize, **names)
     finally:
         registration_log.setLevel(level)
 
@@ -91,7 +90,7 @@ def _export_decoder_step(model: OptimizedModel, args: tuple, kwargs: dict, opset
     metadata, so ``dynasparse.generate`` can drive the ONNX Runtime session with its own cache.
     """
     plan = model.graph_module.meta[CACHE_META]
-    step, input_names, output_names = step_graph(model.graph_module, plan)
+    step, input_names, output_names = step_graph(model.graph_module, plan, functional=True)
     inputs = list(args) + [kwargs[name] for name in model.layout.captured[len(args):]]
     batch = inputs[0].shape[0]
     states = [empty_state(batch, s.num_kv_heads, 8, s.head_dim, s.value_dim, s.dtype) for s in plan.sites]
@@ -100,7 +99,9 @@ def _export_decoder_step(model: OptimizedModel, args: tuple, kwargs: dict, opset
     dynamic = [{0: auto, 1: auto} if t.dim() >= 2 else {0: auto} for t in inputs]
     for state in states:
         dynamic += [{0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto}]
-    program = _onnx_program(step, tuple(inputs + cache), {}, tuple(dynamic), opset_version,
+    # no onnxscript optimizer pass: its rewriter takes minutes on a 30-layer decoder step (a graph per
+    # layer for the cache), and ONNX Runtime optimizes the graph itself when it loads it
+    program = _onnx_program(step, tuple(inputs + cache), {}, tuple(dynamic), opset_version, optimize=False,
                             input_names=input_names, output_names=output_names)
     program.model.metadata_props[KV_METADATA] = json.dumps({
         "config": plan.config.to_dict(),

@@ -34,6 +34,7 @@ class KVCache:
     def __init__(self, sites: Sequence[CacheSite], config: KVEvictionConfig, batch: int, seq_len: int,
                  device: torch.device | str = "cpu"):
         self.sites = tuple(sites)
+        self.seq_len = seq_len
         evicting = [s for s in self.sites if s.policy != "full"]
         budgets = iter(config.capacities(len(evicting), seq_len) if evicting else [])
         self.capacities = [next(budgets) if s.policy != "full" else seq_len for s in self.sites]
@@ -68,6 +69,11 @@ class KVCache:
     def allocated_bytes(self) -> int:
         """Bytes of K/V slots held (fixed for the whole generation)."""
         return sum(s["keys"][..., :-1, :].nbytes + s["values"][..., :-1, :].nbytes for s in self.states)
+
+    @property
+    def full_bytes(self) -> int:
+        """Bytes of K/V the full cache would hold for the same batch and sequence length."""
+        return sum((s["keys"][..., :1, :].nbytes + s["values"][..., :1, :].nbytes) * self.seq_len for s in self.states)
 
     def used_bytes(self, real_tokens: list[int]) -> int:
         """Bytes of K/V in slots holding a token, for rows that have taken in ``real_tokens`` tokens each:

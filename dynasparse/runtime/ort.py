@@ -117,17 +117,24 @@ class OrtKVSteps:
         self.cache = KVCache(sites, self.config, batch, seq_len)
         self.capacities = self.cache.capacities
         self.allocated_bytes = self.cache.allocated_bytes
+        self.full_bytes = self.cache.full_bytes
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 last_only: bool = False) -> torch.Tensor:
+        from dynasparse.runtime.steps import KEEP
+
         feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if KEEP in self.model.input_names:
+            length = input_ids.shape[1]
+            feeds[KEEP] = torch.arange(length - 1 if last_only else 0, length)
         for site, state in zip(self.cache.sites, self.cache.states):
             feeds.update({site.buffer(field): tensor for field, tensor in state.items()})
         outputs = dict(zip(self.model.output_names, self.model(**feeds)))
         for site, state in zip(self.cache.sites, self.cache.states):
             for field in state:
                 state[field] = outputs[site.buffer(field) + "_out"]
-        return outputs["output_0"]
+        logits = outputs["output_0"]
+        return logits[:, -1:] if last_only else logits
 
     def used_bytes(self, real_tokens: list[int]) -> int:
         return self.cache.used_bytes(real_tokens)

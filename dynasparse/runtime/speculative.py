@@ -17,7 +17,7 @@ import torch
 
 from dynasparse.config import ExitGateConfig, KVEvictionConfig
 from dynasparse.errors import DynasparseError
-from dynasparse.runtime.generate import (GenerateOutput, GenerateStats, TorchSteps, decoder_for, prefill)
+from dynasparse.runtime.steps import GenerateOutput, GenerateStats, TorchSteps, decoder_for, prefill
 
 
 def _check(draft: ExitGateConfig, kv: KVEvictionConfig | None, temperature: float, model) -> None:
@@ -36,15 +36,16 @@ def _check(draft: ExitGateConfig, kv: KVEvictionConfig | None, temperature: floa
 @torch.no_grad()
 def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      max_new_tokens: int, draft: ExitGateConfig, kv: KVEvictionConfig | None, temperature: float,
-                     eos: list[int], pad: int, stream: Callable[[torch.Tensor], None] | None) -> GenerateOutput:
+                     eos: list[int], pad: int, stream: Callable[[torch.Tensor], None] | None,
+                     compile: bool | str = False) -> GenerateOutput:
     _check(draft, kv, temperature, model)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     longest = 2 * draft.draft_tokens
     room = prompt_len + max_new_tokens + 2 * longest + 2
     full_kv = KVEvictionConfig(policy="full")
-    full = TorchSteps(decoder_for(model, full_kv), batch, room, device)
-    drafter = TorchSteps(decoder_for(model, full_kv, draft), batch, room, device)
+    full = TorchSteps(decoder_for(model, full_kv), batch, room, device, compile)
+    drafter = TorchSteps(decoder_for(model, full_kv, draft), batch, room, device, compile)
     stats = GenerateStats(prompt_len, 0, cache_capacity=full.capacities + drafter.capacities,
                           cache_allocated_bytes=full.allocated_bytes + drafter.allocated_bytes)
 
@@ -71,7 +72,7 @@ def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_
         positions = torch.stack([position - 1, position], 1)
         drafts = []
         for i in range(k):
-            step_logits = drafter(ids, mask, positions)[:, -1]
+            step_logits = drafter(ids, mask, positions, last_only=True)[:, -1]
             drafts.append(step_logits.argmax(-1))
             ids, mask, positions = drafts[-1][:, None], torch.ones_like(ids[:, -1:]), positions[:, -1:] + 1
         drafted = torch.stack(drafts, 1)  # [B, k]

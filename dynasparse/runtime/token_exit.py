@@ -21,7 +21,7 @@ from torch.fx._pytree import tree_flatten_spec
 from dynasparse.api import OptimizedModel
 from dynasparse.kernels.exit_gate import exit_decision
 from dynasparse.passes.exit_gate import EXIT_META, ExitPlan
-from dynasparse.runtime.generate import TorchSteps
+from dynasparse.runtime.steps import KEEP, TorchSteps
 from dynasparse.runtime.staged import Stages, split_stages
 
 
@@ -88,11 +88,13 @@ class TokenExitSteps(TorchSteps):
         step = min(len(self.blocks_run), self.decode_steps - 1)
         return round(first + (last - first) * step / max(1, self.decode_steps - 1))
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 last_only: bool = False) -> torch.Tensor:
         if input_ids.shape[1] > 1:
-            return super().__call__(input_ids, attention_mask, position_ids)
+            return super().__call__(input_ids, attention_mask, position_ids, last_only)
         kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.takes_keep:
+            kwargs[KEEP] = torch.zeros(1, dtype=torch.long, device=input_ids.device)
         args, kwargs = self.decoder.layout.arrange((), kwargs)
         live = list(tree_flatten_spec((args, kwargs), self.decoder.graph_module._in_spec))
         return self._decode(live, input_ids.shape[0], input_ids.device)

@@ -1,0 +1,206 @@
+"""Steps of a KV-cache decoder: the captured graph, its cache, prefill in chunks, and what a run measured.
+
+``generate``, self-speculative decoding and per-token exits all drive a decoder through these pieces:
+``decoder_for`` captures the model once per config, ``TorchSteps`` owns one generation's ``KVCache`` and
+runs a step (eager, or compiled once per graph with ``torch.compile``), ``prefill`` feeds the prompt.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch.fx._pytree import tree_flatten_spec
+
+from dynasparse.api import OptimizedModel, optimize
+from dynasparse.config import ExitGateConfig, KVEvictionConfig
+from dynasparse.errors import DynasparseError
+from dynasparse.kernels.kv_cache import STATE_FIELDS
+from dynasparse.passes.kv_eviction import step_graph
+from dynasparse.runtime.kv_cache import KVCache, cache_plan
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+KEEP = "logits_to_keep"  # Hugging Face's causal LMs compute logits only at these positions
+
+
+@dataclass
+class GenerateStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    cache_capacity: list[int] = field(default_factory=list)
+    cache_allocated_bytes: int = 0
+    cache_full_bytes: int = 0  # what the full cache would allocate for the same batch and length
+    cache_used_bytes: list[int] = field(default_factory=list)  # after prefill, then after each step
+    verify_steps: int = 0  # self-speculative decoding: full-model passes
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of which the full model agreed with
+    blocks_per_token: float = 0.0  # per-token exits: mean blocks run per decoded token
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens per second per row, decode steps only."""
+        return self.new_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclass
+class GenerateOutput:
+    sequences: torch.Tensor  # [B, prompt + new]: the prompt (as given) then the new tokens
+    stats: GenerateStats
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None,
+                gates: ExitGateConfig | None = None) -> OptimizedModel:
+    """The model with a KV-cache graph (and exit ``gates``, or cut after the gate of a drafter): optimized
+    once per (model, configs) and remembered. A model that takes ``logits_to_keep`` (Hugging Face causal
+    LMs) is captured with it, so a prefill chunk computes logits for its last position only."""
+    if isinstance(model, OptimizedModel):
+        plan = cache_plan(model.graph_module)
+        if kv is not None and kv != plan.config:
+            raise DynasparseError(f"this model was optimized with {plan.config}; generate() got kv={kv}. "
+                                  "Pass the plain model to use another config, or leave kv out.")
+        return model
+    kv = kv or KVEvictionConfig(policy="full")
+    per_model = _DECODERS.setdefault(model, {})
+    key = kv.to_json() + (gates.to_json() if gates is not None else "")
+    if key not in per_model:
+        device = model_device(model)
+        ids = torch.zeros(2, 8, dtype=torch.long, device=device)
+        example = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                   "position_ids": torch.arange(8, device=device).expand(2, 8)}
+        if KEEP in inspect.signature(model.forward).parameters:
+            example[KEEP] = torch.arange(5, 8, device=device)  # a length export keeps dynamic
+        per_model[key] = optimize(model, [gates, kv] if gates is not None else kv, example_kwargs=example)
+    return per_model[key]
+
+
+def logits_of(output) -> torch.Tensor:
+    """The logits of a causal LM's output: ``.logits``, the first element of a tuple, or the tensor."""
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded prompts: each row counts its own real tokens (padding gets 1, as in HF)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+def compile_mode(device: torch.device) -> str | None:
+    """CUDA graphs on CUDA (the cache is static and a decode step has no host sync); Inductor on CPU."""
+    return "reduce-overhead" if device.type == "cuda" else None
+
+
+class CompiledStep:
+    """``torch.compile`` of a decoder's step graph, shared by every generation with that decoder.
+
+    The cache is passed in (``step_graph``), so parameters are the graph's only state and Inductor freezes
+    them (constant weights, packed for its GEMMs). A prefill chunk compiles once for every length (the
+    sequence dimension is dynamic), a decode step once; cache slots are dynamic, so a longer generation
+    does not recompile either.
+    """
+
+    def __init__(self, decoder: OptimizedModel, mode: str | None):
+        plan = cache_plan(decoder.graph_module)
+        module, _, _ = step_graph(decoder.graph_module, plan, functional=False)
+        self.function = torch.compile(module, mode=mode, fullgraph=True)
+
+    def __call__(self, flat: list[torch.Tensor], cache: list[torch.Tensor]) -> torch.Tensor:
+        # fresh copies: a view's storage offset or a tensor made outside inference mode would each guard
+        # (and recompile) the graph; the inputs are a few token ids
+        flat = [tensor.clone() for tensor in flat]
+        if flat[0].shape[1] > 1:
+            for tensor in flat:
+                if tensor.dim() == 2:
+                    torch._dynamo.mark_dynamic(tensor, 1)
+        with torch._inductor.config.patch(freezing=True):
+            return self.function(*flat, *cache)
+
+
+def compiled_step(decoder: OptimizedModel, mode: str | None) -> CompiledStep:
+    per_graph = _COMPILED.setdefault(decoder.graph_module, {})
+    if mode not in per_graph:
+        per_graph[mode] = CompiledStep(decoder, mode)
+    return per_graph[mode]
+
+
+class TorchSteps:
+    """Steps of a captured KV-cache decoder: the graph updates this generation's ``KVCache`` in place.
+
+    ``compile``: run the step through ``torch.compile`` (True: the device's mode, see ``compile_mode``; or
+    a ``torch.compile`` mode name).
+    """
+
+    def __init__(self, decoder: OptimizedModel, batch: int, seq_len: int, device: torch.device,
+                 compile: bool | str = False):
+        self.decoder = decoder
+        self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device)
+        self.config = cache_plan(decoder.graph_module).config
+        self.capacities = self.cache.capacities
+        self.allocated_bytes = self.cache.allocated_bytes
+        self.full_bytes = self.cache.full_bytes
+        self.takes_keep = KEEP in decoder.layout.captured
+        self.compiled = None
+        if compile:
+            self.compiled = compiled_step(decoder, compile_mode(device) if compile is True else compile)
+            self.flat_cache = [state[f] for state in self.cache.states for f in STATE_FIELDS]
+            for tensor in self.flat_cache:
+                if tensor.dim() >= 3:
+                    torch._dynamo.mark_dynamic(tensor, 2)  # slots: one graph for every cache size
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 last_only: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] of the new tokens (with ``last_only``: [B, 1, V], where the model allows it)."""
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if self.takes_keep:
+            length = input_ids.shape[1]
+            kwargs[KEEP] = torch.arange(length - 1 if last_only else 0, length, device=input_ids.device)
+        if self.compiled is None:
+            logits = logits_of(self.decoder(**kwargs))
+        else:
+            args, kwargs = self.decoder.layout.arrange((), kwargs)
+            flat = list(tree_flatten_spec((args, kwargs), self.decoder.graph_module._in_spec))
+            logits = self.compiled(flat, self.flat_cache)
+        return logits[:, -1:] if last_only else logits
+
+    def used_bytes(self, real_tokens: list[int]) -> int:
+        return self.cache.used_bytes(real_tokens)
+
+
+def prefill(step: Callable[..., torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int,
+            on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run the prompt through the cache chunk by chunk (the first chunk may be short); return the last
+    position's logits [B, V].
+
+    ``on_logits(start, logits)`` sees every chunk's logits (perplexity evaluation reads them there); without
+    it only the last position's logits are computed.
+    """
+    positions = prompt_positions(attention_mask)
+    length = input_ids.shape[1]
+    last = None
+    # chunks end at the prompt's end: with left padding every row's chunk boundaries then fall on the same
+    # real tokens as when the row runs alone, so eviction decisions (and outputs) do not depend on the batch
+    for stop in range(length - (length - 1) // chunk_size * chunk_size, length + 1, chunk_size):
+        start = max(stop - chunk_size, 0)
+        logits = step(input_ids[:, start:stop], attention_mask[:, start:stop], positions[:, start:stop],
+                      last_only=on_logits is None)
+        if on_logits is not None:
+            on_logits(start, logits)
+        last = logits[:, -1]
+    return last

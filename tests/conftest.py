@@ -10,6 +10,9 @@ if not glob.glob("/dev/nvidia[0-9]*"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)  # `make test` runs one worker per core: one thread each, no oversubscription
+
 from dynasparse import zoo  # noqa: E402
 
 # Every architecture the foundation promises, plus a hand-written-attention module.

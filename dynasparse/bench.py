@@ -38,14 +38,12 @@ class Case:
     the baseline) so they are reported next to the timings they trade against.
     When ``fn`` returns a dict of numbers (e.g. a generation's prefill seconds
     and decode tokens/s), their medians over the repeats are the row's
-    ``metrics``. ``warmup`` (default: ``fn``) runs before timing, e.g. a short
-    job that compiles the same graphs.
+    ``metrics``.
     """
 
     name: str
     fn: Callable[[], Any]
     quality: dict[str, float] = field(default_factory=dict)
-    warmup: Callable[[], Any] | None = None
 
 
 @dataclass
@@ -158,7 +156,7 @@ def compare(
     with torch.inference_mode():
         for case in cases:
             for _ in range(warmup):
-                (case.warmup or case.fn)()
+                case.fn()
         cuda = _cuda_in_use()
         for r in range(repeats):
             shift = r % len(cases)

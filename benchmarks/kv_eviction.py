@@ -33,6 +33,7 @@ except ImportError:  # run as a file: put the repo root on the path
 import dynasparse
 from dynasparse import bytelm
 from dynasparse.runtime.steps import TorchSteps, decoder_for, prefill
+from dynasparse.table import table
 
 POLICIES = ("streaming", "h2o", "tova", "snapkv")
 OUT = Path("benchmarks") / "results"
@@ -43,12 +44,6 @@ def _save(name: str, markdown: str, data: dict) -> str:
     (OUT / f"{name}.md").write_text(markdown)
     (OUT / f"{name}.json").write_text(json.dumps(data, indent=2))
     return markdown
-
-
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _decode_model() -> torch.nn.Module:
@@ -121,7 +116,7 @@ def decode_part(contexts: list[int], budget: int, steps: int, batch: int) -> str
     title = (f"Decode step, Llama from config (4 layers, hidden 512, 8 KV heads), batch {batch}, CPU, budget "
              f"{budget} tokens, caches filled to the context, median of {steps} steps")
     header = ["context", "cache", "ms / step", "speedup vs full", "tokens / s", "cache MiB"]
-    markdown = f"# {title}\n\n" + _table(header, rows)
+    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
     return _save("kv_eviction_decode", markdown, {"title": title, "rows": data})
 
 
@@ -164,7 +159,7 @@ def quality_part(context: int, tokens: int, budgets: list[float], chunk: int) ->
     title = (f"Byte-level LM perplexity through the bounded cache: {tokens} held-out bytes in windows of {context}, "
              f"chunks of {chunk}, sink 4, recent = budget / 4")
     header = ["policy", "full"] + [f"budget {b:.0%}" for b in budgets]
-    markdown = f"# {title}\n\n" + _table(header, rows)
+    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
     return _save("kv_eviction_quality", markdown, {"title": title, "ppl": data})
 
 
@@ -210,7 +205,7 @@ def retrieval_part(count: int, filler: int, budgets: list[float]) -> str:
     title = (f"Retrieval: a 6-letter key stated before {filler} bytes of held-out code, asked for at the end "
              f"(batch of {count} left-padded prompts). Recall: greedy exact match. Key bytes in cache: share "
              "of (layer, row, KV head, key byte) still cached when the question has been read")
-    markdown = f"# {title}\n\n" + _table(["cache", "keys recalled", "key bytes in cache"], rows)
+    markdown = f"# {title}\n\n" + table(["cache", "keys recalled", "key bytes in cache"], rows, markdown=True)
     return _save("kv_eviction_retrieval", markdown, {"title": title, "results": data})
 
 

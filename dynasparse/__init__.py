@@ -1,13 +1,17 @@
 """dynasparse: compiler passes that make transformer inference spend compute only where it matters."""
 from dynasparse.api import OptimizedModel, optimize
-from dynasparse.config import (BaseConfig, CanonicalizeConfig, ExitGateConfig, KVEvictionConfig,
-                               SparseAttentionConfig, TokenMergeConfig)
+from dynasparse.config import BaseConfig, CanonicalizeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.export.onnx import export_onnx
 from dynasparse.runtime.generate import generate
 from dynasparse.runtime.ort import ort_session
+from dynasparse.techniques import all_techniques
 
-__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "ExitGateConfig", "KVEvictionConfig",
-           "OptimizedModel", "SparseAttentionConfig", "TokenMergeConfig", "export_onnx", "generate", "optimize",
-           "ort_session"]
+# every technique's config (TokenMergeConfig, SparseAttentionConfig, KVEvictionConfig, ExitGateConfig, ...):
+# each is declared by its technique's record, so a new technique needs no line here
+_CONFIGS = {technique.config.__name__: technique.config for technique in all_techniques()}
+globals().update(_CONFIGS)
+
+__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "OptimizedModel", "export_onnx", "generate",
+           "optimize", "ort_session", *_CONFIGS]
 __version__ = "0.1.0"

@@ -10,11 +10,9 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.capture import capture
 from dynasparse.ir.signature import CallLayout
-from dynasparse.passes.exit_gate import EXIT_META
-from dynasparse.passes.kv_eviction import CACHE_META
 from dynasparse.passes.pipeline import build_passes, run_pipeline
-from dynasparse.passes.token_merge import MERGE_GATE
 from dynasparse.passes.report import OptimizationReport
+from dynasparse.techniques import all_techniques
 
 
 class OptimizedModel(torch.nn.Module):
@@ -29,25 +27,17 @@ class OptimizedModel(torch.nn.Module):
         self.example_args = example_args
         self.example_kwargs = example_kwargs
         self.dynamic_shapes = dynamic_shapes
-        self.runner = None
-        # with a KV cache, exits are per generated token and dynasparse.generate runs them
-        if EXIT_META in graph_module.meta and CACHE_META not in graph_module.meta:
-            from dynasparse.runtime.staged import StagedModel
-
-            self.runner = StagedModel(graph_module)
-        if MERGE_GATE in graph_module.meta:
-            if self.runner is not None:
-                raise DynasparseError("TokenMergeConfig.dense_below chooses between two graphs per call and "
-                                      "cannot be combined with exit gates; leave dense_below at 0")
-            from dynasparse.runtime.merge_gate import MergeGatedModel
-
-            self.runner = MergeGatedModel(graph_module)
+        runners = [r for r in (t.runner(graph_module) for t in all_techniques()) if r is not None]
+        if len(runners) > 1:
+            raise DynasparseError(f"{' and '.join(type(r).__name__ for r in runners)} would each run this graph; "
+                                  "a technique's configs said they compose but they do not")
+        self.runner = runners[0] if runners else None
         self.train(False)
 
     @property
     def exit_blocks(self) -> torch.Tensor | None:
-        """After a call of a model with exit gates: the block after which each row left (the last block:
-        it ran full depth)."""
+        """After a call of a model whose rows leave early (exit gates): the block after which each row left
+        (the last block: it ran full depth)."""
         return getattr(self.runner, "last_exit_blocks", None)
 
     def train(self, mode: bool = True) -> OptimizedModel:

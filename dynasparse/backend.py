@@ -6,7 +6,8 @@ the rewritten graph then goes to Inductor, which compiles everything else and ca
 kernels. Options: ``configs`` (list of configs), ``inductor`` (default True; False runs the rewritten
 graph eagerly, handy for debugging), ``on_report`` (called with each compiled graph's
 ``OptimizationReport``, since Dynamo may split a model into several graphs).
-``TokenMergeConfig.dense_below`` is decided once per compiled graph, from the shapes Dynamo compiles for.
+A technique whose runtime runs outside one graph says so here (``Technique.compile_graph``), or picks the
+graph for the shapes Dynamo compiles for.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from torch.fx.traceback import preserve_node_meta
 from dynasparse.errors import DynasparseError
 from dynasparse.passes.pipeline import build_passes, run_pipeline
 from dynasparse.passes.report import OptimizationReport
-from dynasparse.passes.token_merge import MERGE_GATE
+from dynasparse.techniques import all_techniques
 
 
 def _aten_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:
@@ -50,19 +51,10 @@ def dynasparse_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], mode
     if options:
         raise DynasparseError(f"unknown dynasparse backend options {sorted(options)}; "
                               "known: configs, inductor, on_report")
-    if any(p.name == "exit_gate" for p in passes):
-        raise DynasparseError("exit gates need the staged runtime, which runs between compiled graphs: use "
-                              "dynasparse.optimize(model, ExitGateConfig(...)) and torch.compile the result")
     result = run_pipeline(_aten_graph(gm, example_inputs), passes)
     graph_module = result.graph_module
-    gate = graph_module.meta.get(MERGE_GATE)
-    if gate is not None and not gate.worth_merging(example_inputs):
-        from dynasparse.runtime.merge_gate import dense_module
-
-        graph_module = dense_module(graph_module, gate)
-        next(r for r in result.results if r.pass_name == "token_merge").notes.append(
-            f"token_merge: compiled dense, the example batch has {gate.mergeable_tokens(example_inputs)} "
-            f"mergeable tokens (dense_below={gate.dense_below})")
+    for technique in all_techniques():  # each may refuse, or pick the graph to compile
+        graph_module = technique.compile_graph(graph_module, example_inputs, result.results[-1].notes)
     if on_report is not None:
         on_report(OptimizationReport("dynamo graph", result.analysis, result.results))
     if not use_inductor:

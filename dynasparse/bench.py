@@ -26,6 +26,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from dynasparse.table import table
+
 RESULTS_DIR = Path("benchmarks") / "results"  # relative to where benchmarks run: the repo root
 _MIB = 1024 * 1024
 
@@ -193,21 +195,11 @@ def format_table(rows: list[Row]) -> str:
     quality_keys = list(dict.fromkeys(k for row in rows for k in row.quality))
     peaks = any(row.peak_mib is not None for row in rows)
     header = ["case", "median ms", "speedup", *(["peak MiB"] if peaks else []), *metric_keys, *quality_keys]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
-    ]
-    for row in rows:
-        cells = [
-            row.name,
-            f"{row.median_s * 1e3:.3f}",
-            f"{row.speedup:.2f}x",
-            *(["-" if row.peak_mib is None else f"{row.peak_mib:.1f}"] if peaks else []),
-            *(f"{row.metrics[k]:.4g}" if k in row.metrics else "-" for k in metric_keys),
-            *(f"{row.quality[k]:.4g}" if k in row.quality else "-" for k in quality_keys),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    body = [[row.name, f"{row.median_s * 1e3:.3f}", f"{row.speedup:.2f}x",
+             *(["-" if row.peak_mib is None else f"{row.peak_mib:.1f}"] if peaks else []),
+             *(f"{row.metrics[k]:.4g}" if k in row.metrics else "-" for k in metric_keys),
+             *(f"{row.quality[k]:.4g}" if k in row.quality else "-" for k in quality_keys)] for row in rows]
+    return table(header, body, markdown=True)
 
 
 class _FirstLogitsClock:

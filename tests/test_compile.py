@@ -6,6 +6,8 @@ import torch._dynamo
 from conftest import ARCHITECTURES, EXPECTED_SITES, load, make_inputs
 from test_optimize import assert_same_outputs
 
+pytestmark = pytest.mark.slow  # exports and compiles: deselect locally with -m 'not slow'
+
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_compile_identity(name):

@@ -148,6 +148,7 @@ def test_sampling_is_reproducible_and_stops_at_eos():
     assert len(streamed) == stopped.stats.new_tokens
 
 
+@pytest.mark.slow
 def test_compiled_decoder_matches_eager():
     decoder = decoder_for(lm("llama"), kv("h2o", budget=12))
     ids, mask = prompts(batch=2)
@@ -162,6 +163,7 @@ def test_compiled_decoder_matches_eager():
     assert torch.equal(eager, out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "h2o"])
 def test_generate_compiles_each_step_graph_once(policy):
     """compile=True: one prefill-chunk graph (any chunk length) and one decode-step graph, reused by a later
@@ -180,6 +182,7 @@ def test_generate_compiles_each_step_graph_once(policy):
         assert counters["stats"]["unique_graphs"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["h2o", "snapkv", "streaming"])
 def test_onnx_runtime_reproduces_greedy_tokens(policy, tmp_path):
     model = lm("qwen2")

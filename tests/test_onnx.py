@@ -10,6 +10,8 @@ from dynasparse.runtime.ort import flat_outputs, ort_session
 from conftest import ARCHITECTURES, load, make_inputs
 from test_optimize import optimized
 
+pytestmark = pytest.mark.slow  # exports and compiles: deselect locally with -m 'not slow'
+
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
 def test_onnx_runtime_matches(name, tmp_path):

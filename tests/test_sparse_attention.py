@@ -47,6 +47,7 @@ def test_every_estimator_keeps_all_at_ratio_one(estimator):
         assert_same_outputs(entry.model(**inputs), model(**inputs))
 
 
+@pytest.mark.slow
 def test_keep_all_blocks_is_dense_compiled():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
@@ -61,6 +62,7 @@ def test_keep_all_blocks_is_dense_compiled():
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(keep_ratio=0.3), dict(mass=0.8), dict(top_k=2, min_seq_len=32),
                                     dict(keep_ratio=0.4, estimator="streaming")])
+@pytest.mark.slow
 def test_onnx_runtime_matches(kwargs, tmp_path):
     """Keep-all matches the original model; sparse settings match the optimized model (same plan)."""
     entry = load("llama-tiny")

@@ -155,6 +155,7 @@ def test_threshold_mode_without_calibration_or_threshold_is_an_error():
                             example_kwargs=entry.make_inputs(2, 16), calibration=[{"pixel_values": torch.ones(1)}])
 
 
+@pytest.mark.slow
 def test_merged_model_compiles_without_graph_breaks():
     import torch._dynamo
 
@@ -192,6 +193,7 @@ def test_small_batches_run_the_dense_graph():
             torch.testing.assert_close(out, expected, atol=1e-5 if not merges else 0, rtol=0)
 
 
+@pytest.mark.slow
 def test_dense_below_under_compile_and_export(tmp_path):
     import torch._dynamo
 

@@ -22,10 +22,12 @@ import torch
 from torch.export import Dim
 
 import dynasparse
-from dynasparse.export.translations import TRANSLATIONS
+from dynasparse.export.program import onnx_program
 from dynasparse.runtime.ort import flat_outputs
 
 from conftest import load
+
+pytestmark = pytest.mark.slow  # exports and compiles: deselect locally with -m 'not slow'
 
 ops = torch.ops.dynasparse
 
@@ -79,8 +81,7 @@ def test_minilm_onnx_matches_optimized(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 
 def _export(module, example, dynamic_shapes, path):
-    program = torch.onnx.export(module, example, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                custom_translation_table=TRANSLATIONS, verbose=False)
+    program = onnx_program(module, example, {}, dynamic_shapes, 18)
     program.save(str(path))
     domains, _ = _domains_and_ops(path)
     assert domains <= {"", "ai.onnx"}, f"non-standard ONNX domains {domains}"

@@ -1,51 +1,50 @@
-"""ONNX spelling of ``exit_confidence``: softmax statistics, TopK margin, cosine and ArgMax."""
+"""Exit gates to ONNX: a staged model as one file per stage (``exit_confidence`` exports by lowering its
+torch reference)."""
 from __future__ import annotations
 
-from onnxscript import opset18 as op
+import json
+from pathlib import Path
 
-from dynasparse.export.spellings import FLOAT, INT64, float_scalar, ints
-from dynasparse.ir.ops import EXIT_CONFIDENCE
+import torch
+from torch.fx._pytree import tree_flatten_spec
 
-_LOGIT_CRITERIA = ("max_prob", "margin", "entropy", "patience")
-
-
-def _per_row_min(values):
-    """[B, ...] → [B]: a row is as confident as its least confident position."""
-    return op.ReduceMin(op.Reshape(values, ints(0, -1)), ints(1), keepdims=0)
-
-
-def _logit_confidence(logits, criterion: str):
-    x = op.Cast(logits, to=FLOAT)
-    probs = op.Softmax(x, axis=-1)
-    if criterion in ("max_prob", "patience"):
-        return op.ReduceMax(probs, ints(-1), keepdims=0)
-    if criterion == "margin":
-        top, _ = op.TopK(probs, ints(2), axis=-1)
-        first = op.Gather(top, ints(0), axis=-1)
-        second = op.Gather(top, ints(1), axis=-1)
-        return op.Squeeze(op.Sub(first, second), ints(-1))
-    # entropy: 0 * log 0 counts as 0, and a one-word vocabulary is fully confident
-    plogp = op.Where(op.Greater(probs, float_scalar(0.0)), op.Mul(probs, op.Log(probs)), float_scalar(0.0))
-    entropy = op.Neg(op.ReduceSum(plogp, ints(-1), keepdims=0))
-    vocab = op.Cast(op.Shape(x, start=-1), to=FLOAT)
-    log_vocab = op.Squeeze(op.Log(vocab), ints(0))
-    safe = op.Where(op.Greater(log_vocab, float_scalar(0.0)), log_vocab, float_scalar(1.0))
-    return op.Sub(float_scalar(1.0), op.Div(entropy, safe))
+from dynasparse.export.program import auto_dims, onnx_program
+from dynasparse.ir.capture import batch_of_two
+from dynasparse.plans import EXIT_METADATA
+from dynasparse.runtime.staged import WholeBatchExit
 
 
-def _cosine(hidden, previous):
-    """Like ``torch.nn.functional.cosine_similarity`` (eps 1e-8 on the product of norms), clamped."""
-    h, p = op.Cast(hidden, to=FLOAT), op.Cast(previous, to=FLOAT)
-    dot = op.ReduceSum(op.Mul(h, p), ints(-1), keepdims=0)
-    norms = op.Mul(op.ReduceL2(h, ints(-1), keepdims=0), op.ReduceL2(p, ints(-1), keepdims=0))
-    cosine = op.Div(dot, op.Max(norms, float_scalar(1e-8)))
-    return op.Clip(cosine, float_scalar(-1.0), float_scalar(1.0))
+def export_stages(model, path: Path, args: tuple, kwargs: dict, opset_version: int) -> Path:
+    """A model with exit gates exports as its stages.
 
-
-def exit_confidence(logits, hidden, previous, criterion: str):
-    per_position = _cosine(hidden, previous) if criterion == "saturation" else _logit_confidence(logits, criterion)
-    prediction = op.ArgMax(logits, axis=-1, keepdims=0)
-    return _per_row_min(per_position), op.Cast(prediction, to=INT64)
-
-
-EXIT_GATE_TRANSLATIONS = {EXIT_CONFIDENCE: exit_confidence}
+    ``mode="staged"``: ``path`` holds stage 0, ``<stem>.stage<k>.onnx`` the others, and the metadata of
+    ``path`` the exit logic, so ``ort_session(path)`` runs them with the staged runtime (rows leave at each
+    gate). ``mode="whole_batch"``: one file whose gates are ONNX ``If`` nodes, runnable by any ONNX Runtime.
+    """
+    runner, plan = model.runner, model.runner.plan
+    args, kwargs, _ = batch_of_two(tuple(args), dict(kwargs))  # a batch of one would fix the batch dim
+    flat = list(tree_flatten_spec((args, kwargs), model.graph_module._in_spec))
+    split = runner.split
+    if plan.config.mode == "whole_batch":
+        program = onnx_program(WholeBatchExit(split, plan), tuple(flat), {}, (auto_dims(flat),), opset_version,
+                                input_names=split.input_names[0])
+        program.save(str(path))
+        return path
+    files, live = [], flat
+    for k, stage in enumerate(split.modules):
+        target = path if k == 0 else path.with_name(f"{path.stem}.stage{k}{path.suffix}")
+        program = onnx_program(stage, tuple(live), {}, auto_dims(live), opset_version,
+                                input_names=split.input_names[k], output_names=split.output_names[k])
+        if k == 0:
+            first = program
+        else:
+            program.save(str(target))
+        files.append(target.name)
+        with torch.no_grad():
+            live = list(stage(*live))[:len(split.row_wise[k])] if k < len(split.row_wise) else []
+    first.model.metadata_props[EXIT_METADATA] = json.dumps({
+        "stages": files, "row_wise": split.row_wise, "thresholds": plan.thresholds,
+        "config": plan.config.to_dict(), "num_blocks": plan.num_blocks,
+        "gate_blocks": [g.block for g in plan.gates]})
+    first.save(str(path))
+    return path

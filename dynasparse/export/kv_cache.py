@@ -17,12 +17,21 @@ from __future__ import annotations
 
 import math
 
+import json
+from pathlib import Path
+
 from onnxscript import ir
 from onnxscript import opset18 as op
+from torch.export import Dim
 
 from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, const_like, dim, float_scalar, ints,
                                          lowest)
+from dynasparse.export.program import onnx_program
 from dynasparse.ir.ops import KV_CACHE_ATTENTION_FUNCTIONAL
+from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
+from dynasparse.passes.kv_eviction import step_graph
+from dynasparse.plans import CACHE_META, KV_METADATA
+
 
 
 def _token_validity(mask, is_causal: bool, q, length):
@@ -148,3 +157,31 @@ def kv_cache_attention_functional(q, k, v, mask, is_causal: bool, scale, keys, v
 
 
 KV_CACHE_TRANSLATIONS = {KV_CACHE_ATTENTION_FUNCTIONAL: kv_cache_attention_functional}
+
+
+def export_decoder_step(model, path: Path, args: tuple, kwargs: dict, opset_version: int) -> Path:
+    """A KV-cache decoder exports as one step: (inputs, cache) → (outputs, updated cache).
+
+    Batch, new tokens and cache slots stay dynamic; the config and the cache layout go into the file's
+    metadata, so ``dynasparse.generate`` can drive the ONNX Runtime session with its own cache.
+    """
+    plan = model.graph_module.meta[CACHE_META]
+    step, input_names, output_names = step_graph(model.graph_module, plan, functional=True)
+    inputs = list(args) + [kwargs[name] for name in model.layout.captured[len(args):]]
+    batch = inputs[0].shape[0]
+    states = [empty_state(batch, s.num_kv_heads, 8, s.head_dim, s.value_dim, s.dtype) for s in plan.sites]
+    cache = [state[field] for state in states for field in STATE_FIELDS]
+    auto = Dim.AUTO
+    dynamic = [{0: auto, 1: auto} if t.dim() >= 2 else {0: auto} for t in inputs]
+    for state in states:
+        dynamic += [{0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto, 2: auto}, {0: auto}]
+    # no onnxscript optimizer pass: its rewriter takes minutes on a 30-layer decoder step (a graph per
+    # layer for the cache), and ONNX Runtime optimizes the graph itself when it loads it
+    program = onnx_program(step, tuple(inputs + cache), {}, tuple(dynamic), opset_version, optimize=False,
+                            input_names=input_names, output_names=output_names)
+    program.model.metadata_props[KV_METADATA] = json.dumps({
+        "config": plan.config.to_dict(),
+        "sites": [{"policy": s.policy, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
+                   "value_dim": s.value_dim, "dtype": str(s.dtype).removeprefix("torch.")} for s in plan.sites]})
+    program.save(str(path))
+    return path

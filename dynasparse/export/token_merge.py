@@ -1,4 +1,5 @@
-"""ONNX translations of the token-merge ops, in standard ONNX ops only (opset 18).
+"""ONNX translation of ``merge_tokens``, in standard ONNX ops only (opset 18): its plan is data-dependent, so
+the torch reference cannot be traced; the other token-merge ops export by lowering their torch references.
 
 Why standard ops: a custom domain would tie the exported file to one runtime, while plain ONNX runs on
 every ONNX Runtime execution provider (and any other ONNX runtime). The translations reproduce the torch
@@ -26,13 +27,11 @@ similarities (or importances) are within a few ulps of each other, which real in
 """
 from __future__ import annotations
 
-import numpy as np
 from onnxscript import ir
 from onnxscript import opset18 as op
 
-from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, dim, float_scalar, int_scalar, ints,
-                                         key_validity, lowest)
-from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
+from dynasparse.export.spellings import FLOAT, INT64, as_long, dim, float_scalar, int_scalar, ints
+from dynasparse.ir.ops import MERGE_TOKENS
 
 def _rank(flags):
     """``_rank``: flags.long().cumsum(1) - 1 (position among the set flags of the row)."""
@@ -103,11 +102,6 @@ def _slot_of(source):
 
 def _is_real(source):
     return op.GreaterOrEqual(source, int_scalar(0))
-
-
-def merge_init(x, mask=None):
-    valid = key_validity(mask, dim(x, 0), dim(x, 1))
-    return op.Cast(valid, to=FLOAT), _encode(_positions(x), valid)
 
 
 # --- merge_tokens ----------------------------------------------------------------------------------------------
@@ -231,62 +225,4 @@ def merge_tokens(x, metric, size, source, importance, r: int, ratio_milli: int, 
     return new_x, new_size, _encode(new_slot, _is_real(source))
 
 
-# --- merge_bias, unmerge, cls_importance ----------------------------------------------------------------------
-
-def merge_bias(size, like, proportional: bool):
-    """``attention_bias``: [B, 1, 1, L] log(size) (or 0 without proportional attention), lowest if empty."""
-    present = op.Greater(size, float_scalar(0.0))
-    if not proportional:
-        size = op.Cast(present, to=FLOAT)
-    # The reference fills in float32 then casts: finfo(like).min rounded to float32 (-inf for doubles).
-    with np.errstate(over="ignore"):
-        floor = float(np.float32(lowest(like.dtype)))
-    bias = op.Where(present, op.Log(op.Max(size, float_scalar(1e-12))), float_scalar(floor))
-    return op.CastLike(op.Unsqueeze(bias, ints(1, 2)), like)
-
-
-def unmerge(x, source):
-    """``unmerge_reference``: [B, L', H] → [B, L0, H], each original position reads its slot."""
-    index = op.Expand(op.Unsqueeze(_slot_of(source), ints(2)),
-                      op.Concat(dim(source, 0), dim(source, 1), dim(x, 2), axis=0))
-    return op.GatherElements(x, index, axis=1)
-
-
-def _repeat_interleave_heads(k, q):
-    """[B, Hkv, L, D] → [B, Hq, L, D], each kv head repeated Hq / Hkv times in place (repeat_interleave)."""
-    q_heads, kv_heads = q.shape[1], k.shape[1]
-    if isinstance(q_heads, int) and q_heads == kv_heads:
-        return k
-    one = ints(1)
-    groups = op.Div(dim(q, 1), dim(k, 1))
-    repeated = op.Expand(op.Unsqueeze(k, ints(2)), op.Concat(one, one, groups, one, one, axis=0))
-    return op.Reshape(repeated, op.Concat(ints(0), dim(q, 1), ints(-1), dim(k, 3), axis=0))
-
-
-def cls_importance(q, k, bias, scale: float | None, cls_index: int):
-    """``cls_importance_reference``: softmax(q_cls · Kᵀ · scale + bias), averaged over heads: [B, L]."""
-    keys = op.Cast(_repeat_interleave_heads(k, q), to=FLOAT)
-    query = op.Cast(op.Slice(q, ints(cls_index), ints(cls_index + 1), ints(2)), to=FLOAT)
-    logits = op.MatMul(query, op.Transpose(keys, perm=[0, 1, 3, 2]))  # [B, H, 1, L]
-    if scale is not None:
-        logits = op.Mul(logits, float_scalar(scale))
-    elif isinstance(q.shape[3], int):
-        logits = op.Mul(logits, float_scalar(q.shape[3] ** -0.5))
-    else:
-        logits = op.Mul(logits, op.Reciprocal(op.Sqrt(op.Cast(dim(q, 3), to=FLOAT))))
-    if bias is not None:
-        # The reference broadcasts [B, H, 1, L] against the bias and reads query row 0 of the result:
-        # the same as slicing the bias's query axis (-2) to row 0 first (a size-1 axis is that row too).
-        is_bool = bias.dtype == BOOL  # read before slicing: traced intermediates carry no dtype
-        if len(bias.shape) >= 2:
-            bias = op.Slice(bias, ints(0), ints(1), ints(-2))
-        if is_bool:
-            logits = op.Where(bias, logits, float_scalar(float("-inf")))
-        else:
-            logits = op.Add(logits, op.Cast(bias, to=FLOAT))
-    probs = op.ReduceMean(op.Softmax(logits, axis=-1), ints(1), keepdims=0)  # [B, 1, L]
-    return op.Squeeze(probs, ints(1))
-
-
-TOKEN_MERGE_TRANSLATIONS = {MERGE_INIT: merge_init, MERGE_TOKENS: merge_tokens, MERGE_BIAS: merge_bias,
-                            UNMERGE: unmerge, CLS_IMPORTANCE: cls_importance}
+TOKEN_MERGE_TRANSLATIONS = {MERGE_TOKENS: merge_tokens}

@@ -1,4 +1,5 @@
-"""ONNX translations of dynasparse ops into standard ONNX ops (any ONNX Runtime provider runs them).
+"""ONNX translation of the canonical attention op into standard ONNX ops (any ONNX Runtime provider runs
+it); each technique's translations sit in its own module and are listed by its record.
 
 Each function is an onnxscript trace-only translation for ``torch.onnx.export``'s
 ``custom_translation_table``: its signature mirrors the op's schema, and Python control flow on the
@@ -11,10 +12,6 @@ import math
 from onnxscript import ir
 from onnxscript import opset18 as op
 
-from dynasparse.export.exit_gate import EXIT_GATE_TRANSLATIONS
-from dynasparse.export.kv_cache import KV_CACHE_TRANSLATIONS
-from dynasparse.export.sparse_attention import SPARSE_ATTENTION_TRANSLATIONS
-from dynasparse.export.token_merge import TOKEN_MERGE_TRANSLATIONS
 from dynasparse.ir.ops import ATTENTION
 
 
@@ -79,5 +76,4 @@ def attention(q, k, v, mask=None, is_causal: bool = False, scale: float | None =
     return op.Transpose(out, perm=[0, 2, 1, 3])  # the op is sequence-major: [B, Lq, Hq, Dv]
 
 
-TRANSLATIONS = {ATTENTION: attention, **TOKEN_MERGE_TRANSLATIONS, **SPARSE_ATTENTION_TRANSLATIONS,
-                **KV_CACHE_TRANSLATIONS, **EXIT_GATE_TRANSLATIONS}
+ATTENTION_TRANSLATIONS = {ATTENTION: attention}

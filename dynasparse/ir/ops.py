@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from dynasparse.kernels import exit_gate, kv_cache, sparse_attention, token_merge
+from dynasparse.kernels import exit_gate, kv_cache, kv_cache_sparse, sparse_attention, token_merge
 from dynasparse.kernels.attention import attention_sdpa, key_validity
 from dynasparse.kernels.sparse_attention import num_blocks
 
@@ -25,8 +25,28 @@ def dynasparse_op(name: str, *, mutates_args: tuple[str, ...] = ()) -> Callable[
     def define(fn: Callable) -> Callable:
         _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
         _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
-        return getattr(torch.ops.dynasparse, name).default
+        op = getattr(torch.ops.dynasparse, name).default
+        _IMPLEMENTATIONS[op] = fn
+        return op
     return define
+
+
+_IMPLEMENTATIONS: dict[torch._ops.OpOverload, Callable] = {}
+
+
+def cuda_kernel(op: torch._ops.OpOverload) -> Callable[[Callable], Callable]:
+    """Register ``fn`` as ``op``'s CUDA kernel (as ``torch.library.register_kernel(op, "cuda")`` does): the
+    dispatcher picks it for CUDA tensors, the torch implementation runs everywhere else. The kernels import
+    triton inside, so a CPU-only install never does."""
+    def register(fn: Callable) -> Callable:
+        _LIBRARY.impl(op._schema.name.split("::")[1], fn, "CUDA")
+        return fn
+    return register
+
+
+def implementation(op: torch._ops.OpOverload) -> Callable:
+    """The torch function behind ``op``: what ONNX export traces in its place where it has static shapes."""
+    return _IMPLEMENTATIONS[op]
 
 
 @dynasparse_op("attention")
@@ -140,10 +160,15 @@ def block_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_c
                sink_blocks: int, local_blocks: int, min_seq_len: int, window: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimate block scores and select blocks: the plan (counts [B, Hkv, NQ], indices [B, Hkv, NQ, NK])."""
-    fused = (q.is_cuda and estimator == "pooled" and k.shape[2] >= min_seq_len
-             and num_blocks(k.shape[2], block_size) <= 4096)
-    if fused:
-        from dynasparse.kernels import sparse_attention_triton  # triton is imported only where it runs
+    return sparse_attention.build_plan(q, k, mask, is_causal, scale, block_size, estimator, selector, amount,
+                                       sink_blocks, local_blocks, min_seq_len, window)
+
+
+@cuda_kernel(block_plan)
+def _block_plan_cuda(q, k, mask, is_causal, scale, block_size, estimator, selector, amount, sink_blocks,
+                     local_blocks, min_seq_len, window):
+    if estimator == "pooled" and k.shape[2] >= min_seq_len and num_blocks(k.shape[2], block_size) <= 4096:
+        from dynasparse.kernels import sparse_attention_triton
 
         return sparse_attention_triton.pooled_plan(q, k, mask, is_causal, scale, block_size, selector, amount,
                                                    sink_blocks, local_blocks)
@@ -170,15 +195,18 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """
     if k.shape[2] < min_seq_len:
         return attention(q, k, v, mask, is_causal, scale)
-    if q.is_cuda:
-        from dynasparse.kernels import sparse_attention_triton
-
-        if q.shape[2] <= block_size:
-            return sparse_attention_triton.block_sparse_decode_triton(q, k, v, mask, is_causal, scale, counts,
-                                                                      indices, block_size)
-        return sparse_attention_triton.block_sparse_attention_triton(q, k, v, mask, is_causal, scale, counts,
-                                                                     indices, block_size)
     return sparse_attention.sparse_attention_gather(q, k, v, mask, is_causal, scale, counts, indices, block_size)
+
+
+@cuda_kernel(block_sparse_attention)
+def _block_sparse_attention_cuda(q, k, v, mask, counts, indices, is_causal, scale, block_size, min_seq_len):
+    if k.shape[2] < min_seq_len:
+        return attention(q, k, v, mask, is_causal, scale)
+    from dynasparse.kernels import sparse_attention_triton
+
+    kernel = (sparse_attention_triton.block_sparse_decode_triton if q.shape[2] <= block_size
+              else sparse_attention_triton.block_sparse_attention_triton)
+    return kernel(q, k, v, mask, is_causal, scale, counts, indices, block_size)
 
 
 @torch.library.register_fake(block_sparse_attention)
@@ -199,7 +227,14 @@ def kv_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
                        recent: int, window: int, pool: int) -> torch.Tensor:
     """Attention of new tokens over a fixed-capacity cache, which it then updates in place (score, evict,
     write). Sequence-major [B, T, Hq, Dv] like ``dynasparse::attention``."""
-    if q.is_cuda and q.shape[2] == 1:
+    return kv_cache.kv_cache_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy,
+                                  sink, recent, window, pool)
+
+
+@cuda_kernel(kv_cache_attention)
+def _kv_cache_attention_cuda(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy, sink,
+                             recent, window, pool):
+    if q.shape[2] == 1:  # a decode step: the fused Triton kernel
         from dynasparse.kernels import kv_cache_triton
 
         return kv_cache_triton.kv_cache_decode_step(q, k, v, mask, is_causal, scale, keys, values, positions,
@@ -236,8 +271,29 @@ def _kv_cache_attention_functional_fake(q, k, v, mask, is_causal, scale, keys, v
             torch.empty_like(scores), torch.empty_like(seen))
 
 
+@dynasparse_op("kv_cache_sparse_attention", mutates_args=("keys", "values", "positions", "scores", "seen"))
+def kv_cache_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                              is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
+                              positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str,
+                              sink: int, recent: int, window: int, pool: int, block_size: int, estimator: str,
+                              selector: str, amount: float, sink_blocks: int, local_blocks: int, min_seq_len: int,
+                              plan_window: int) -> torch.Tensor:
+    """``kv_cache_attention`` at a block-sparse site: prefill chunks long enough read the cache and the chunk
+    through a block-sparse plan (``dynasparse.kernels.kv_cache_sparse``)."""
+    return kv_cache_sparse.kv_cache_sparse_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores,
+                                                seen, policy, sink, recent, window, pool, block_size, estimator,
+                                                selector, amount, sink_blocks, local_blocks, min_seq_len,
+                                                plan_window)
+
+
+@torch.library.register_fake(kv_cache_sparse_attention)
+def _kv_cache_sparse_attention_fake(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, *plan):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
 KV_CACHE_ATTENTION = torch.ops.dynasparse.kv_cache_attention.default
 KV_CACHE_ATTENTION_FUNCTIONAL = torch.ops.dynasparse.kv_cache_attention_functional.default
+KV_CACHE_SPARSE_ATTENTION = torch.ops.dynasparse.kv_cache_sparse_attention.default
 
 
 # --- exit gates (dynasparse.kernels.exit_gate has the semantics) -------------------------------------------------

@@ -14,6 +14,12 @@ import torch
 import torch.nn.functional as F
 
 
+def softmax_scale(scale: float | None, head_dim: int) -> float:
+    """The scale a site gives its logits: its own, else SDPA's default 1/sqrt(head dim). Canonicalization
+    writes it into every site, so graphs never carry None; direct calls of the kernels may."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+
 def causal_mask(q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
     """Boolean [Lq, Lk] mask, bottom-right aligned."""
     q_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
@@ -50,7 +56,7 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1).float()
     v = v.repeat_interleave(groups, dim=1).float()
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = softmax_scale(scale, q.shape[-1])
     scores = (q.float() @ k.transpose(-2, -1)) * scale
     full = combined_mask(mask, is_causal, q.shape[-2], k.shape[-2], torch.float32, q.device)
     if full is None:

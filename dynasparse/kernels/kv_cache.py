@@ -29,7 +29,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from dynasparse.kernels.attention import attention_sdpa, causal_mask, combined_mask
+from dynasparse.kernels.attention import attention_sdpa, causal_mask, combined_mask, softmax_scale
 
 
 # --- policies: what each candidate is worth (kvpress-style, one small class each) -------------------------
@@ -195,7 +195,7 @@ def cache_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch, q_heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
     groups = q_heads // kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
     qg = q.float().reshape(batch, kv_heads, groups * length, head_dim)
     s_cache = (qg @ keys.float().transpose(-2, -1)) * scale  # [B, Hkv, G*T, S]
     s_cache = s_cache.masked_fill((positions < 0)[:, :, None, :], -math.inf)
@@ -280,18 +280,24 @@ def kv_cache_step_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
 
 # --- the step that runs: append with fused attention until a row must evict ------------------------------------
 
-def _slot_mask(allowed: torch.Tensor | None, seen: torch.Tensor, key_valid: torch.Tensor, step_pos: torch.Tensor,
-               filled: int) -> torch.Tensor:
-    """[B, H', T, filled] bool over the slots of an appending cache: every query sees the row's cached
-    tokens (slots below ``seen``) and the new tokens its own mask allows, which sit at their positions."""
+def _slot_mask(allowed: torch.Tensor | None, positions: torch.Tensor, seen: torch.Tensor, key_valid: torch.Tensor,
+               step_pos: torch.Tensor, filled: int, q_heads: int) -> torch.Tensor:
+    """[B, Hq, T, filled] bool over the slots of an appending cache: every query sees the row's older
+    cached tokens and the new tokens its own mask allows, which sit at their positions."""
     batch, length = key_valid.shape
     if allowed is None:
         allowed = torch.ones(batch, 1, length, length, dtype=torch.bool, device=seen.device)
-    slot = torch.arange(filled + 1, device=seen.device)
-    cached = (slot[:filled] < seen[:, None])[:, None, None, :]  # [B, 1, 1, filled]
+    held = positions[:, :, :filled]
+    cached = ((held >= 0) & (held < seen[:, None, None]))[:, :, None, :]  # [B, Hkv, 1, filled]
+    cached = cached.repeat_interleave(q_heads // positions.shape[1], dim=1)
     at = torch.where(key_valid, step_pos, filled)[:, None, None, :].expand(*allowed.shape)
     new = torch.zeros(*allowed.shape[:3], filled + 1, dtype=torch.bool, device=seen.device)
     return new.scatter_(-1, at, allowed)[..., :filled] | cached
+
+
+def _no_holes(positions: torch.Tensor, count: int) -> bool:
+    """True when the first ``count`` slots all hold a token (no eviction or rollback has emptied one)."""
+    return count == 0 or bool((positions[..., :count] >= 0).all())
 
 
 def _slot_masses(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, scale: float | None,
@@ -301,7 +307,7 @@ def _slot_masses(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | No
     batch, q_heads, length, head_dim = q.shape
     kv_heads = keys.shape[1]
     groups = q_heads // kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
     logits = (q.float().reshape(batch, kv_heads, groups * length, head_dim) @ keys.float().transpose(-2, -1)) * scale
     if visible is not None:
         visible = visible.expand(batch, q_heads, length, visible.shape[-1])
@@ -377,7 +383,7 @@ def _evict_one_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     batch, q_heads, _, head_dim = q.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
     capacity = slots - 1
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    scale = softmax_scale(scale, head_dim)
     qg = q.float().reshape(batch, kv_heads, q_heads // kv_heads, head_dim)
     logits = torch.cat([qg @ keys[:, :, :capacity].float().transpose(-2, -1), qg @ k.float().transpose(-2, -1)], -1)
     probs = (logits * scale).softmax(-1)  # [B, Hkv, G, capacity + 1]: the slots, then the new token
@@ -408,9 +414,10 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                   pool: int) -> torch.Tensor:
     """``kv_cache_step_reference``, fast. Reads ``seen`` on the host to pick a path:
 
-    * rows alike (same length, no padding, causal): an append is slice writes and one SDPA call; a decode
-      step into full caches is ``_evict_one_alike``;
-    * otherwise, while no row has to evict: append at slot == position, one SDPA call with a slot mask;
+    * rows alike (same length, no padding, causal) and no emptied slot: an append is slice writes and one
+      SDPA call; a decode step into full caches is ``_evict_one_alike``;
+    * otherwise, while no row has to evict: append at slot == position, one SDPA call with a slot mask
+      (slots emptied by a rollback or a shrink stay out of it);
     * steps that evict otherwise: the reference.
     """
     rule = POLICIES[policy]
@@ -419,10 +426,10 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     lengths = seen.tolist()
     low, high = min(lengths), max(lengths)
     if low == high and _plain_causal(mask, is_causal, batch, length, q.device):
-        if high + length <= capacity:
+        if high + length <= capacity and _no_holes(positions, high):
             return _append_alike(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, rule, high,
                                  window)
-        if length == 1 and high >= capacity:
+        if length == 1 and high >= capacity and _no_holes(positions, capacity):
             return _evict_one_alike(q, k, v, scale, keys, values, positions, scores, seen, rule, sink, recent)
     allowed = allowed_new(mask, is_causal, batch, length, q.device)
     if allowed is None:
@@ -444,7 +451,7 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     if high == 0:  # nothing was cached: exactly the site's own attention over the new tokens
         out, visible, slot_keys = attention_sdpa(q, k, v, mask, is_causal, scale), allowed, k
     else:
-        visible = _slot_mask(allowed, seen, key_valid, step_pos, filled)
+        visible = _slot_mask(allowed, positions, seen, key_valid, step_pos, filled, q.shape[1])
         slot_keys = keys[:, :, :filled]
         out = attention_sdpa(q, slot_keys, values[:, :, :filled], visible, False, scale)
         out = out * visible.any(-1, keepdim=True).to(out.dtype)  # a query that sees nothing gives 0

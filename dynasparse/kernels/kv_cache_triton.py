@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from dynasparse.kernels.attention import softmax_scale
 import triton
 import triton.language as tl
 
@@ -126,7 +128,7 @@ def decode_attention_with_mass(q: torch.Tensor, k_new: torch.Tensor, v_new: torc
     mass = torch.empty(batch, kv_heads, slots, dtype=torch.float32, device=q.device) if has_mass else out
     mass_new = torch.empty(batch, kv_heads, 1, dtype=torch.float32, device=q.device) if has_mass else out
     weights = observed.float().contiguous() if has_mass else out
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scale = softmax_scale(scale, dim)
     groups = q_heads // kv_heads
     _decode_attention_mass_kernel[(batch * kv_heads,)](
         q, k_new, v_new, new_bias.float().contiguous(), keys, values, positions, weights, out, mass,

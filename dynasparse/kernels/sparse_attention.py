@@ -24,11 +24,10 @@ block is dense attention.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from dynasparse.kernels.attention import attention_reference, causal_mask, key_validity
+from dynasparse.kernels.attention import attention_reference, causal_mask, key_validity, softmax_scale
 
 ESTIMATORS = ("pooled", "vertical_slash", "streaming")
 SELECTORS = ("topk", "keep_ratio", "mass")
@@ -201,13 +200,18 @@ def select_blocks(scores: torch.Tensor, valid: torch.Tensor, forced: torch.Tenso
 
 def build_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                scale: float | None, block_size: int, estimator: str, selector: str, amount: float,
-               sink_blocks: int, local_blocks: int, min_seq_len: int, window: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               sink_blocks: int, local_blocks: int, min_seq_len: int, window: int,
+               first_block: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``dynasparse::block_plan`` op: estimate, then select. Keys shorter than ``min_seq_len`` keep
-    every valid block (dense)."""
+    every valid block (dense). ``first_block`` [B]: where each row's keys begin, for rows laid out
+    right-aligned; the sink blocks count from there (None: from block 0)."""
     batch, kv_len = q.shape[0], k.shape[2]
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = softmax_scale(scale, q.shape[-1])
     valid, forced = block_layout(q.shape[2], kv_len, block_size, is_causal, sink_blocks, local_blocks, q.device)
+    if first_block is not None:
+        _, local = block_layout(q.shape[2], kv_len, block_size, is_causal, 0, local_blocks, q.device)
+        offset = torch.arange(valid.shape[1], device=q.device) - first_block[:, None]  # [B, NK]
+        forced = local | ((offset >= 0) & (offset < sink_blocks))[:, None, None, :]
     key_valid = None if mask is None else key_validity(mask, batch, kv_len, q.device)
     has_keys = _keys_per_block(key_valid, batch, kv_len, block_size, q.device) > 0  # [B, NK]
     valid = valid[None, None] & has_keys[:, None, None, :]
@@ -294,7 +298,7 @@ def sparse_attention_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     kv_heads, kv_len, dim_v = k.shape[1], k.shape[2], v.shape[-1]
     groups, bs = q_heads // kv_heads, block_size
     nq, nk = num_blocks(q_len, bs), num_blocks(kv_len, bs)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scale = softmax_scale(scale, dim)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     q_blocks = (_pad_to_blocks(q, 2, bs).to(compute) * scale).view(batch, kv_heads, groups, nq, bs, dim)
     k_flat = _pad_to_blocks(k, 2, bs).to(compute).reshape(batch * kv_heads * nk, bs, dim)

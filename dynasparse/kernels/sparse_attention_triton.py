@@ -12,13 +12,12 @@ on CPU tensors. Only long-stable ``tl`` APIs are used (load/store/dot/sort/cumsu
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from dynasparse.kernels.attention import key_validity
+from dynasparse.kernels.attention import key_validity, softmax_scale
 from dynasparse.kernels.sparse_attention import SELECTORS, num_blocks, pool_blocks
 
 
@@ -117,7 +116,7 @@ def _attention_launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     kv_len, dim_v = k.shape[2], v.shape[-1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = q.new_empty(batch, q_len, q_heads, dim_v)
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scale = softmax_scale(scale, dim)
     mask_t, *mask_strides = _mask_strides(mask, (batch, q_heads, q_len, kv_len))
     tensors = [q, k, v, out, mask_t if mask_t is not None else q]
     strides = [*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], *mask_strides]
@@ -293,6 +292,6 @@ def pooled_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_
     """``build_plan`` for the pooled estimator: torch pools (memory-bound), one kernel scores and selects."""
     key_valid = None if mask is None else key_validity(mask, q.shape[0], k.shape[2], q.device)
     q_pooled, k_pooled, keys = pool_blocks(q, k, key_valid, block_size)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = softmax_scale(scale, q.shape[-1])
     return pooled_select_triton(q_pooled, k_pooled, keys, q.shape[2], k.shape[2], scale, block_size, selector,
                                 amount, is_causal, sink_blocks, local_blocks)

@@ -22,6 +22,8 @@ import contextlib
 
 import torch
 
+from dynasparse.kernels.attention import softmax_scale
+
 NEG = float("-inf")
 
 # Set by ``recording_edge_scores``: each bipartite step appends the similarity of every row's weakest
@@ -241,7 +243,7 @@ def cls_importance_reference(q: torch.Tensor, k: torch.Tensor, bias: torch.Tenso
     groups = q.shape[1] // k.shape[1]
     keys = k.float().repeat_interleave(groups, dim=1)
     query = q[:, :, cls_index: cls_index + 1].float()
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scale = softmax_scale(scale, q.shape[-1])
     logits = (query @ keys.transpose(-2, -1)) * scale
     if bias is not None:
         logits = logits + bias.float() if bias.dtype != torch.bool else logits.masked_fill(~bias, NEG)

@@ -2,7 +2,8 @@
 
 A pass is a small class holding its config. ``apply`` mutates the graph module in place and returns a
 ``PassResult``: which sites it rewrote, which it left dense and why, and the attention FLOPs it saves.
-``register_pass`` maps a config type to its pass, so ``optimize`` and the compile backend take configs only.
+Each technique's record (``dynasparse.techniques``) names its pass, so ``optimize`` and the compile
+backend take configs only.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from dynasparse.config import BaseConfig
 from dynasparse.ir.analysis import GraphAnalysis
+from dynasparse.techniques import Stage, Technique, register
 
 
 @dataclass
@@ -44,24 +46,11 @@ def calibration_call(batch) -> tuple[tuple, dict]:
     return (), dict(batch)
 
 
-_PASSES: dict[type[BaseConfig], Callable[[BaseConfig], Pass]] = {}
-
-
-def register_pass(config_cls: type[BaseConfig]) -> Callable[[type], type]:
-    """Class decorator: ``@register_pass(TokenMergeConfig) class TokenMergePass: ...``."""
+def register_pass(config_cls: type[BaseConfig], stage: Stage = Stage.ATTENTION) -> Callable[[type], type]:
+    """Class decorator for a pass with no runtime or export hooks of its own: ``@register_pass(MyConfig)
+    class MyPass: ...`` registers a bare technique record for it (see ``dynasparse.techniques``)."""
     def wrap(pass_cls: type) -> type:
-        _PASSES[config_cls] = pass_cls
+        register(type(f"{pass_cls.__name__}Technique", (Technique,), {
+            "name": pass_cls.name, "config": config_cls, "pass_class": pass_cls, "stage": stage}))
         return pass_cls
     return wrap
-
-
-def pass_for(config: BaseConfig) -> Pass:
-    factory = _PASSES.get(type(config))
-    if factory is None:
-        known = ", ".join(sorted(c.__name__ for c in _PASSES)) or "none"
-        raise TypeError(f"no pass for {type(config).__name__}; configs with passes: {known}")
-    return factory(config)
-
-
-def known_configs() -> list[type[BaseConfig]]:
-    return list(_PASSES)

@@ -19,7 +19,8 @@ from dynasparse.config import CanonicalizeConfig
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import aten, bound_args, copy_meta, fake, is_call, shape_of
 from dynasparse.ir.ops import ATTENTION
-from dynasparse.passes.base import PassResult, register_pass
+from dynasparse.kernels.attention import softmax_scale
+from dynasparse.passes.base import PassResult
 
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
 _PASSTHROUGH = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,
@@ -154,7 +155,6 @@ def _softmax_dim_is_last(node: Node) -> bool:
     return dim in (-1, rank - 1)
 
 
-@register_pass(CanonicalizeConfig)
 class CanonicalizePass:
     name = "canonicalize"
 
@@ -185,8 +185,10 @@ class CanonicalizePass:
         k, v = args["key"], args["value"]
         if not args["enable_gqa"]:
             k, v = self._kv(k), self._kv(v)
-        self._replace(gm, node, (args["query"], k, v, args["attn_mask"], args["is_causal"], args["scale"]),
-                      result, "sdpa")
+        scale, head_dim = args["scale"], fake(args["query"]).shape[-1]
+        if scale is None and isinstance(head_dim, int):  # resolved once here: every later op reads a number
+            scale = softmax_scale(None, head_dim)
+        self._replace(gm, node, (args["query"], k, v, args["attn_mask"], args["is_causal"], scale), result, "sdpa")
 
     def _rewrite_handwritten(self, gm: torch.fx.GraphModule, softmax: Node, result: PassResult) -> None:
         try:

@@ -10,54 +10,132 @@ leave; ``mode="draft"`` instead cuts the graph after its gate (the drafter of se
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
-from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
 from torch.fx import Node
 
-from dynasparse.config import ExitGateConfig
+from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import fake, propagate_fake_values
 from dynasparse.ir.ops import EXIT_CONFIDENCE
-from dynasparse.passes.base import PassResult, register_pass
-
-EXIT_META = "dynasparse_exit"
-
-
-@dataclass
-class Gate:
-    """One gate, by node name (names survive stage splitting and export)."""
-
-    block: int
-    hidden: str  # what the head reads (the block's output, or the tuned map of it)
-    confidence: str
-    prediction: str
-    outputs: list[str]  # the head's outputs at this gate, in the graph's flat output order
-    last: str  # the gate's last node: the staged runtime cuts the graph after it
-    block_output: str = ""  # the block's output: the residual stream carried to the next block
-
-
-@dataclass
-class ExitPlan:
-    """What the pass leaves on the graph module for the runtime and the report."""
-
-    config: ExitGateConfig
-    gates: list[Gate]
-    thresholds: list[float]
-    num_blocks: int
-    final_hidden: str  # the last block's output
-    logits_index: int  # which flat output confidence is read from
-    block_outputs: list[str] = field(default_factory=list)  # every block's output, in order
-    curve: list[dict] = field(default_factory=list)  # calibration trade-off, one row per threshold tried
-
+from dynasparse.passes.base import PassResult
+from dynasparse.kernels.exit_gate import CRITERIA, DEFAULT_THRESHOLDS
+from dynasparse.plans import EXIT_META, STREAM_STATE, ExitPlan, Gate
 
 def output_nodes(gm: torch.fx.GraphModule) -> list[Node]:
     out = next(n for n in gm.graph.nodes if n.op == "output")
     flat = out.args[0]
     return list(flat) if isinstance(flat, (tuple, list)) else [flat]
+
+
+@config_type
+@dataclasses.dataclass
+class ExitGateConfig(BaseConfig):
+    """Exit gates after transformer blocks (DeeBERT / PABEE / CALM / LayerSkip family).
+
+    ``after_blocks``: block indices to gate after (default: every block but the last). At a gate, the
+    model's own final norm + head read the hidden state (``head="model"``, as LayerSkip does), or the same
+    head behind an affine map fitted on calibration data (``head="tuned"``). A row leaves when its
+    ``criterion`` confidence is strictly above ``threshold`` (one value, or one per gate):
+    ``max_prob``, ``margin`` (top-2 probability gap), ``entropy`` (1 - entropy / log V), ``saturation``
+    (cosine of the hidden state with the block's input, CALM), ``patience`` (the prediction has not changed
+    for ``patience`` gates, PABEE, and its max probability is above ``threshold``). Every confidence is at
+    most 1, so ``threshold=1.0`` never exits. Confidence is read from the model's first output as logits
+    over its last dimension; a row with several positions exits when all of them are confident.
+
+    ``threshold=None`` takes the criterion's default, or with ``max_quality_drop`` (share of calibration
+    rows whose prediction may change) or ``target_speedup`` (estimated from blocks run) is chosen on
+    ``optimize(..., calibration=...)``.
+
+    ``mode``: ``staged`` (rows leave the batch at each gate, the rest continue compacted), ``whole_batch``
+    (one graph, ``torch.cond`` exits when every row is confident; exports to ONNX ``If``), ``draft`` (the
+    model cut after its single gate: the drafter of self-speculative decoding; ``draft_tokens`` is where
+    the draft length starts, it then adapts to how many drafts the full model accepts).
+    """
+
+    after_blocks: tuple[int, ...] | None = None
+    criterion: str = "max_prob"
+    threshold: float | tuple | None = None
+    head: str = "model"
+    patience: int = 2
+    mode: str = "staged"
+    max_quality_drop: float | None = None
+    target_speedup: float | None = None
+    draft_tokens: int = 4
+    decode_schedule: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.decode_schedule is not None:
+            self.decode_schedule = tuple(self.decode_schedule)
+            if (len(self.decode_schedule) != 2 or any(not isinstance(b, int) or isinstance(b, bool) or b < 1
+                                                      for b in self.decode_schedule)
+                    or self.decode_schedule[0] < self.decode_schedule[1]):
+                raise DynasparseError(f"{name}.decode_schedule={self.decode_schedule!r}: give (blocks for the first "
+                                      "generated token, blocks for the last), ints >= 1, not increasing")
+        self.check_int("draft_tokens", 1)
+        if self.layers is not None:
+            raise DynasparseError(f"{name} gates blocks: give after_blocks=(...) instead of layers")
+        if self.after_blocks is not None:
+            self.after_blocks = tuple(self.after_blocks)
+            if (not self.after_blocks or any(not isinstance(b, int) or isinstance(b, bool) or b < 0
+                                             for b in self.after_blocks)):
+                raise DynasparseError(f"{name}.after_blocks={self.after_blocks!r} must be block indices >= 0")
+            if list(self.after_blocks) != sorted(set(self.after_blocks)):
+                raise DynasparseError(f"{name}.after_blocks={self.after_blocks!r} must be increasing, without "
+                                      "repeats")
+        if self.criterion not in CRITERIA:
+            raise DynasparseError(f"{name}.criterion={self.criterion!r} is not a known criterion; expected one "
+                                  f"of {list(CRITERIA)}")
+        if self.head not in ("model", "tuned"):
+            raise DynasparseError(f"{name}.head={self.head!r}; expected 'model' (the model's own head) or "
+                                  "'tuned' (an affine map before it, fitted on calibration data)")
+        if self.mode not in ("staged", "whole_batch", "draft"):
+            raise DynasparseError(f"{name}.mode={self.mode!r}; expected 'staged', 'whole_batch' or 'draft'")
+        self.check_int("patience", 1)
+        if isinstance(self.threshold, list):
+            self.threshold = tuple(self.threshold)
+        for value in as_tuple(self.threshold) if self.threshold is not None else ():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise DynasparseError(f"{name}.threshold={self.threshold!r}: confidences lie in [0, 1]; give "
+                                      "values in [0, 1] (1.0 never exits)")
+        targets = [f for f in ("max_quality_drop", "target_speedup") if getattr(self, f) is not None]
+        if len(targets) > 1:
+            raise DynasparseError(f"{name}: give max_quality_drop or target_speedup, not both")
+        if targets and self.threshold is not None:
+            raise DynasparseError(f"{name}: {targets[0]} chooses the threshold on calibration data; "
+                                  "drop threshold= or the target")
+        if self.max_quality_drop is not None:
+            self.check_range("max_quality_drop", 0.0, 1.0, high_open=True)
+        if self.target_speedup is not None and not self.target_speedup > 1.0:
+            raise DynasparseError(f"{name}.target_speedup={self.target_speedup!r} must be > 1")
+        if self.mode == "draft" and (self.after_blocks is None or len(self.after_blocks) != 1):
+            raise DynasparseError(f"{name}(mode='draft') cuts the model after one block: give "
+                                  "after_blocks=(index,)")
+        if self.mode == "whole_batch" and self.criterion == "patience":
+            raise DynasparseError(f"{name}(mode='whole_batch'): the patience criterion carries state from gate "
+                                  "to gate per row; use mode='staged' or another criterion")
+
+    @property
+    def calibrates(self) -> bool:
+        return self.head == "tuned" or self.max_quality_drop is not None or self.target_speedup is not None
+
+    def thresholds(self, num_gates: int) -> list[float]:
+        """One threshold per gate (the criterion's default when none was given or calibrated)."""
+        if self.threshold is None:
+            return [DEFAULT_THRESHOLDS[self.criterion]] * num_gates
+        values = list(as_tuple(self.threshold))
+        if len(values) == 1:
+            return values * num_gates
+        if len(values) != num_gates:
+            raise DynasparseError(f"{type(self).__name__}.threshold has {len(values)} values for {num_gates} "
+                                  "gates; give one value or one per gate")
+        return [float(v) for v in values]
 
 
 def head_nodes(gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> list[Node]:
@@ -80,27 +158,37 @@ def head_nodes(gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> list[Node]:
     return sorted(needed, key=order.__getitem__)
 
 
-def _unavailable_input(gm: torch.fx.GraphModule, head: list[Node], after: Node, last: Node) -> Node | None:
-    """A value the head reads that is computed after ``after`` (other than the last block's output)."""
+def stream_after(gm: torch.fx.GraphModule, block: int) -> dict[Node, Node]:
+    """What the head reads in place of each stream-state value (``plans.StreamState``) after ``block``."""
+    names = {n.name: n for n in gm.graph.nodes}
+    return {names[s.final]: names[s.after_block[block]] for s in gm.meta.get(STREAM_STATE, ())
+            if block in s.after_block}
+
+
+def _unavailable_input(gm: torch.fx.GraphModule, head: list[Node], after: Node, last: Node,
+                       swaps: dict[Node, Node]) -> Node | None:
+    """A value the head reads that is computed after ``after`` (other than the last block's output and the
+    stream state read at the block instead)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     inside = set(head)
     for node in head:
         for a in node.all_input_nodes:
+            a = swaps.get(a, a)
             if a not in inside and a is not last and a.op != "get_attr" and order[a] > order[after]:
                 return a
     return None
 
 
-def copy_head(gm: torch.fx.GraphModule, head: list[Node], last: Node, hidden: Node) -> list[Node]:
-    """Insert a copy of the head reading ``hidden`` in place of ``last`` at the current insert point;
-    return the copies of the graph's flat outputs."""
-    env: dict[Node, Node] = {last: hidden}
+def copy_head(gm: torch.fx.GraphModule, head: list[Node], last: Node, hidden: Node,
+              swaps: dict[Node, Node] | None = None) -> list[Node]:
+    """Insert a copy of the head reading ``hidden`` in place of ``last`` (and ``swaps``' values in place of
+    their keys) at the current insert point; return the copies of the graph's flat outputs."""
+    env: dict[Node, Node] = {**(swaps or {}), last: hidden}
     for node in head:
         env[node] = gm.graph.node_copy(node, lambda a: env.get(a, a))
     return [env.get(o, o) for o in output_nodes(gm)]
 
 
-@register_pass(ExitGateConfig)
 class ExitGatePass:
     name = "exit_gate"
 
@@ -141,11 +229,14 @@ class ExitGatePass:
         for b in chosen:
             block = analysis.blocks[b]
             label = f"gate after block {b} ({block.module})"
-            late = _unavailable_input(gm, head, block.output, last)
+            late = _unavailable_input(gm, head, block.output, last, stream_after(gm, b))
             if late is not None:
                 result.left_dense[label] = f"the head reads {late.name}, computed after this block"
             elif c.criterion == "saturation" and block.input is None:
                 result.left_dense[label] = "no hidden state found entering this block (saturation compares with it)"
+            elif c.criterion == "saturation" and fake(block.input).shape != fake(block.output).shape:
+                result.left_dense[label] = "the block changes the number of tokens (token merging): saturation " \
+                                           "compares states of one shape"
             else:
                 gates.append(self._insert_gate(gm, b, block.output, block.input, head, last, logits))
                 result.applied.append(label)
@@ -186,7 +277,7 @@ class ExitGatePass:
                 bias = graph.get_attr(f"exit_{b}_bias")
                 read = graph.call_function(torch.ops.aten.linear.default, (hidden, weight, bias))
                 read.meta["nn_module_stack"] = dict(hidden.meta.get("nn_module_stack", {}))
-            outputs = copy_head(gm, head, last, read)
+            outputs = copy_head(gm, head, last, read, stream_after(gm, b))
             gate_logits = outputs[output_nodes(gm).index(logits)]
             pair = graph.call_function(EXIT_CONFIDENCE, (gate_logits, hidden, previous if previous is not None
                                                          else hidden, self.config.criterion))

@@ -9,47 +9,22 @@ head. Layers outside ``layers`` get a cache with the ``full`` policy, so every l
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import operator
-from dataclasses import dataclass
 
 import torch
 
-from dynasparse.config import KVEvictionConfig
+from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_graph, copy_meta, fake
-from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
+from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
-from dynasparse.passes.base import PassResult, register_pass
+from dynasparse.passes.base import PassResult
+from dynasparse.kernels.kv_cache import POLICIES
+from dynasparse.plans import CACHE_META, CachePlan, CacheSite
 
-CACHE_META = "dynasparse_kv_cache"
-
-
-@dataclass(frozen=True)
-class CacheSite:
-    """One layer's cache as the runtime needs to allocate it."""
-
-    layer: int
-    prefix: str  # buffer names are f"{prefix}_{field}"
-    policy: str
-    num_kv_heads: int
-    head_dim: int
-    value_dim: int
-    dtype: torch.dtype
-
-    def buffer(self, field: str) -> str:
-        return f"{self.prefix}_{field}"
-
-
-@dataclass(frozen=True)
-class CachePlan:
-    """What the KV pass left on the graph module: the config and one ``CacheSite`` per attention layer."""
-
-    config: KVEvictionConfig
-    sites: tuple[CacheSite, ...]
-
-
-@register_pass(KVEvictionConfig)
 class KVEvictionPass:
     name = "kv_eviction"
 
@@ -65,9 +40,6 @@ class KVEvictionPass:
                 f"KV eviction needs a causal decoder, but attention at layer(s) {[s.layer for s in acausal]} is "
                 "not causal (an encoder, or a mask the analysis cannot read as causal). Use it on decoder-only "
                 "language models (Llama, Qwen2, Mistral, GPT-2, ...).")
-        if any(s.sparse for s in analysis.sites):
-            raise DynasparseError("KV eviction runs on dense attention sites; apply KVEvictionConfig without "
-                                  "SparseAttentionConfig (the bounded cache already bounds decode attention)")
         chosen = [s for s in analysis.sites if c.applies_to(s.layer)]
         if not chosen:
             raise DynasparseError(f"KVEvictionConfig.layers={c.layers} matches no attention layer; the model has "
@@ -85,21 +57,108 @@ class KVEvictionPass:
                                              cache.dtype, k.device).items():
                 gm.register_buffer(cache.buffer(field), tensor, persistent=False)
             args = bound_args(site.node)
+            plan_nodes = [args["counts"], args["indices"], args["counts"].args[0]] if site.sparse else []
+            plan_args = _sparse_plan(site.node) if site.sparse else ()
             with gm.graph.inserting_before(site.node):
                 state = [gm.graph.get_attr(cache.buffer(field)) for field in STATE_FIELDS]
-                node = gm.graph.call_function(KV_CACHE_ATTENTION, (
+                node = gm.graph.call_function(KV_CACHE_SPARSE_ATTENTION if site.sparse else KV_CACHE_ATTENTION, (
                     args["q"], args["k"], args["v"], args["mask"], args["is_causal"], args["scale"], *state,
-                    policy, c.sink, c.recent, c.window, c.pool))
+                    policy, c.sink, c.recent, c.window, c.pool, *plan_args))
             copy_meta(site.node, node)
             site.node.replace_all_uses_with(node)
             gm.graph.erase_node(site.node)
+            for plan_node in plan_nodes:  # the sparse site's own plan: the cache step plans over cache + chunk
+                if not plan_node.users:
+                    gm.graph.erase_node(plan_node)
             sites.append(cache)
             result.num_matches += 1
             budget = "every token" if policy == "full" else f"budget {c.budget!r} ({c.schedule})"
+            prefill = ", block-sparse prefill" if site.sparse else ""
             result.applied.append(f"layer {site.layer}: {policy} cache, {budget}, sink {c.sink}, "
-                                  f"recent {c.recent}, {site.num_kv_heads} KV heads")
+                                  f"recent {c.recent}, {site.num_kv_heads} KV heads{prefill}")
         gm.meta[CACHE_META] = CachePlan(c, tuple(sites))
         return result
+
+
+def _sparse_plan(node: torch.fx.Node) -> tuple:
+    """The plan settings of a block-sparse site (its ``block_plan`` node's arguments), in the order
+    ``kv_cache_sparse_attention`` takes them: the cache step then plans over cache + chunk itself."""
+    plan = bound_args(bound_args(node)["counts"].args[0])
+    return (plan["block_size"], plan["estimator"], plan["selector"], plan["amount"], plan["sink_blocks"],
+            plan["local_blocks"], plan["min_seq_len"], plan["window"])
+
+
+@config_type
+@dataclasses.dataclass
+class KVEvictionConfig(BaseConfig):
+    """A bounded KV cache for decoders, owned by the runtime (H2O / StreamingLLM / TOVA / SnapKV).
+
+    ``policy``: ``"full"`` (no eviction: the reference), ``"streaming"`` (sinks + recent window),
+    ``"h2o"`` (accumulated attention mass), ``"tova"`` (the newest query's attention) or ``"snapkv"``
+    (the last ``window`` queries of each chunk, pooled over ``pool`` neighbouring keys).
+    ``budget``: cached tokens per layer, as an int, a share of the sequence (prompt + new tokens) as a
+    float in (0, 1], or one value per layer. ``schedule="pyramid"`` spreads the same total as a linear
+    ramp from 1.5x the budget at the first layer to 0.5x at the last (PyramidKV). ``sink`` first tokens
+    and the ``recent`` newest tokens are never evicted. ``chunk_size``: prompt tokens per prefill step
+    (eviction runs after each chunk, so prefill memory is bounded too). ``layers``: layers that evict
+    (the others keep a full cache).
+    """
+
+    policy: str = "h2o"
+    budget: int | float | tuple = 0.2
+    sink: int = 4
+    recent: int = 32
+    schedule: str = "uniform"
+    window: int = 32
+    pool: int = 5
+    chunk_size: int = 512
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if self.policy not in POLICIES:
+            raise DynasparseError(f"{name}.policy={self.policy!r} is not a known policy; expected one of "
+                                  f"{sorted(POLICIES)}")
+        if self.schedule not in ("uniform", "pyramid"):
+            raise DynasparseError(f"{name}.schedule={self.schedule!r}; expected 'uniform' or 'pyramid'")
+        for field_name, low in (("sink", 0), ("recent", 0), ("window", 1), ("pool", 1), ("chunk_size", 1)):
+            self.check_int(field_name, low)
+        if isinstance(self.budget, list):
+            self.budget = tuple(self.budget)
+        for value in as_tuple(self.budget):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise DynasparseError(f"{name}.budget={self.budget!r}: give tokens (int), a share of the "
+                                      "sequence (float in (0, 1]) or one of those per layer")
+            if isinstance(value, float) and not 0.0 < value <= 1.0:
+                raise DynasparseError(f"{name}.budget={value!r}: a float budget is a share of the sequence, "
+                                      "in (0, 1]; give an int for a number of tokens")
+            if isinstance(value, int) and value < self.sink + self.recent + 1 and self.policy != "full":
+                raise DynasparseError(
+                    f"{name}.budget={value} tokens is below sink + recent + 1 = {self.sink + self.recent + 1}: "
+                    "the sinks and the recent window are never evicted, so the cache must hold them and one "
+                    "more token; raise the budget or lower sink / recent")
+        if self.schedule == "pyramid" and isinstance(self.budget, tuple):
+            raise DynasparseError(f"{name}: schedule='pyramid' spreads one budget over the layers; "
+                                  "give budget as one int or float, or give per-layer budgets without it")
+
+    def capacities(self, num_layers: int, seq_len: int) -> list[int]:
+        """Cache slots per layer for a sequence of ``seq_len`` tokens (never more than it needs)."""
+        budgets = list(self.budget) if isinstance(self.budget, tuple) else [self.budget] * num_layers
+        if len(budgets) != num_layers:
+            raise DynasparseError(f"{type(self).__name__}.budget has {len(budgets)} values for a model with "
+                                  f"{num_layers} attention layers; give one per layer")
+        tokens = [math.ceil(b * seq_len) if isinstance(b, float) else b for b in budgets]
+        if self.schedule == "pyramid" and num_layers > 1:
+            tokens = [round(t * (1.5 - i / (num_layers - 1))) for i, t in enumerate(tokens)]
+        if self.policy == "full":
+            return [seq_len] * num_layers
+        floor = self.sink + self.recent + 1
+        short = [t for t in tokens if t < floor]
+        if short and seq_len >= floor:
+            raise DynasparseError(
+                f"{type(self).__name__}: budget {self.budget!r} gives {min(short)} cache slots for "
+                f"{seq_len} tokens, below sink + recent + 1 = {floor}; raise the budget or lower sink / recent")
+        return [min(max(t, floor), seq_len) for t in tokens]
 
 
 def step_graph(graph_module: torch.fx.GraphModule, plan: CachePlan, functional: bool
@@ -128,9 +187,9 @@ def step_graph(graph_module: torch.fx.GraphModule, plan: CachePlan, functional: 
             graph.erase_node(node)
     new_state: list[torch.fx.Node] = []
     for node in list(graph.nodes):
-        if functional and node.op == "call_function" and node.target is KV_CACHE_ATTENTION:
-            with graph.inserting_after(node):
-                functional_node = graph.call_function(KV_CACHE_ATTENTION_FUNCTIONAL, node.args, node.kwargs)
+        if functional and node.op == "call_function" and node.target in (KV_CACHE_ATTENTION, KV_CACHE_SPARSE_ATTENTION):
+            with graph.inserting_after(node):  # a sparse site's step exports dense (its prefill reads every block)
+                functional_node = graph.call_function(KV_CACHE_ATTENTION_FUNCTIONAL, node.args[:16])
             with graph.inserting_after(functional_node):
                 parts = [graph.call_function(operator.getitem, (functional_node, j)) for j in range(6)]
             node.replace_all_uses_with(parts[0])

@@ -1,4 +1,4 @@
-"""The pipeline: canonicalize, then each configured pass, verifying the graph after every step.
+"""The pipeline: canonicalize, then each configured pass in stage order, verifying the graph after every step.
 
 Set ``DYNASPARSE_DUMP_GRAPHS=<dir>`` to write the graph after each pass as ``NN_<pass>.txt``.
 """
@@ -14,9 +14,9 @@ import torch
 from dynasparse.config import BaseConfig, CanonicalizeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis, analyze
-from dynasparse.passes.base import Pass, PassResult, known_configs, pass_for
-from dynasparse.passes import exit_gate, kv_eviction, sparse_attention, token_merge  # noqa: F401  (register passes)
+from dynasparse.passes.base import Pass, PassResult
 from dynasparse.passes.canonicalize import CanonicalizePass
+from dynasparse.techniques import all_techniques, in_stage_order, technique_for
 
 
 @dataclass
@@ -27,22 +27,22 @@ class PipelineResult:
     canonical: GraphAnalysis  # right after canonicalization: the attention the model has
 
 
-def build_passes(configs: Sequence[BaseConfig]) -> list[Pass]:
-    """Canonicalize first (with the user's CanonicalizeConfig if given), then one pass per config."""
+def build_passes(configs: BaseConfig | Sequence[BaseConfig]) -> list[Pass]:
+    """Canonicalize first (with the user's CanonicalizeConfig if given), then one pass per config, ordered
+    by the stage each technique rewrites (not by the order of ``configs``)."""
     if isinstance(configs, BaseConfig):
         configs = [configs]
-    passes: list[Pass] = []
-    canonical = CanonicalizeConfig()
+    canonical, chosen = CanonicalizeConfig(), []
     for i, config in enumerate(configs):
         if not isinstance(config, BaseConfig):
-            names = ", ".join(c.__name__ for c in known_configs())
+            names = ", ".join(t.config.__name__ for t in all_techniques())
             raise DynasparseError(f"configs[{i}] is a {type(config).__name__}; expected a config object "
                                   f"({names}). Build one, e.g. dynasparse.CanonicalizeConfig().")
         if isinstance(config, CanonicalizeConfig):
             canonical = config
         else:
-            passes.append(pass_for(config))
-    return [CanonicalizePass(canonical), *passes]
+            chosen.append(config)
+    return [CanonicalizePass(canonical), *(technique_for(c).make_pass(c) for c in in_stage_order(chosen))]
 
 
 def _dump(gm: torch.fx.GraphModule, step: int, name: str) -> None:

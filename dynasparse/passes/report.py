@@ -3,14 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dynasparse.table import table
 from dynasparse.ir.analysis import AttentionSite, GraphAnalysis
 from dynasparse.passes.base import PassResult
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
 def _lengths(site: AttentionSite) -> str:
@@ -26,16 +21,16 @@ def sites_table(analysis: GraphAnalysis) -> str:
              "yes" if s.causal else "no", "yes" if s.has_mask else "no", _lengths(s),
              "block-sparse" if s.sparse else "dense"]
             for s in analysis.sites]
-    return _table(["site", "layer", "module", "heads q/kv", "head dim", "causal", "mask", "q x kv (*dynamic)",
+    return table(["site", "layer", "module", "heads q/kv", "head dim", "causal", "mask", "q x kv (*dynamic)",
                    "attention"], rows)
 
 
 def blocks_table(analysis: GraphAnalysis) -> str:
     rows = [[b.index, b.module, ",".join(map(str, b.sites)), b.input.name if b.input else "-",
              b.output.name if b.output else "-"] for b in analysis.blocks]
-    table = _table(["block", "module", "sites", "residual in", "residual out"], rows)
+    text = table(["block", "module", "sites", "residual in", "residual out"], rows)
     head = ", ".join(analysis.head_modules) or "-"
-    return f"{table}\nafter the last block: {head}"
+    return f"{text}\nafter the last block: {head}"
 
 
 @dataclass
@@ -71,7 +66,7 @@ class OptimizationReport:
         parts = [f"dynasparse optimization report: {self.model}",
                  f"{len(self.analysis.sites)} attention sites, {len(self.analysis.blocks)} blocks", "",
                  sites_table(self.analysis), "",
-                 _table(["pass", "matches", "left dense"],
+                 table(["pass", "matches", "left dense"],
                         [[p.pass_name, p.num_matches, len(p.left_dense)] for p in self.passes])]
         applied = [f"  {p.pass_name}: {line}" for p in self.passes for line in p.applied]
         if applied:

@@ -9,20 +9,83 @@ Sequences shorter than ``min_seq_len`` run dense inside the same nodes, so one g
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 
 import torch
 
-from dynasparse.config import SparseAttentionConfig
+from dynasparse.config import BaseConfig, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_meta, propagate_fake_values
 from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION
 from dynasparse.kernels.sparse_attention import block_layout, select_blocks
-from dynasparse.passes.base import PassResult, register_pass
+from dynasparse.passes.base import PassResult
+from dynasparse.kernels.sparse_attention import ESTIMATORS
 
 
-@register_pass(SparseAttentionConfig)
+@config_type
+@dataclasses.dataclass
+class SparseAttentionConfig(BaseConfig):
+    """Attend only to the KV blocks that matter, chosen per input (MInference / SeerAttention / FlexPrefill).
+
+    How many blocks each query block keeps: exactly one of ``keep_ratio`` (a share of its causally valid
+    blocks), ``top_k`` (a number of blocks) or ``mass`` (the fewest blocks holding that share of the
+    estimated attention mass). ``sink_blocks`` leading blocks and ``local_blocks`` blocks ending at the
+    diagonal are always kept and count toward the amount. ``estimator`` scores blocks: ``"pooled"``
+    (mean-pooled Q · K), ``"vertical_slash"`` (the last ``window`` queries' real attention, read along
+    columns and diagonals) or ``"streaming"`` (the blocks nearest the diagonal: StreamingLLM's A-shape).
+    Sequences with fewer than ``min_seq_len`` keys run dense. ``layers``: attention layers to sparsify.
+    """
+
+    keep_ratio: float | None = None
+    top_k: int | None = None
+    mass: float | None = None
+    estimator: str = "pooled"
+    block_size: int = 64
+    sink_blocks: int = 1
+    local_blocks: int = 1
+    min_seq_len: int = 1024
+    window: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        given = [f for f in ("keep_ratio", "top_k", "mass") if getattr(self, f) is not None]
+        if len(given) != 1:
+            raise DynasparseError(f"{name}: set exactly one of keep_ratio (share of each row's blocks), top_k "
+                                  f"(blocks per row) or mass (share of the estimated attention mass); got "
+                                  f"{given or 'none'}")
+        if self.keep_ratio is not None:
+            self.check_range("keep_ratio", 0.0, 1.0, low_open=True)
+        if self.mass is not None:
+            self.check_range("mass", 0.0, 1.0, low_open=True)
+        if self.estimator not in ESTIMATORS:
+            raise DynasparseError(f"{name}.estimator={self.estimator!r}; expected one of {ESTIMATORS}")
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise DynasparseError(f"{name}.block_size={self.block_size!r}: blocks are kernel tiles, so the size "
+                                  "must be a power of two >= 16 (64 or 128 are the usual choices)")
+        for field_name in ("sink_blocks", "local_blocks", "min_seq_len"):
+            self.check_int(field_name, 0)
+        if not isinstance(self.window, int) or self.window < 1:
+            raise DynasparseError(f"{name}.window={self.window!r} must be an int >= 1 (probe queries)")
+        if self.top_k is not None:
+            self.check_int("top_k", 1)
+            if self.top_k * self.block_size > max(self.min_seq_len, self.block_size):
+                raise DynasparseError(
+                    f"{name}.top_k={self.top_k} blocks of {self.block_size} tokens is more than a sequence of "
+                    f"min_seq_len={self.min_seq_len} tokens has; set min_seq_len >= "
+                    f"{self.top_k * self.block_size} or lower top_k")
+
+    @property
+    def selector(self) -> str:
+        return "keep_ratio" if self.keep_ratio is not None else "topk" if self.top_k is not None else "mass"
+
+    @property
+    def amount(self) -> float:
+        return float(self.keep_ratio if self.keep_ratio is not None else self.top_k or self.mass)
+
+
 class SparseAttentionPass:
     name = "sparse_attention"
 

@@ -18,39 +18,84 @@ import networkx as nx
 import torch
 from torch.fx import Node
 
-from dynasparse.config import TokenMergeConfig
+from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import Block, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, module_paths, propagate_fake_values
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, recording_edge_scores
-from dynasparse.passes.base import PassResult, calibration_call, register_pass
+from dynasparse.passes.base import PassResult, calibration_call
+from dynasparse.plans import MERGE_GATE, STREAM_STATE, MergeGate, StreamState
 
 
-MERGE_GATE = "dynasparse.merge_gate"  # gm.meta key: a MergeGate when TokenMergeConfig.dense_below is set
-
-
+@config_type
 @dataclasses.dataclass
-class MergeGate:
-    """Which graph a call runs: the merged one, or ``dense`` (the graph before merging) when the batch
-    holds fewer than ``dense_below`` mergeable tokens. Sizes are read from the flat inputs, in
-    placeholder order: ``(input, dim)``, or ``(None, size)`` for a size fixed at capture."""
+class TokenMergeConfig(BaseConfig):
+    """Merge redundant tokens between attention and MLP of encoder blocks (ToMe / DyMU / EViT family).
 
-    dense: torch.fx.Graph
-    batch_at: tuple[int | None, int]
-    length_at: tuple[int | None, int]
-    min_tokens: int
-    dense_below: int
+    How many: ``r`` tokens per block (an int, or one int per merged block) or ``keep_ratio``, the share
+    of tokens left after the last merge (spread geometrically over the blocks). ``schedule="decreasing"``
+    ramps a constant ``r`` from 2r down to 0 (ToMe's decreasing schedule, same total).
+    Which: ``mode="bipartite"`` merges the most similar pairs (cosine of ``metric``: the keys averaged
+    over heads, or the ``hidden`` state); ``"threshold"`` merges pairs above a per-block similarity
+    ``threshold`` (None: calibrated from ``optimize(..., calibration=...)`` to hit the same average),
+    always at least ``min_merge_fraction`` of the scheduled merges so buffers stay fixed-size;
+    ``"prune"`` drops the least-attended tokens (CLS attention), fused into one token when ``fuse_pruned``.
+    ``protect``: real-token positions never merged (CLS). ``proportional_attention``: keys of merged
+    tokens get log(size) added to their logits. ``min_tokens`` (with keep_ratio): each row merges only a
+    share of its tokens beyond the first ``min_tokens``, so short inputs (queries) stay exact.
+    ``dense_below``: a call whose batch holds fewer mergeable tokens than this (batch size × (padded
+    length − ``min_tokens``)) runs the graph as it was before merging. Each merge has a fixed cost
+    (many small ops), so small batches lose time unless they skip merging.
+    ``layers``: blocks to merge after (default: all).
+    """
 
-    def mergeable_tokens(self, flat_inputs: list) -> int:
-        def read(at: tuple[int | None, int]) -> int:
-            index, dim = at
-            return dim if index is None else hint(flat_inputs[index].shape[dim])
+    r: int | tuple[int, ...] | None = None
+    keep_ratio: float | None = None
+    schedule: str = "constant"
+    mode: str = "bipartite"
+    metric: str = "keys"
+    protect: tuple[int, ...] = (0,)
+    proportional_attention: bool = True
+    threshold: float | tuple[float, ...] | None = None
+    min_merge_fraction: float = 0.5
+    fuse_pruned: bool = True
+    min_tokens: int = 0
+    dense_below: int = 0
 
-        return read(self.batch_at) * max(read(self.length_at) - self.min_tokens, 0)
-
-    def worth_merging(self, flat_inputs: list) -> bool:
-        return self.mergeable_tokens(flat_inputs) >= self.dense_below
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        if (self.r is None) == (self.keep_ratio is None):
+            raise DynasparseError(f"{name}: set exactly one of r (tokens merged per block) or keep_ratio "
+                                  "(share of tokens left after the last block)")
+        if isinstance(self.r, (list, tuple)):
+            self.r = tuple(self.r)
+        if self.r is not None and any(not isinstance(v, int) or v < 0 for v in as_tuple(self.r)):
+            raise DynasparseError(f"{name}.r={self.r!r} must be a non-negative int or a list of them")
+        if self.keep_ratio is not None:
+            self.check_range("keep_ratio", 0.0, 1.0, low_open=True)
+        for field_name, allowed in (("schedule", ("constant", "decreasing")),
+                                    ("mode", ("bipartite", "threshold", "prune")),
+                                    ("metric", ("keys", "hidden"))):
+            if getattr(self, field_name) not in allowed:
+                raise DynasparseError(f"{name}.{field_name}={getattr(self, field_name)!r}; expected one of {allowed}")
+        if self.schedule == "decreasing" and not isinstance(self.r, int):
+            raise DynasparseError(f"{name}: schedule='decreasing' ramps a constant r; give r as an int")
+        self.protect = tuple(self.protect)
+        if any(not isinstance(p, int) or p < 0 for p in self.protect):
+            raise DynasparseError(f"{name}.protect={self.protect!r} must be token positions >= 0")
+        self.check_range("min_merge_fraction", 0.0, 1.0)
+        self.check_int("min_tokens", 0)
+        self.check_int("dense_below", 0)
+        if self.min_tokens and self.keep_ratio is None:
+            raise DynasparseError(f"{name}: min_tokens goes with keep_ratio (a share of the tokens beyond it)")
+        if self.threshold is not None:
+            self.threshold = self.threshold if isinstance(self.threshold, float) else tuple(self.threshold)
+            if any(not -1.0 <= t <= 1.0 for t in as_tuple(self.threshold)):
+                raise DynasparseError(f"{name}.threshold={self.threshold!r}: cosine thresholds lie in [-1, 1]")
+            if self.mode != "threshold":
+                raise DynasparseError(f"{name}: threshold is only used with mode='threshold'")
 
 
 def _input_dim(gm: torch.fx.GraphModule, size: int | torch.SymInt, what: str) -> tuple[int | None, int]:
@@ -144,7 +189,6 @@ def _thresholds(config: TokenMergeConfig, num_blocks: int) -> list[float]:
     return list(config.threshold)
 
 
-@register_pass(TokenMergeConfig)
 class TokenMergePass:
     name = "token_merge"
 
@@ -224,8 +268,9 @@ class TokenMergePass:
         if self.config.mode == "prune" and any(s.num_heads != s.num_kv_heads for s in analysis.sites):
             raise DynasparseError("TokenMergeConfig(mode='prune') needs as many key heads as query heads")
 
-        size = source = bias = None
-        first_index = chosen[0][0].index
+        size, source = self._insert_init(gm, analysis)
+        bias = None
+        source_after: dict[int, str] = {}  # the merge source the stream has after each block
         merge_after = {block.index: (site, mid, step) for step, (block, site, mid) in enumerate(chosen)}
         example = length
         for block in analysis.blocks:
@@ -234,18 +279,22 @@ class TokenMergePass:
                 node = analysis.sites[site_index].node
                 node.args = node.args[:3] + (bias,) + node.args[4:]
             if block.index not in merge_after:
+                if source is not None:
+                    source_after[block.index] = source.name
                 continue
             site, mid, step = merge_after[block.index]
             r, ratio_milli = schedule[step]
             x_new, size, source, bias = self._insert_merge(gm, site, mid, size, source, r, ratio_milli,
-                                                           thresholds[step], block.index == first_index)
+                                                           thresholds[step])
             merged_hidden.append(x_new)
             kept = self._capacity(example, r, ratio_milli)
             result.applied.append(f"block {block.index}: {self._describe(r, ratio_milli, thresholds[step])}, "
                                   f"{example} → {kept} tokens at the example")
             example = kept
+            source_after[block.index] = source.name
             result.num_matches += 1
         self._insert_unmerge(gm, analysis.blocks[-1].output, source)
+        gm.meta.setdefault(STREAM_STATE, []).append(StreamState(source.name, source_after))
         self._repoint_lengths(gm, length_symbol, merged_hidden)
         if dense_graph is not None:
             batch_symbol = fake(chosen[0][2]).shape[0]
@@ -312,7 +361,7 @@ class TokenMergePass:
             return f"threshold {threshold:.3f} (≤ {amount})"
         return f"{self.config.mode} {amount}"
 
-    def _insert_merge(self, gm, site: Node, mid: Node, size, source, r, ratio_milli, threshold, first):
+    def _insert_merge(self, gm, site: Node, mid: Node, size, source, r, ratio_milli, threshold):
         graph = gm.graph
         args = bound_args(site)
         users_before = set(mid.users)
@@ -327,7 +376,7 @@ class TokenMergePass:
             created.append(cursor)
             return cursor
 
-        if first:
+        if size is None:  # no block input to start the state from: it starts here
             state = emit(MERGE_INIT, (mid, args["mask"]))
             size, source = emit(operator.getitem, (state, 0)), emit(operator.getitem, (state, 1))
         importance = None
@@ -346,6 +395,23 @@ class TokenMergePass:
         for node in created:
             node.meta["nn_module_stack"] = mid.meta.get("nn_module_stack", {})
         return x_new, size, source, bias
+
+    @staticmethod
+    def _insert_init(gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> tuple[Node | None, Node | None]:
+        """(size, source) of the unmerged sequence, read off the first block's input before its attention:
+        a head that reads the stream before any merge (an exit gate) then unmerges through the identity.
+        (None, None) when no block input is known: the first merge starts the state itself."""
+        block = next((b for b in analysis.blocks if b.input is not None and b.sites), None)
+        if block is None:
+            return None, None
+        site = analysis.sites[block.sites[0]].node
+        with gm.graph.inserting_before(site):
+            state = gm.graph.call_function(MERGE_INIT, (block.input, bound_args(site)["mask"]))
+            size = gm.graph.call_function(operator.getitem, (state, 0))
+            source = gm.graph.call_function(operator.getitem, (state, 1))
+        for node in (state, size, source):
+            node.meta["nn_module_stack"] = dict(site.meta.get("nn_module_stack", {}))
+        return size, source
 
     @staticmethod
     def _repoint_lengths(gm: torch.fx.GraphModule, length: int | torch.SymInt, merged: list[Node]) -> None:

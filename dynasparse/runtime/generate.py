@@ -9,35 +9,34 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
-from dynasparse.config import ExitGateConfig, KVEvictionConfig
+from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
+from dynasparse.runtime.ort import OrtModel
 from dynasparse.runtime.steps import GenerateOutput, GenerateStats, TorchSteps, decoder_for, prefill
+from dynasparse.techniques import first, technique_for
 
 
-def steps_for(model, kv: KVEvictionConfig | None, batch: int, seq_len: int, device: torch.device,
-              gates: ExitGateConfig | None = None, new_tokens: int = 1, compile: bool | str = False):
-    """The step function for ``model``: a torch module (captured and rewritten once, with per-token exit
-    ``gates`` if given) or an ONNX Runtime session of an exported KV-cache decoder."""
-    from dynasparse.runtime.ort import OrtKVSteps, OrtModel
-
+def steps_for(model, configs: Sequence[BaseConfig], batch: int, seq_len: int, device: torch.device,
+              new_tokens: int = 1, compile: bool | str = False):
+    """The step function for ``model``: a torch module (captured and rewritten once with ``configs``; a
+    technique that changes decoding steps, such as per-token exits, supplies its own) or an ONNX Runtime
+    session of an exported decode step."""
     if isinstance(model, OrtModel):
-        if gates is not None or compile:
-            raise DynasparseError("per-token exits and compile=True run torch modules; pass the model, not an "
-                                  "ONNX session")
-        return OrtKVSteps(model, kv, batch, seq_len)
-    if gates is not None:
         if compile:
-            raise DynasparseError("per-token exits run stage by stage with a host decision per gate, which "
-                                  "compile=True cannot capture; leave compile off with early_exit")
-        from dynasparse.runtime.token_exit import TokenExitSteps
-
-        return TokenExitSteps(decoder_for(model, kv, gates), batch, seq_len, device, new_tokens)
-    return TorchSteps(decoder_for(model, kv), batch, seq_len, device, compile)
+            raise DynasparseError("compile=True compiles torch modules; pass the model, not an ONNX session")
+        steps = first("ort_steps", model, configs, batch, seq_len)
+        if steps is None:
+            raise DynasparseError("this ONNX file has no KV cache; export a model optimized with "
+                                  "KVEvictionConfig (or pass the torch model to generate)")
+        return steps
+    decoder = decoder_for(model, configs)
+    return (first("decode_steps", decoder, batch, seq_len, device, new_tokens, compile)
+            or TorchSteps(decoder, batch, seq_len, device, compile))
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float,
@@ -55,11 +54,11 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float,
 
 @torch.no_grad()
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-             max_new_tokens: int = 32, kv: KVEvictionConfig | None = None, temperature: float = 0.0,
+             max_new_tokens: int = 32, kv: BaseConfig | None = None, temperature: float = 0.0,
              top_p: float = 1.0, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              stream: Callable[[torch.Tensor], None] | None = None, progress: bool | None = None,
-             generator: torch.Generator | None = None, early_exit: ExitGateConfig | None = None,
-             compile: bool | str = False) -> GenerateOutput:
+             generator: torch.Generator | None = None, early_exit: BaseConfig | None = None,
+             configs: Sequence[BaseConfig] = (), compile: bool | str = False) -> GenerateOutput:
     """Generate up to ``max_new_tokens`` per row with a bounded KV cache (``kv``; default: the full cache).
 
     ``model``: a causal LM module (captured once per config and remembered), an ``OptimizedModel`` with a
@@ -73,6 +72,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     self-speculative decoding (greedy only): the model's first blocks and its own head draft tokens, the
     full model verifies them in one pass and keeps the longest agreeing prefix, so the output is exactly
     the plain greedy output.
+    ``configs``: further passes for the decoder, e.g. ``SparseAttentionConfig`` for sparse prefill chunks.
     ``compile``: the prefill-chunk and decode-step graphs go through ``torch.compile`` once each (Inductor
     with frozen weights on CPU, CUDA graphs on CUDA; or a ``torch.compile`` mode name); the first call pays
     the compilation.
@@ -87,16 +87,13 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
-    if early_exit is not None and early_exit.mode == "draft":
-        from dynasparse.runtime.speculative import self_speculative
-
-        return self_speculative(model, input_ids, attention_mask, max_new_tokens, early_exit, kv, temperature, eos,
-                                pad, stream, compile)
-    if early_exit is not None and early_exit.mode != "staged":
-        raise DynasparseError(f"generate(early_exit=...) takes mode='staged' (per-token exits) or 'draft' "
-                              f"(self-speculative decoding), not {early_exit.mode!r}")
-
-    step_fn = steps_for(model, kv, batch, prompt_len + max_new_tokens, input_ids.device, early_exit, max_new_tokens,
+    configs = [c for c in (kv, early_exit, *configs) if c is not None]
+    for config in configs:
+        driver = technique_for(config).generation_driver(config)
+        if driver is not None:  # a technique with a decoding loop of its own (self-speculative decoding)
+            return driver(model, input_ids, attention_mask, max_new_tokens, config,
+                          [c for c in configs if c is not config], temperature, eos, pad, stream, compile)
+    step_fn = steps_for(model, configs, batch, prompt_len + max_new_tokens, input_ids.device, max_new_tokens,
                         compile)
     stats = GenerateStats(prompt_len, 0, cache_capacity=step_fn.capacities,
                           cache_allocated_bytes=step_fn.allocated_bytes, cache_full_bytes=step_fn.full_bytes)

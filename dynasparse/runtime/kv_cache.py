@@ -6,14 +6,15 @@ graph's ``kv_cache_attention`` nodes update them in place, step after step, with
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
-from dynasparse.config import KVEvictionConfig
 from dynasparse.errors import DynasparseError
-from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
-from dynasparse.passes.kv_eviction import CACHE_META, CachePlan, CacheSite
+from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state, priorities
+from dynasparse.passes.kv_eviction import KVEvictionConfig
+from dynasparse.plans import CACHE_META, CachePlan, CacheSite
 
 
 def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:
@@ -32,21 +33,22 @@ class KVCache:
     """
 
     def __init__(self, sites: Sequence[CacheSite], config: KVEvictionConfig, batch: int, seq_len: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", reserve: int = 0):
         self.sites = tuple(sites)
-        self.seq_len = seq_len
+        self.config, self.seq_len = config, seq_len
         evicting = [s for s in self.sites if s.policy != "full"]
         budgets = iter(config.capacities(len(evicting), seq_len) if evicting else [])
         self.capacities = [next(budgets) if s.policy != "full" else seq_len for s in self.sites]
-        self.states = [empty_state(batch, s.num_kv_heads, capacity, s.head_dim, s.value_dim, s.dtype, device)
-                       for s, capacity in zip(self.sites, self.capacities)]
+        # ``reserve`` extra slots hold tokens that may be rolled back (drafts) until ``shrink`` evicts
+        self.states = [empty_state(batch, s.num_kv_heads, capacity + reserve, s.head_dim, s.value_dim, s.dtype,
+                                   device) for s, capacity in zip(self.sites, self.capacities)]
 
     @classmethod
     def for_graph(cls, graph_module: torch.fx.GraphModule, batch: int, seq_len: int,
-                  device: torch.device | str = "cpu") -> KVCache:
+                  device: torch.device | str = "cpu", reserve: int = 0) -> KVCache:
         """A cache sized by the graph's ``CachePlan`` and bound to it."""
         plan = cache_plan(graph_module)
-        cache = cls(plan.sites, plan.config, batch, seq_len, device)
+        cache = cls(plan.sites, plan.config, batch, seq_len, device, reserve)
         cache.bind(graph_module)
         return cache
 
@@ -59,16 +61,40 @@ class KVCache:
     def rollback(self, keep: torch.Tensor) -> None:
         """Forget all but the first ``keep[b]`` tokens of each row b (drafts the full model rejected).
 
-        Their slots become empty (position -1) and are the first reused; only exact for caches that have
-        not evicted anything since those tokens came in (the ``full`` policy)."""
+        Their slots become empty (position -1) and are the first reused. Exact as long as nothing was
+        evicted since those tokens came in: the reserve slots and ``shrink`` see to that."""
         for state in self.states:
             state["positions"].masked_fill_(state["positions"] >= keep[:, None, None], -1)
             state["seen"].copy_(keep)
+
+    def shrink(self) -> None:
+        """Evict down to each layer's capacity, lowest priority first (the policy's scores; sinks and the
+        recent window stay): run once the tokens in the reserve slots are final (verified drafts)."""
+        sink, recent = self.config.sink, self.config.recent
+        for state, capacity in zip(self.states, self.capacities):
+            positions = state["positions"]
+            valid = positions >= 0
+            excess = (valid.sum(-1, keepdim=True) - capacity).clamp(min=0)
+            if not bool(excess.any()):
+                continue
+            priority = priorities(state["scores"], positions, state["seen"], sink, recent)
+            priority = priority.masked_fill(~valid, math.inf)
+            rank = priority.sort(dim=-1, stable=True).indices.argsort(dim=-1)
+            positions.masked_fill_(valid & (rank < excess), -1)
 
     @property
     def allocated_bytes(self) -> int:
         """Bytes of K/V slots held (fixed for the whole generation)."""
         return sum(s["keys"][..., :-1, :].nbytes + s["values"][..., :-1, :].nbytes for s in self.states)
+
+    def held_bytes(self) -> int:
+        """Bytes of K/V in slots that hold a token now (counted on the device: one sync)."""
+        total = 0
+        for state in self.states:
+            keys, values = state["keys"], state["values"]
+            per_slot = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
+            total += int((state["positions"] >= 0).sum()) * per_slot
+        return total
 
     @property
     def full_bytes(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.fx._pytree import tree_flatten_spec
 
-from dynasparse.passes.token_merge import MERGE_GATE, MergeGate
+from dynasparse.plans import MERGE_GATE, MergeGate
 
 
 def dense_module(gm: torch.fx.GraphModule, gate: MergeGate) -> torch.fx.GraphModule:

@@ -7,6 +7,11 @@ model's own next token. Rejected tokens are rolled back from both caches. Rows a
 of tokens and simply sit at different positions (every row has its own positions and cache slots), so
 batching needs no padding. ``k`` adapts to acceptance: longer after a round where every row accepted
 everything, shorter when fewer than half of the drafts were accepted.
+
+With a bounded cache, drafts never evict: both caches have reserve slots beyond their budget for a round's
+tokens, so a rollback never needs a slot that was given away; once a round is verified the caches shrink
+back to the budget (``KVCache.shrink``), evicting among verified tokens only. Score-based policies keep
+the attention mass that rejected drafts' queries gave to earlier tokens.
 """
 from __future__ import annotations
 
@@ -15,19 +20,17 @@ from typing import Callable
 
 import torch
 
-from dynasparse.config import ExitGateConfig, KVEvictionConfig
+from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
+from dynasparse.passes.exit_gate import ExitGateConfig
 from dynasparse.runtime.steps import GenerateOutput, GenerateStats, TorchSteps, decoder_for, prefill
 
 
-def _check(draft: ExitGateConfig, kv: KVEvictionConfig | None, temperature: float, model) -> None:
+def _check(draft: ExitGateConfig, temperature: float, model) -> None:
     if draft.mode != "draft":
         raise DynasparseError("self-speculative decoding takes ExitGateConfig(after_blocks=(i,), mode='draft')")
     if temperature != 0:
         raise DynasparseError("self-speculative decoding here is greedy (temperature=0), where it is lossless")
-    if kv is not None and kv.policy != "full":
-        raise DynasparseError("self-speculative decoding rolls rejected drafts back out of the cache, which "
-                              "needs the full cache; leave kv out or use KVEvictionConfig(policy='full')")
     if not isinstance(model, torch.nn.Module):
         raise DynasparseError("self-speculative decoding runs torch modules (it needs a drafter cut from the "
                               "model); pass the model, not an ONNX session")
@@ -35,19 +38,21 @@ def _check(draft: ExitGateConfig, kv: KVEvictionConfig | None, temperature: floa
 
 @torch.no_grad()
 def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     max_new_tokens: int, draft: ExitGateConfig, kv: KVEvictionConfig | None, temperature: float,
+                     max_new_tokens: int, draft: ExitGateConfig, configs: list[BaseConfig], temperature: float,
                      eos: list[int], pad: int, stream: Callable[[torch.Tensor], None] | None,
                      compile: bool | str = False) -> GenerateOutput:
-    _check(draft, kv, temperature, model)
+    """``configs``: the decoder's other configs (its cache's, sparse attention's), for both models."""
+    _check(draft, temperature, model)
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     longest = 2 * draft.draft_tokens
     room = prompt_len + max_new_tokens + 2 * longest + 2
-    full_kv = KVEvictionConfig(policy="full")
-    full = TorchSteps(decoder_for(model, full_kv), batch, room, device, compile)
-    drafter = TorchSteps(decoder_for(model, full_kv, draft), batch, room, device, compile)
+    reserve = longest + 2  # a round's tokens: the pending one and the drafts, plus a catch-up for the drafter
+    full = TorchSteps(decoder_for(model, configs), batch, room, device, compile, reserve)
+    drafter = TorchSteps(decoder_for(model, [*configs, draft]), batch, room, device, compile, reserve)
     stats = GenerateStats(prompt_len, 0, cache_capacity=full.capacities + drafter.capacities,
-                          cache_allocated_bytes=full.allocated_bytes + drafter.allocated_bytes)
+                          cache_allocated_bytes=full.allocated_bytes + drafter.allocated_bytes,
+                          cache_full_bytes=full.full_bytes + drafter.full_bytes)
 
     begin = time.perf_counter()
     logits = prefill(full, input_ids, attention_mask, full.config.chunk_size)
@@ -55,6 +60,7 @@ def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     stats.prefill_seconds = time.perf_counter() - begin
 
     real = attention_mask.long().sum(-1)  # tokens in each row's caches
+    stats.cache_used_bytes.append(full.used_bytes(real.tolist()) + drafter.used_bytes(real.tolist()))
     pending = logits.argmax(-1)  # committed, not yet read by either model
     position = real.clone()  # position id of the pending token
     catch_up = torch.zeros(batch, dtype=torch.long, device=device)  # a draft the drafter has not read yet
@@ -84,6 +90,8 @@ def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_
         bonus = targets.gather(1, accepted[:, None])[:, 0]
         full.cache.rollback(real + accepted + 1)
         drafter.cache.rollback(real + torch.clamp(accepted + 1, max=k))
+        full.cache.shrink()
+        drafter.cache.shrink()
         needs_catch_up = accepted == k
         catch_up = drafted[:, -1]
         real, position = real + accepted + 1, position + accepted + 1
@@ -91,6 +99,7 @@ def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_
         stats.verify_steps += 1
         stats.drafted += k * batch
         stats.accepted += int(accepted.sum())
+        stats.cache_used_bytes.append(full.cache.held_bytes() + drafter.cache.held_bytes())
         for row, (n, tokens, extra) in enumerate(zip(accepted.tolist(), drafted.tolist(), bonus.tolist())):
             _commit(produced, done, row, tokens[:n] + [extra], max_new_tokens, eos)
         if stream is not None:

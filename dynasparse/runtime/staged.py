@@ -15,7 +15,7 @@ runs on any number of rows. The same loop drives torch stages and ONNX Runtime s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.fx import Graph, GraphModule, Node
@@ -25,7 +25,8 @@ from torch.utils import _pytree as pytree
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.nodes import fake
 from dynasparse.kernels.exit_gate import compact_rows, exit_decision
-from dynasparse.passes.exit_gate import EXIT_META, ExitPlan
+from dynasparse.config import BaseConfig
+from dynasparse.plans import EXIT_META, ExitPlan, Gate
 
 _SCALARS = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
 
@@ -244,3 +245,22 @@ class StagedModel(torch.nn.Module):
             result = run_staged(list(self.stages), self.split.row_wise, self.plan, flat)
             outputs, self.last_exit_blocks = result.outputs, result.exit_blocks
         return pytree.tree_unflatten(outputs, self.out_spec)
+
+
+class OrtStagedModel:
+    """The stages of a model with exit gates in ONNX Runtime, run by the same staged loop as in torch:
+    rows leave at each gate and the rest continue compacted. Returns the flat outputs, like ``OrtModel``."""
+
+    def __init__(self, stages: list, layout: dict[str, Any]):
+        self.stages, self.row_wise = stages, layout["row_wise"]
+        gates = [Gate(block, "", "", "", [], "") for block in layout["gate_blocks"]]
+        self.plan = ExitPlan(BaseConfig.from_dict(layout["config"]), gates, layout["thresholds"],
+                             layout["num_blocks"], "", 0)
+        self.last_exit_blocks: torch.Tensor | None = None
+
+    def __call__(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
+        first = self.stages[0]
+        feeds = first.feeds(args, kwargs)
+        result = run_staged(self.stages, self.row_wise, self.plan, [feeds[n] for n in first.input_names])
+        self.last_exit_blocks = result.exit_blocks
+        return result.outputs

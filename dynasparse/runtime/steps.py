@@ -1,24 +1,28 @@
-"""Steps of a KV-cache decoder: the captured graph, its cache, prefill in chunks, and what a run measured.
+"""Steps of a KV-cache decoder: its cache, one step (eager, compiled, or in ONNX Runtime), prefill in chunks,
+and what a run measured.
 
 ``generate``, self-speculative decoding and per-token exits all drive a decoder through these pieces:
-``decoder_for`` captures the model once per config, ``TorchSteps`` owns one generation's ``KVCache`` and
-runs a step (eager, or compiled once per graph with ``torch.compile``), ``prefill`` feeds the prompt.
+``decoder_for`` captures a model once per config, ``TorchSteps`` owns one generation's ``KVCache`` and runs
+a step of the captured graph (eager, or compiled
+once per graph with ``torch.compile``), ``OrtKVSteps`` does the same for an exported step in ONNX Runtime,
+``prefill`` feeds the prompt.
 """
 from __future__ import annotations
 
 import inspect
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch.fx._pytree import tree_flatten_spec
 
 from dynasparse.api import OptimizedModel, optimize
-from dynasparse.config import ExitGateConfig, KVEvictionConfig
+from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import STATE_FIELDS
-from dynasparse.passes.kv_eviction import step_graph
+from dynasparse.passes.kv_eviction import KVEvictionConfig, step_graph
+from dynasparse.plans import CacheSite
 from dynasparse.runtime.kv_cache import KVCache, cache_plan
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -62,20 +66,23 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return tensor.device if tensor is not None else torch.device("cpu")
 
 
-def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None,
-                gates: ExitGateConfig | None = None) -> OptimizedModel:
-    """The model with a KV-cache graph (and exit ``gates``, or cut after the gate of a drafter): optimized
-    once per (model, configs) and remembered. A model that takes ``logits_to_keep`` (Hugging Face causal
-    LMs) is captured with it, so a prefill chunk computes logits for its last position only."""
+def decoder_for(model: torch.nn.Module, configs: BaseConfig | Sequence[BaseConfig] = ()) -> OptimizedModel:
+    """The model captured with a KV-cache graph and the other ``configs`` (exit gates, sparse attention):
+    optimized once per (model, configs) and remembered. Without a ``KVEvictionConfig`` the cache is full.
+    A model that takes ``logits_to_keep`` (Hugging Face causal LMs) is captured with it, so a prefill chunk
+    computes logits for its last position only."""
+    configs = [configs] if isinstance(configs, BaseConfig) else [c for c in configs if c is not None]
     if isinstance(model, OptimizedModel):
         plan = cache_plan(model.graph_module)
-        if kv is not None and kv != plan.config:
-            raise DynasparseError(f"this model was optimized with {plan.config}; generate() got kv={kv}. "
+        asked = [c for c in configs if isinstance(c, KVEvictionConfig)]
+        if asked and asked[0] != plan.config:
+            raise DynasparseError(f"this model was optimized with {plan.config}; generate() got kv={asked[0]}. "
                                   "Pass the plain model to use another config, or leave kv out.")
         return model
-    kv = kv or KVEvictionConfig(policy="full")
+    if not any(isinstance(c, KVEvictionConfig) for c in configs):
+        configs.append(KVEvictionConfig(policy="full"))
     per_model = _DECODERS.setdefault(model, {})
-    key = kv.to_json() + (gates.to_json() if gates is not None else "")
+    key = "".join(sorted(c.to_json() for c in configs))
     if key not in per_model:
         device = model_device(model)
         ids = torch.zeros(2, 8, dtype=torch.long, device=device)
@@ -83,7 +90,7 @@ def decoder_for(model: torch.nn.Module, kv: KVEvictionConfig | None,
                    "position_ids": torch.arange(8, device=device).expand(2, 8)}
         if KEEP in inspect.signature(model.forward).parameters:
             example[KEEP] = torch.arange(5, 8, device=device)  # a length export keeps dynamic
-        per_model[key] = optimize(model, [gates, kv] if gates is not None else kv, example_kwargs=example)
+        per_model[key] = optimize(model, configs, example_kwargs=example)
     return per_model[key]
 
 
@@ -116,7 +123,7 @@ class CompiledStep:
     does not recompile either.
     """
 
-    def __init__(self, decoder: OptimizedModel, mode: str | None):
+    def __init__(self, decoder: torch.nn.Module, mode: str | None):
         plan = cache_plan(decoder.graph_module)
         module, _, _ = step_graph(decoder.graph_module, plan, functional=False)
         self.function = torch.compile(module, mode=mode, fullgraph=True)
@@ -133,7 +140,7 @@ class CompiledStep:
             return self.function(*flat, *cache)
 
 
-def compiled_step(decoder: OptimizedModel, mode: str | None) -> CompiledStep:
+def compiled_step(decoder: torch.nn.Module, mode: str | None) -> CompiledStep:
     per_graph = _COMPILED.setdefault(decoder.graph_module, {})
     if mode not in per_graph:
         per_graph[mode] = CompiledStep(decoder, mode)
@@ -144,13 +151,13 @@ class TorchSteps:
     """Steps of a captured KV-cache decoder: the graph updates this generation's ``KVCache`` in place.
 
     ``compile``: run the step through ``torch.compile`` (True: the device's mode, see ``compile_mode``; or
-    a ``torch.compile`` mode name).
+    a ``torch.compile`` mode name). ``reserve``: slots beyond the budget for tokens that may be rolled back.
     """
 
-    def __init__(self, decoder: OptimizedModel, batch: int, seq_len: int, device: torch.device,
-                 compile: bool | str = False):
+    def __init__(self, decoder: torch.nn.Module, batch: int, seq_len: int, device: torch.device,
+                 compile: bool | str = False, reserve: int = 0):
         self.decoder = decoder
-        self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device)
+        self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device, reserve)
         self.config = cache_plan(decoder.graph_module).config
         self.capacities = self.cache.capacities
         self.allocated_bytes = self.cache.allocated_bytes
@@ -177,6 +184,42 @@ class TorchSteps:
             args, kwargs = self.decoder.layout.arrange((), kwargs)
             flat = list(tree_flatten_spec((args, kwargs), self.decoder.graph_module._in_spec))
             logits = self.compiled(flat, self.flat_cache)
+        return logits[:, -1:] if last_only else logits
+
+    def used_bytes(self, real_tokens: list[int]) -> int:
+        return self.cache.used_bytes(real_tokens)
+
+
+class OrtKVSteps:
+    """Steps of an exported KV-cache decoder in ONNX Runtime: the ``KVCache`` lives here, each step feeds it
+    in and keeps the updated cache that comes out (``layout``: the file's metadata, the cache's layout)."""
+
+    def __init__(self, model, layout: dict, kv: BaseConfig | None, batch: int, seq_len: int):
+        self.config = BaseConfig.from_dict(layout["config"])
+        if kv is not None and kv != self.config:
+            raise DynasparseError(f"this ONNX file was exported with {self.config}; generate() got kv={kv}. "
+                                  "Export again with that config, or leave kv out.")
+        sites = [CacheSite(i, f"kv{i}", s["policy"], s["num_kv_heads"], s["head_dim"], s["value_dim"],
+                           getattr(torch, s["dtype"])) for i, s in enumerate(layout["sites"])]
+        self.model = model
+        self.cache = KVCache(sites, self.config, batch, seq_len)
+        self.capacities = self.cache.capacities
+        self.allocated_bytes = self.cache.allocated_bytes
+        self.full_bytes = self.cache.full_bytes
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 last_only: bool = False) -> torch.Tensor:
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        if KEEP in self.model.input_names:
+            length = input_ids.shape[1]
+            feeds[KEEP] = torch.arange(length - 1 if last_only else 0, length)
+        for site, state in zip(self.cache.sites, self.cache.states):
+            feeds.update({site.buffer(field): tensor for field, tensor in state.items()})
+        outputs = dict(zip(self.model.output_names, self.model(**feeds)))
+        for site, state in zip(self.cache.sites, self.cache.states):
+            for name in state:
+                state[name] = outputs[site.buffer(name) + "_out"]
+        logits = outputs["output_0"]
         return logits[:, -1:] if last_only else logits
 
     def used_bytes(self, real_tokens: list[int]) -> int:

@@ -18,9 +18,8 @@ import torch
 from torch.fx import Graph, GraphModule
 from torch.fx._pytree import tree_flatten_spec
 
-from dynasparse.api import OptimizedModel
 from dynasparse.kernels.exit_gate import exit_decision
-from dynasparse.passes.exit_gate import EXIT_META, ExitPlan
+from dynasparse.plans import EXIT_META, ExitPlan
 from dynasparse.runtime.steps import KEEP, TorchSteps
 from dynasparse.runtime.staged import Stages, split_stages
 
@@ -70,7 +69,7 @@ def gated_stages(gm: GraphModule) -> GatedStages:
 class TokenExitSteps(TorchSteps):
     """Decode steps of a gated KV-cache decoder: per-token exits; prefill runs the whole graph."""
 
-    def __init__(self, decoder: OptimizedModel, batch: int, seq_len: int, device: torch.device, new_tokens: int):
+    def __init__(self, decoder: torch.nn.Module, batch: int, seq_len: int, device: torch.device, new_tokens: int):
         super().__init__(decoder, batch, seq_len, device)
         self.plan: ExitPlan = decoder.graph_module.meta[EXIT_META]
         self.stages = gated_stages(decoder.graph_module)

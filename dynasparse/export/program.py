@@ -1,0 +1,61 @@
+"""One ONNX export of a graph module: dynasparse ops lowered to standard ONNX, named inputs, dynamic dims.
+
+Ops whose torch reference has static shapes are exported by tracing that reference into the graph first
+(each technique's ``onnx_lowered`` ops, run as ``ExportedProgram.run_decompositions``), so they are spelled
+once, in torch; only ops the torch path cannot export (data-dependent gathers) have hand-written onnxscript
+translations (``onnx_translations``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from dynasparse.errors import DynasparseError
+from dynasparse.export.translations import ATTENTION_TRANSLATIONS
+from dynasparse.ir.nodes import quiet_pytree_notice
+from dynasparse.ir.ops import implementation
+from dynasparse.techniques import all_techniques
+
+
+def writable(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise DynasparseError(f"export path {path} is a directory; give a file path such as {path / 'model.onnx'}")
+    if not parent.exists():
+        raise DynasparseError(f"cannot write {path}: folder {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise DynasparseError(f"cannot write {path}: folder {parent} is not writable; choose another path")
+    return path
+
+
+def auto_dims(tensors: list[torch.Tensor]) -> tuple:
+    return tuple({i: Dim.AUTO for i in range(t.dim())} for t in tensors)
+
+
+def onnx_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, opset_version: int,
+                 optimize: bool = True, **names):
+    """``torch.onnx.export`` (dynamo) of ``module`` with every technique's lowerings and translations."""
+    translations, lowerings = dict(ATTENTION_TRANSLATIONS), {}
+    for technique in all_techniques():
+        translations.update(technique.onnx_translations)
+        lowerings.update({op: implementation(op) for op in technique.onnx_lowered})
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration_log.level
+    registration_log.setLevel(logging.ERROR)  # it warns about every torchvision op it cannot register
+    try:
+        # captured the way torch.onnx.export captures (size-oblivious 0/1 dims, runtime asserts over guards)
+        with torch.no_grad(), quiet_pytree_notice(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False,
+                                          prefer_deferred_runtime_asserts_over_guards=True)
+            program = program.run_decompositions(lowerings)
+            return torch.onnx.export(program, dynamo=True, opset_version=opset_version,
+                                     custom_translation_table=translations, verbose=False, optimize=optimize,
+                                     **names)
+    finally:
+        registration_log.setLevel(level)

@@ -1,0 +1,105 @@
+"""What passes leave on a graph module for the runtime, the exporter and the report: one plan per technique,
+under its key in ``graph_module.meta``. Passes write them; the runtime and the exporters read them; neither
+imports the other for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import torch
+
+from dynasparse.config import BaseConfig
+from dynasparse.ir.nodes import hint
+
+CACHE_META = "dynasparse_kv_cache"  # a CachePlan: the KV pass gave every attention site a bounded cache
+EXIT_META = "dynasparse_exit"  # an ExitPlan: exit gates after blocks
+MERGE_GATE = "dynasparse.merge_gate"  # a MergeGate when TokenMergeConfig.dense_below is set
+STREAM_STATE = "dynasparse_stream_state"  # values that travel with the residual stream, per block (see below)
+KV_METADATA = "dynasparse.kv_cache"  # an exported decode step's file metadata: the config and the cache layout
+EXIT_METADATA = "dynasparse.exit"  # an exported staged model's first file: the stage files and the exit logic
+
+
+@dataclass(frozen=True)
+class CacheSite:
+    """One layer's cache as the runtime needs to allocate it."""
+
+    layer: int
+    prefix: str  # buffer names are f"{prefix}_{field}"
+    policy: str
+    num_kv_heads: int
+    head_dim: int
+    value_dim: int
+    dtype: torch.dtype
+
+    def buffer(self, field: str) -> str:
+        return f"{self.prefix}_{field}"
+
+
+@dataclass(frozen=True)
+class CachePlan:
+    """What the KV pass left on the graph module: the config and one ``CacheSite`` per attention layer."""
+
+    config: BaseConfig  # the KVEvictionConfig
+    sites: tuple[CacheSite, ...]
+
+
+@dataclass
+class Gate:
+    """One gate, by node name (names survive stage splitting and export)."""
+
+    block: int
+    hidden: str  # what the head reads (the block's output, or the tuned map of it)
+    confidence: str
+    prediction: str
+    outputs: list[str]  # the head's outputs at this gate, in the graph's flat output order
+    last: str  # the gate's last node: the staged runtime cuts the graph after it
+    block_output: str = ""  # the block's output: the residual stream carried to the next block
+
+
+@dataclass
+class ExitPlan:
+    """What the pass leaves on the graph module for the runtime and the report."""
+
+    config: BaseConfig  # the ExitGateConfig
+    gates: list[Gate]
+    thresholds: list[float]
+    num_blocks: int
+    final_hidden: str  # the last block's output
+    logits_index: int  # which flat output confidence is read from
+    block_outputs: list[str] = field(default_factory=list)  # every block's output, in order
+    curve: list[dict] = field(default_factory=list)  # calibration trade-off, one row per threshold tried
+
+
+@dataclass
+class MergeGate:
+    """Which graph a call runs: the merged one, or ``dense`` (the graph before merging) when the batch
+    holds fewer than ``dense_below`` mergeable tokens. Sizes are read from the flat inputs, in
+    placeholder order: ``(input, dim)``, or ``(None, size)`` for a size fixed at capture."""
+
+    dense: torch.fx.Graph
+    batch_at: tuple[int | None, int]
+    length_at: tuple[int | None, int]
+    min_tokens: int
+    dense_below: int
+
+    def mergeable_tokens(self, flat_inputs: list) -> int:
+        def read(at: tuple[int | None, int]) -> int:
+            index, dim = at
+            return dim if index is None else hint(flat_inputs[index].shape[dim])
+
+        return read(self.batch_at) * max(read(self.length_at) - self.min_tokens, 0)
+
+    def worth_merging(self, flat_inputs: list) -> bool:
+        return self.mergeable_tokens(flat_inputs) >= self.dense_below
+
+
+
+
+@dataclass
+class StreamState:
+    """A value that changes with the residual stream from block to block (token merging's size and source
+    state): ``final`` is what the graph reads after the last block, ``after_block[i]`` the value right after
+    block i. A pass that makes the head read the stream early (an exit gate) reads ``after_block[i]``
+    instead of ``final``, by node name."""
+
+    final: str
+    after_block: dict[int, str]

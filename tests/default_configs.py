@@ -1,0 +1,84 @@
+"""One default config per technique and mode, as kvpress lists its presses: the cross-technique tests in
+``test_techniques.py`` are parametrized by this list, so a new technique adds its entries here and gets
+identity, JSON, opcheck, batching and composition tests for free.
+
+Each entry: (id, model kind, a config with sparsity, the same technique at zero sparsity).
+"""
+from dataclasses import dataclass
+
+import torch
+import transformers as hf
+
+from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig, TokenMergeConfig
+from dynasparse.config import BaseConfig
+
+VOCAB = 128
+
+
+@dataclass(frozen=True)
+class Default:
+    id: str
+    kind: str  # "encoder": a BERT classifier called on a batch; "decoder": a Llama generating
+    sparse: BaseConfig
+    zero: BaseConfig
+
+
+def _sparse(**kwargs) -> SparseAttentionConfig:
+    return SparseAttentionConfig(block_size=16, min_seq_len=32, **kwargs)
+
+
+def _kv(policy: str, budget) -> KVEvictionConfig:
+    return KVEvictionConfig(policy=policy, budget=budget, sink=2, recent=4, chunk_size=24)
+
+
+DEFAULTS = [
+    Default("merge-bipartite", "encoder", TokenMergeConfig(keep_ratio=0.5), TokenMergeConfig(r=0)),
+    Default("merge-prune", "encoder", TokenMergeConfig(r=4, mode="prune"), TokenMergeConfig(r=0, mode="prune")),
+    Default("sparse-encoder", "encoder", _sparse(keep_ratio=0.5), _sparse(keep_ratio=1.0)),
+    Default("exit-staged", "encoder", ExitGateConfig(threshold=0.3), ExitGateConfig(threshold=1.0)),
+    Default("sparse-pooled", "decoder", _sparse(keep_ratio=0.5), _sparse(keep_ratio=1.0)),
+    Default("sparse-vertical-slash", "decoder", _sparse(keep_ratio=0.5, estimator="vertical_slash", window=16),
+            _sparse(keep_ratio=1.0, estimator="vertical_slash", window=16)),
+    *[Default(f"kv-{policy}", "decoder", _kv(policy, 32), _kv(policy, 10_000))
+      for policy in ("h2o", "tova", "snapkv", "streaming")],
+    Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),
+            ExitGateConfig(after_blocks=(0,), mode="draft")),  # lossless by construction: no zero variant
+]
+
+# every pair of techniques on the same kind of model (one entry per technique)
+PAIRS = [(a, b) for i, a in enumerate(DEFAULTS) for b in DEFAULTS[i + 1:]
+         if a.kind == b.kind and type(a.sparse) is not type(b.sparse)
+         and a.id in {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "kv-h2o", "exit-draft"}
+         and b.id in {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "kv-h2o", "exit-draft"}]
+
+
+def bert() -> hf.BertForSequenceClassification:
+    torch.manual_seed(0)
+    config = hf.BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=VOCAB, num_labels=5)
+    return hf.BertForSequenceClassification(config).eval()
+
+
+def llama() -> hf.LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = hf.LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, vocab_size=VOCAB)
+    return hf.LlamaForCausalLM(config).eval()
+
+
+def encoder_inputs(batch: int = 4, length: int = 48) -> dict:
+    """Right-padded rows, as tokenizers pad encoders; long enough for the sparse entries to plan."""
+    generator = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[-1, -9:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def decoder_prompts(batch: int = 3, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts, as generation pads them."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1:, :7] = 0
+    return ids, mask

@@ -1,0 +1,126 @@
+"""Cross-technique tests, parametrized by the default list in ``default_configs.py``: JSON round trip, identity
+at zero sparsity, batched row == row alone, every composition pair, and ``torch.library.opcheck`` on every op
+a technique inserts."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+import dynasparse
+from dynasparse.config import BaseConfig
+from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
+from dynasparse.techniques import all_techniques
+
+from default_configs import DEFAULTS, PAIRS, Default, bert, decoder_prompts, encoder_inputs, llama
+
+NEW_TOKENS = 8
+_models: dict = {}
+
+
+def model(kind: str) -> torch.nn.Module:
+    if kind not in _models:
+        _models[kind] = bert() if kind == "encoder" else llama()
+    return _models[kind]
+
+
+def run(kind: str, configs: list[BaseConfig], row: int | None = None) -> torch.Tensor:
+    """Encoder: the classifier's logits; decoder: the greedy new tokens. ``row``: that row alone (an encoder
+    row keeps its padding; a decoder row is its real tokens)."""
+    if kind == "encoder":
+        inputs = encoder_inputs()
+        if row is not None:
+            inputs = {k: v[row:row + 1] for k, v in inputs.items()}
+        target = dynasparse.optimize(model(kind), configs, example_kwargs=encoder_inputs()) if configs else model(kind)
+        with torch.no_grad():
+            out = target(**inputs)
+        return out.logits if hasattr(out, "logits") else out[0]
+    ids, mask = decoder_prompts()
+    if row is not None:
+        ids, mask = ids[row:row + 1, mask[row].bool()], None
+    return dynasparse.generate(model(kind), ids, mask, max_new_tokens=NEW_TOKENS, configs=configs).sequences[
+        :, -NEW_TOKENS:]
+
+
+def same(kind: str, a: torch.Tensor, b: torch.Tensor) -> None:
+    if kind == "encoder":
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    else:
+        assert torch.equal(a, b)
+
+
+def ids(entries) -> list[str]:
+    return [e.id if isinstance(e, Default) else "+".join(x.id for x in e) for e in entries]
+
+
+@pytest.mark.parametrize("entry", DEFAULTS, ids=ids(DEFAULTS))
+def test_json_round_trip(entry):
+    for config in (entry.sparse, entry.zero):
+        assert BaseConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.parametrize("entry", DEFAULTS, ids=ids(DEFAULTS))
+def test_zero_sparsity_is_the_model(entry):
+    same(entry.kind, run(entry.kind, [entry.zero]), run(entry.kind, []))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", DEFAULTS, ids=ids(DEFAULTS))
+def test_batched_rows_equal_rows_alone(entry):
+    batched = run(entry.kind, [entry.sparse])
+    for row in range(batched.shape[0]):
+        same(entry.kind, batched[row:row + 1], run(entry.kind, [entry.sparse], row))
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=ids(PAIRS))
+def test_pairs_at_zero_sparsity_are_the_model(pair):
+    a, b = pair
+    same(a.kind, run(a.kind, [a.zero, b.zero]), run(a.kind, []))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pair", PAIRS, ids=ids(PAIRS))
+def test_pairs_with_sparsity_batched_rows_equal_rows_alone(pair):
+    a, b = pair
+    batched = run(a.kind, [a.sparse, b.sparse])
+    for row in range(batched.shape[0]):
+        same(a.kind, batched[row:row + 1], run(a.kind, [a.sparse, b.sparse], row))
+
+
+# --- opcheck on every op a technique inserts --------------------------------------------------------------------
+
+class _FirstCalls(TorchDispatchMode):
+    """Records the first call of every dynasparse op (arguments cloned before the op mutates them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dynasparse" and func not in self.calls:
+            self.calls[func] = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+        return func(*args, **(kwargs or {}))
+
+
+_recorded: dict = {}
+SAME_ARGUMENTS = {KV_CACHE_ATTENTION_FUNCTIONAL: KV_CACHE_ATTENTION}  # the export form of the same step
+OPS = sorted({op for t in all_techniques() for op in t.ops}, key=str)
+
+
+def recorded_calls() -> dict:
+    if not _recorded:
+        with _FirstCalls() as recorder:
+            for entry in DEFAULTS:
+                run(entry.kind, [entry.sparse])
+            run("decoder", [DEFAULTS[4].sparse, DEFAULTS[6].sparse])  # sparse prefill over a bounded cache
+        _recorded.update(recorder.calls)
+    return _recorded
+
+
+@pytest.mark.parametrize("op", OPS, ids=[str(op) for op in OPS])
+def test_opcheck(op):
+    calls = recorded_calls()
+    source = SAME_ARGUMENTS.get(op, op)
+    assert source in calls, f"no default config inserts {op}: add one to default_configs.DEFAULTS"
+    args, kwargs = calls[source]
+    torch.library.opcheck(op, args, kwargs, test_utils=("test_schema", "test_autograd_registration",
+                                                        "test_faketensor"))

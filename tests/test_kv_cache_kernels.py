@@ -246,3 +246,39 @@ def test_torch_step_keeps_an_unevicted_cache_in_position_order():
     seen = state["seen"][:, None, None]
     expected = torch.where(slots < seen, slots, torch.full_like(slots, -1))
     assert torch.equal(state["positions"], expected.expand_as(state["positions"]))
+
+
+# --- sparse prefill over the cache (issue 14's composition) against the reference ------------------------------
+
+@pytest.mark.parametrize("policy", ["h2o", "snapkv", "tova", "streaming"])
+def test_sparse_step_keeping_every_block_is_the_reference_step(policy):
+    """A plan that keeps every block reads what the dense step reads: same output, same masses, same
+    evictions, from a cache with holes and slots out of position order."""
+    from dynasparse.kernels.kv_cache_sparse import kv_cache_sparse_step
+
+    gen = torch.Generator().manual_seed(7)
+    expected = random_cache(gen, 2, 2, 48, 16, 16, seen=100)
+    expected["scores"] /= expected["scores"].max()
+    actual = {name: t.clone() for name, t in expected.items()}
+    q = _randn(gen, 2, 4, 40, 16)
+    k, v = _randn(gen, 2, 2, 40, 16), _randn(gen, 2, 2, 40, 16)
+    reference = kc.kv_cache_step_reference(q, k, v, None, True, None, *expected.values(), policy, 4, 8, 8, 1)
+    out = kv_cache_sparse_step(q, k, v, None, True, None, *actual.values(), policy, 4, 8, 8, 1,
+                               16, "pooled", "keep_ratio", 1.0, 1, 1, 0, 16)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    assert_same_contents(actual, expected, score_atol=1e-5)
+
+
+def test_sparse_step_with_a_sparse_plan_reads_fewer_keys():
+    from dynasparse.kernels.kv_cache_sparse import kv_cache_sparse_step
+
+    gen = torch.Generator().manual_seed(8)
+    expected = random_cache(gen, 1, 2, 96, 16, 16, empty=0.0, seen=100)
+    actual = {name: t.clone() for name, t in expected.items()}
+    q = _randn(gen, 1, 4, 64, 16)
+    k, v = _randn(gen, 1, 2, 64, 16), _randn(gen, 1, 2, 64, 16)
+    dense = kc.kv_cache_step_reference(q, k, v, None, True, None, *expected.values(), "h2o", 4, 8, 8, 1)
+    sparse = kv_cache_sparse_step(q, k, v, None, True, None, *actual.values(), "h2o", 4, 8, 8, 1,
+                                  16, "pooled", "keep_ratio", 0.25, 1, 1, 0, 16)
+    assert not torch.allclose(sparse, dense, atol=1e-3)
+    assert (actual["positions"][..., :-1] >= 0).all()  # still a full cache of the budget after eviction

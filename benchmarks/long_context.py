@@ -1,0 +1,176 @@
+"""Long context on the real SmolLM2-135M-Instruct: what each decoder technique keeps, side by side in one run.
+
+* **Fact recall.** ``zoo.FACT`` (a name and a number) planted at ``--depths`` depths of ``--context`` tokens of
+  Python's help topics (text the model was not tuned on), asked about in a chat turn; a row recalls when the
+  answer's number is in its first new tokens (greedy). Two settings:
+  - question-aware: the question ends the prompt, so the last prefill chunk reads it before eviction;
+  - question-agnostic: the context is read and compressed first, the question is appended through the
+    cache afterwards (kvpress's pipeline), so eviction cannot know what will be asked.
+* **Perplexity** of held-out stdlib source (``inspect.py``, never in the help topics) read through the cache.
+
+Rows: the full cache; each eviction policy at each budget (a share of the sequence); H2O with the pyramid
+schedule; sparse prefill (pooled estimator, keep 0.25 / 0.1) over the full cache and over a 25% H2O
+cache. All depths of a setting run as one left-padded batch (a batched row generates what it generates
+alone). A matplotlib plot of recall against budget per policy goes next to the tables.
+
+    python -m benchmarks.long_context [--context 2048] [--depths 10] [--budgets 0.25 0.1]
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import benchmarks  # noqa: F401
+except ImportError:  # run as a file: put the repo root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dynasparse
+from dynasparse import KVEvictionConfig, SparseAttentionConfig, zoo
+from dynasparse.config import BaseConfig
+from dynasparse.plot import line_plot
+from dynasparse.runtime.generate import steps_for
+from dynasparse.runtime.steps import prefill
+from dynasparse.table import table
+
+OUT = Path("benchmarks") / "results"
+POLICIES = ("h2o", "tova", "snapkv", "streaming")
+NEW_TOKENS = 16  # the number is four digit tokens after "The access code ... is"
+
+
+def prompts(tokenizer, context: int, depths: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Per depth: (chat prompt up to the end of the context, the rest: question and generation prompt)."""
+    heads, tails = [], []
+    for depth in torch.linspace(0, 1, depths).tolist():
+        text = zoo.planted_fact_context(tokenizer, context, depth)
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": f"{text}\n\n{zoo.FACT_QUESTION}"}],
+                                             add_generation_prompt=True, tokenize=False)
+        split = chat.index(zoo.FACT_QUESTION)
+        heads.append(tokenizer(chat[:split], add_special_tokens=False).input_ids)
+        tails.append(tokenizer(chat[split:], add_special_tokens=False).input_ids)
+    return heads, tails
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def recalled(tokenizer, tokens: torch.Tensor) -> list[bool]:
+    return [zoo.FACT_ANSWER in tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+
+
+def question_aware(model, tokenizer, heads, tails, configs: list[BaseConfig]) -> list[bool]:
+    ids, mask = left_padded([h + t for h, t in zip(heads, tails)], tokenizer.eos_token_id)
+    out = dynasparse.generate(model, ids, mask, max_new_tokens=NEW_TOKENS, configs=configs)
+    return recalled(tokenizer, out.sequences[:, ids.shape[1]:])
+
+
+@torch.no_grad()
+def question_agnostic(model, tokenizer, heads, tails, configs: list[BaseConfig]) -> list[bool]:
+    """Read the context through the cache, then the question, then decode greedily."""
+    ids, mask = left_padded(heads, tokenizer.eos_token_id)
+    question = torch.tensor(tails)  # the same question for every row
+    step = steps_for(model, configs, ids.shape[0], ids.shape[1] + question.shape[1] + NEW_TOKENS, ids.device,
+                     NEW_TOKENS)
+    prefill(step, ids, mask, step.config.chunk_size)
+    position = mask.sum(-1, keepdim=True)
+    offsets = torch.arange(question.shape[1])
+    logits = step(question, torch.ones_like(question), position + offsets, last_only=True)[:, -1]
+    position = position + question.shape[1]
+    tokens = []
+    for _ in range(NEW_TOKENS):
+        tokens.append(logits.argmax(-1))
+        logits = step(tokens[-1][:, None], torch.ones_like(position), position, last_only=True)[:, -1]
+        position = position + 1
+    return recalled(tokenizer, torch.stack(tokens, 1))
+
+
+@torch.no_grad()
+def perplexity(model, tokens: torch.Tensor, configs: list[BaseConfig]) -> float:
+    """Perplexity of one window read chunk by chunk through the cache (each chunk sees the cache + itself)."""
+    step = steps_for(model, configs, 1, tokens.shape[1], tokens.device)
+    chunks = []
+    prefill(step, tokens, torch.ones_like(tokens), step.config.chunk_size,
+            on_logits=lambda start, logits: chunks.append(logits))
+    logits = torch.cat(chunks, 1)
+    return math.exp(F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:]).item())
+
+
+def settings(budgets: list[float], min_seq_len: int = 1024) -> list[tuple[str, str, float | None, list[BaseConfig]]]:
+    """(row name, family for the plot, budget, configs)."""
+    rows = [("full cache", "full", 1.0, [])]
+    for policy in POLICIES:
+        rows += [(f"{policy} {b:.0%}", policy, b, [KVEvictionConfig(policy=policy, budget=b, recent=64)])
+                 for b in budgets]
+    rows += [(f"h2o pyramid {b:.0%}", "h2o pyramid", b,
+              [KVEvictionConfig(policy="h2o", budget=b, recent=64, schedule="pyramid")]) for b in budgets]
+    for keep in (0.25, 0.1):
+        sparse = SparseAttentionConfig(keep_ratio=keep, min_seq_len=min_seq_len)
+        rows.append((f"sparse prefill keep {keep:g}", "sparse prefill", None, [sparse]))
+        rows.append((f"sparse prefill keep {keep:g} + h2o 25%", "sparse + h2o", None,
+                     [sparse, KVEvictionConfig(policy="h2o", budget=0.25, recent=64)]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--context", type=int, default=2048, help="tokens of help text around the fact")
+    parser.add_argument("--depths", type=int, default=10)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 256 tokens, 2 depths, 3 rows")
+    parser.add_argument("--agnostic", nargs="*", default=["full cache", "h2o 25%", "tova 25%", "snapkv 25%",
+                                                            "streaming 25%"],
+                        help="rows that also run the question-agnostic setting")
+    args = parser.parse_args()
+    rows_to_run = settings(args.budgets)
+    if args.quick:
+        args.context, args.depths, args.budgets = 512, 2, [0.25]
+        rows_to_run = [r for r in settings(args.budgets, min_seq_len=128) if r[0] in ("full cache", "h2o 25%",
+                                                                     "sparse prefill keep 0.25 + h2o 25%")]
+    entry = zoo.load("smollm2")
+    model, tokenizer = entry.model, entry.tokenizer
+    heads, tails = prompts(tokenizer, args.context, args.depths)
+    held_out = tokenizer(inspect.getsource(inspect), return_tensors="pt").input_ids[:, :args.context]
+
+    rows, data, curves = [], [], {}
+    for name, family, budget, configs in rows_to_run:
+        aware = question_aware(model, tokenizer, heads, tails, configs)
+        agnostic = question_agnostic(model, tokenizer, heads, tails, configs) if name in args.agnostic else None
+        ppl = perplexity(model, held_out, configs)
+        data.append({"row": name, "budget": budget, "aware": aware, "agnostic": agnostic, "perplexity": ppl})
+        rows.append([name, f"{sum(aware)}/{len(aware)}", "-" if agnostic is None else f"{sum(agnostic)}/{len(agnostic)}",
+                     f"{ppl:.2f}"])
+        if budget is not None:
+            curves.setdefault(family, []).append((budget, sum(aware) / len(aware)))
+        print(rows[-1], flush=True)
+    full = data[0]["perplexity"]
+    for row, record in zip(rows, data):
+        row[-1] += f" ({record['perplexity'] / full - 1:+.1%})"
+    context_tokens = len(heads[0]) + len(tails[0])
+    title = (f"Long context, SmolLM2-135M-Instruct (fp32): a fact at {args.depths} depths of ~{context_tokens} "
+             f"prompt tokens (help topics), greedy, {NEW_TOKENS} new tokens; perplexity of {held_out.shape[1]} "
+             f"tokens of inspect.py; budgets are shares of the sequence, sink 4, recent 64, chunks of 512")
+    header = ["cache / prefill", "recall, question-aware", "recall, question-agnostic", "perplexity (vs full)"]
+    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
+    curves["full"] = [(b, curves["full"][0][1]) for b in args.budgets]  # the full cache as a flat reference
+    plot = line_plot(OUT / f"long_context_{args.context}.png", curves, xlabel="cache budget (share of the sequence)",
+                     ylabel="fact recall (question-aware)", title=f"SmolLM2-135M, {args.context}-token context")
+    markdown += f"\n![recall against budget]({plot.name})\n"
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"long_context_{args.context}.md").write_text(markdown)
+    (OUT / f"long_context_{args.context}.json").write_text(json.dumps({"title": title, "rows": data}, indent=2))
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

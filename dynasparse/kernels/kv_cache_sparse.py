@@ -13,12 +13,12 @@ contributes nothing for that query (it was not read). Eviction then runs as in t
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
 from dynasparse.kernels.attention import causal_mask, softmax_scale
-from dynasparse.kernels.kv_cache import POLICIES, evict_and_write, kv_cache_step, new_positions, token_validity
+from dynasparse.kernels.kv_cache import (POLICIES, _slot_masses, evict_and_write, kv_cache_step, new_positions,
+                                         token_validity)
 from dynasparse.kernels.sparse_attention import build_plan, plan_token_mask, sparse_attention_gather
 
 
@@ -44,21 +44,6 @@ def _right_aligned(real: torch.Tensor, block_size: int) -> tuple[torch.Tensor, t
     present = rank >= 0
     source = order.gather(-1, rank.clamp(min=0))
     return torch.where(present, source, real.shape[-1]), present
-
-
-def _masses(q: torch.Tensor, keys_all: torch.Tensor, visible: torch.Tensor, scale: float,
-            observed: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, L]: softmax mass of each key from the observed [B, T] queries over what each saw."""
-    batch, q_heads, _, head_dim = q.shape
-    kv_heads = keys_all.shape[1]
-    groups = q_heads // kv_heads
-    rows = observed.any(0).nonzero().squeeze(-1)  # only queries some row observes need their probabilities
-    qg = q[:, :, rows].float().reshape(batch, kv_heads, groups * len(rows), head_dim)
-    logits = (qg @ keys_all.float().transpose(-2, -1)) * scale
-    seen = visible[:, :, rows].reshape(batch, kv_heads, groups * len(rows), -1)
-    probs = logits.masked_fill(~seen, -math.inf).softmax(-1).nan_to_num(0.0)
-    weights = observed[:, rows].repeat(1, groups)[:, None, :, None]
-    return (probs * weights).sum(2)
 
 
 def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -113,7 +98,7 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if rule.uses_attention:
         read = visible & plan_token_mask(counts, indices, block_size, width, source.shape[-1], q_heads)
         observed = torch.nn.functional.pad(rule.observe(query_valid, window), (pad_q, 0))
-        masses = _masses(q_al, keys_al, read, scale, observed)  # [B, Hkv, L], back to slots and new tokens:
+        masses = _slot_masses(q_al, keys_al, read, scale, observed)  # [B, Hkv, L], back to slots and new tokens:
         by_source = masses.new_zeros(batch, kv_heads, held + length + 1).scatter_add_(-1, source, masses)
         mass_cache[..., :held], mass_new = by_source[..., :held], by_source[..., held:held + length]
     step_pos = new_positions(seen, key_valid)

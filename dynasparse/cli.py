@@ -14,6 +14,7 @@ from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import POLICIES
 from dynasparse.passes.kv_eviction import KVEvictionConfig
+from dynasparse.passes.sparse_attention import SparseAttentionConfig
 from dynasparse.passes.token_merge import TokenMergeConfig
 from dynasparse.table import table
 
@@ -149,17 +150,17 @@ def cmd_generate(args) -> None:
             ["prefill seconds", f"{stats.prefill_seconds:.2f}"],
             ["decode tokens/s", f"{stats.decode_tokens_per_second:.1f}"],
             ["KV cache MiB", f"{stats.cache_allocated_bytes / 2**20:.1f} (full cache: "
-                             f"{stats.cache_full_bytes / 2**20:.1f})"]]
+                             f"{stats.cache_full_bytes / 2**20:.1f})"],
+            ["KV cache MiB during prefill", f"{stats.cache_prefill_bytes / 2**20:.1f}"]]
     print("\n" + table([f"{args.model}, {kv.policy} cache" + (", compiled" if args.compile else ""), ""], rows),
           file=sys.stderr)
 
 
-def encoder_merge_config(keep_ratio: float, num_blocks: int) -> TokenMergeConfig:
-    """The token-merge setting tuned on MiniLM: the first and last blocks left dense, the hidden state as
-    the similarity metric, inputs of up to 32 tokens left whole, and batches with fewer than 128 tokens
-    beyond those run dense (benchmarks/token_merge.py measures it against plain ToMe)."""
-    return TokenMergeConfig(keep_ratio=keep_ratio, metric="hidden", layers=tuple(range(1, num_blocks - 1)),
-                            min_tokens=32, dense_below=128)
+def encoder_merge_config(keep_ratio: float) -> TokenMergeConfig:
+    """The token-merge defaults (the first and last blocks left dense, the hidden state as the similarity
+    metric, inputs of up to 32 tokens left whole), and batches with fewer than 128 tokens beyond those run
+    dense (benchmarks/token_merge.py measures it against plain ToMe)."""
+    return TokenMergeConfig(keep_ratio=keep_ratio, dense_below=128)
 
 
 def _merge_table(entry, keep_ratios: list[float], plain_tome: bool) -> tuple[list, dict[str, list]]:
@@ -180,10 +181,9 @@ def _merge_table(entry, keep_ratios: list[float], plain_tome: bool) -> tuple[lis
             return torch.cat(out)
 
     reference = pooled(entry.model)
-    blocks = entry.model.config.num_hidden_layers
-    configs = {f"dynasparse keep {k}": encoder_merge_config(k, blocks) for k in keep_ratios}
+    configs = {f"dynasparse keep {k}": encoder_merge_config(k) for k in keep_ratios}
     if plain_tome:
-        configs.update({f"ToMe keep {k}": TokenMergeConfig(keep_ratio=k) for k in keep_ratios})
+        configs.update({f"ToMe keep {k}": TokenMergeConfig.tome(keep_ratio=k) for k in keep_ratios})
     cases = []
     for name, config in configs.items():
         merged = optimize(entry.model, [config], example_kwargs=batches[-1])
@@ -252,7 +252,8 @@ def cmd_demo(args) -> None:
 
 def _smollm2_demo() -> None:
     """A fact in about 2k tokens of help text, asked about after it: Hugging Face's generate, dynasparse
-    with the full cache and with a cache of 25% of the tokens (the default policy), side by side."""
+    with the full cache, with a cache of 25% of the tokens (the default policy) and with query-aware decode
+    reading 10% of the full cache per step, side by side."""
     from dynasparse import zoo
     from dynasparse.bench import hf_generate_timed
     from dynasparse.runtime.generate import generate
@@ -270,9 +271,10 @@ def _smollm2_demo() -> None:
         tokens, timings = hf_generate_timed(model, ids, torch.ones_like(ids), 24, eos_token_id=eos, pad_token_id=eos)
     rows = [["Hugging Face generate", answer(tokens[0]), f"{timings['decode tok/s']:.1f}",
              f"{timings['cache MiB']:.1f}"]]
-    for name, kv in [("dynasparse, full cache", KVEvictionConfig(policy="full")),
-                     ("dynasparse, 25% cache (h2o)", KVEvictionConfig(budget=0.25))]:
-        out = generate(model, ids, max_new_tokens=24, kv=kv, eos_token_id=eos)
+    for name, configs in [("dynasparse, full cache", [KVEvictionConfig(policy="full")]),
+                          ("dynasparse, 25% cache (h2o)", [KVEvictionConfig(budget=0.25)]),
+                          ("dynasparse, full cache, decode reads 10%", [SparseAttentionConfig(decode_keep=0.1)])]:
+        out = generate(model, ids, max_new_tokens=24, configs=configs, eos_token_id=eos)
         rows.append([name, answer(out.sequences[0, ids.shape[1]:]), f"{out.stats.decode_tokens_per_second:.1f}",
                      f"{out.stats.cache_allocated_bytes / 2**20:.1f}"])
     print(table(["generator", "answer", "decode tok/s", "KV cache MiB"], rows) + "\n")

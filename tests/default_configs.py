@@ -39,6 +39,7 @@ DEFAULTS = [
     Default("sparse-pooled", "decoder", _sparse(keep_ratio=0.5), _sparse(keep_ratio=1.0)),
     Default("sparse-vertical-slash", "decoder", _sparse(keep_ratio=0.5, estimator="vertical_slash", window=16),
             _sparse(keep_ratio=1.0, estimator="vertical_slash", window=16)),
+    Default("sparse-query-aware-decode", "decoder", _sparse(decode_keep=0.25), _sparse(keep_ratio=1.0)),
     *[Default(f"kv-{policy}", "decoder", _kv(policy, 32), _kv(policy, 10_000))
       for policy in ("h2o", "tova", "snapkv", "streaming")],
     Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),

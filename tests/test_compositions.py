@@ -132,7 +132,7 @@ def test_each_gate_head_reads_the_stream_merged_so_far():
     stream, unmerged: the dense model cut after block 0 when block 0 merges nothing."""
     model, inputs = _bert(), _text()
     gate = ExitGateConfig(after_blocks=(0,), threshold=0.0)
-    merged = dynasparse.optimize(model, [gate, TokenMergeConfig(r=(0, 4, 4, 4))], example_kwargs=inputs)
+    merged = dynasparse.optimize(model, [gate, TokenMergeConfig.tome(r=(0, 4, 4, 4))], example_kwargs=inputs)
     unmerged = dynasparse.optimize(model, gate, example_kwargs=inputs)
     torch.testing.assert_close(_logits(merged, inputs), _logits(unmerged, inputs), atol=1e-5, rtol=0)
     assert merged.exit_blocks.eq(0).all()
@@ -140,7 +140,7 @@ def test_each_gate_head_reads_the_stream_merged_so_far():
 
 def test_merging_with_gates_batched_rows_equal_rows_alone():
     model, inputs = _bert(), _text()
-    optimized = dynasparse.optimize(model, [TokenMergeConfig(keep_ratio=0.5), ExitGateConfig(threshold=0.3)],
+    optimized = dynasparse.optimize(model, [TokenMergeConfig.tome(keep_ratio=0.5), ExitGateConfig(threshold=0.3)],
                                     example_kwargs=inputs)
     batched = _logits(optimized, inputs)
     for row in range(inputs["input_ids"].shape[0]):

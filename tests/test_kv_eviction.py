@@ -76,11 +76,12 @@ def test_budget_covering_the_sequence_is_the_full_cache(policy):
     assert torch.equal(full, roomy) and torch.equal(full, ratio)
 
 
+@pytest.mark.parametrize("compress", ["after_prefill", "every_chunk"])
 @pytest.mark.parametrize("policy", POLICY_NAMES)
-def test_batched_rows_equal_rows_alone(policy):
+def test_batched_rows_equal_rows_alone(policy, compress):
     model = lm("llama")
     ids, mask = prompts(batch=3, length=20)
-    config = kv(policy, budget=12)
+    config = kv(policy, budget=12, compress=compress)
     batched = dynasparse.generate(model, ids, mask, max_new_tokens=24, kv=config).sequences
     for row in range(ids.shape[0]):
         start = int((mask[row] == 0).sum())
@@ -96,6 +97,20 @@ def test_eviction_changes_the_output_and_keeps_the_cache_bounded():
     assert not torch.equal(full.sequences, bounded.sequences)
     assert bounded.stats.cache_capacity == [10, 10]
     assert bounded.stats.cache_allocated_bytes * 4 < full.stats.cache_allocated_bytes
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "streaming"])
+def test_compressing_after_prefill_evicts_as_one_chunk_holding_the_whole_prompt(policy):
+    """Chunk by chunk into a cache that holds the prompt, then one eviction: the scores have read every
+    prompt token, as when the whole prompt is one chunk. Prefill holds the prompt; decode the budget."""
+    model = lm("llama")
+    ids, mask = prompts(batch=3, length=20)
+    once = dynasparse.generate(model, ids, mask, max_new_tokens=16, kv=kv(policy, budget=10))
+    one_chunk = dynasparse.generate(model, ids, mask, max_new_tokens=16,
+                                    kv=kv(policy, budget=10, chunk_size=64, compress="every_chunk"))
+    assert torch.equal(once.sequences, one_chunk.sequences)
+    assert once.stats.cache_prefill_bytes == 2 * once.stats.cache_allocated_bytes  # 20 prompt slots vs 10
+    assert once.stats.cache_allocated_bytes == one_chunk.stats.cache_allocated_bytes
 
 
 def test_long_generation_keeps_cache_bytes_constant_once_full():
@@ -204,6 +219,7 @@ def test_pyramid_budgets_spread_the_same_total():
 
 
 @pytest.mark.parametrize("kwargs, message", [
+    (dict(compress="never"), "compress='never'"),
     (dict(budget=20, sink=4, recent=32), "below sink \\+ recent"),
     (dict(policy="lru"), "not a known policy"),
     (dict(budget=1.5), "share of the sequence"),

@@ -111,7 +111,9 @@ def recorded_calls() -> dict:
         with _FirstCalls() as recorder:
             for entry in DEFAULTS:
                 run(entry.kind, [entry.sparse])
-            run("decoder", [DEFAULTS[4].sparse, DEFAULTS[6].sparse])  # sparse prefill over a bounded cache
+            by_id = {entry.id: entry.sparse for entry in DEFAULTS}  # sparse prefill over a bounded cache:
+            run("decoder", [by_id["sparse-pooled"], by_id["kv-h2o"]])
+            run("decoder", [by_id["sparse-query-aware-decode"], by_id["kv-h2o"]])  # and query-aware decode
         _recorded.update(recorder.calls)
     return _recorded
 

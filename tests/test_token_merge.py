@@ -8,10 +8,10 @@ from dynasparse.ir.ops import MERGE_TOKENS, UNMERGE
 
 from conftest import load
 
-MODES = [TokenMergeConfig(r=2), TokenMergeConfig(keep_ratio=0.6), TokenMergeConfig(r=1, schedule="decreasing"),
-         TokenMergeConfig(r=(2, 2, 1, 1, 0, 1)), TokenMergeConfig(keep_ratio=0.6, metric="hidden"),
-         TokenMergeConfig(keep_ratio=0.6, mode="prune"), TokenMergeConfig(keep_ratio=0.6, mode="prune", fuse_pruned=False),
-         TokenMergeConfig(r=2, mode="threshold", threshold=0.2)]
+MODES = [TokenMergeConfig.tome(r=2), TokenMergeConfig.tome(keep_ratio=0.6), TokenMergeConfig.tome(r=1, schedule="decreasing"),
+         TokenMergeConfig.tome(r=(2, 2, 1, 1, 0, 1)), TokenMergeConfig.tome(keep_ratio=0.6, metric="hidden"),
+         TokenMergeConfig.tome(keep_ratio=0.6, mode="prune"), TokenMergeConfig.tome(keep_ratio=0.6, mode="prune", fuse_pruned=False),
+         TokenMergeConfig.tome(r=2, mode="threshold", threshold=0.2)]
 
 
 def merged(name, config, batch=2, seq_len=16):
@@ -20,8 +20,8 @@ def merged(name, config, batch=2, seq_len=16):
 
 
 @pytest.mark.parametrize("name", ["bert-tiny", "minilm", "vit-tiny"])
-@pytest.mark.parametrize("config", [TokenMergeConfig(r=0), TokenMergeConfig(keep_ratio=1.0),
-                                    TokenMergeConfig(keep_ratio=1.0, mode="prune")])
+@pytest.mark.parametrize("config", [TokenMergeConfig.tome(r=0), TokenMergeConfig.tome(keep_ratio=1.0),
+                                    TokenMergeConfig.tome(keep_ratio=1.0, mode="prune")])
 def test_zero_merging_is_the_identity(name, config):
     entry, model = merged(name, config)
     assert model.report.passes[1].num_matches == len(model.report.analysis.blocks)
@@ -55,7 +55,7 @@ def test_dense_outputs_keep_their_shape_and_rows_are_independent(config):
 
 
 def test_merging_removes_tokens_and_reports_it():
-    _, model = merged("minilm", TokenMergeConfig(keep_ratio=0.5), seq_len=64)
+    _, model = merged("minilm", TokenMergeConfig.tome(keep_ratio=0.5), seq_len=64)
     report = model.report
     sites = report.analysis.sites
     assert sites[0].example_shape[1] == 64 and sites[-1].example_shape[1] < 64 * 0.65
@@ -67,7 +67,7 @@ def test_protected_cls_token_is_never_merged(monkeypatch):
     """After every merge, the slot holding CLS stands for exactly one token, with or without left padding."""
     from dynasparse.kernels import token_merge
 
-    entry, model = merged("minilm", TokenMergeConfig(keep_ratio=0.4, protect=(0,)), seq_len=24)
+    entry, model = merged("minilm", TokenMergeConfig.tome(keep_ratio=0.4, protect=(0,)), seq_len=24)
     steps = []
     original = token_merge.merge_tokens_reference
 
@@ -90,7 +90,7 @@ def test_protected_cls_token_is_never_merged(monkeypatch):
 
 def test_decoder_blocks_stay_dense_and_are_reported():
     entry = load("llama-tiny")
-    model = dynasparse.optimize(entry.model, [TokenMergeConfig(r=2)], example_kwargs=entry.make_inputs(2, 12))
+    model = dynasparse.optimize(entry.model, [TokenMergeConfig.tome(r=2)], example_kwargs=entry.make_inputs(2, 12))
     assert model.report.passes[1].num_matches == 0
     assert all("causal attention" in why for why in model.report.left_dense.values())
     inputs = entry.make_inputs(2, 12)
@@ -99,15 +99,28 @@ def test_decoder_blocks_stay_dense_and_are_reported():
 
 
 def test_selected_layers_only():
-    _, model = merged("minilm", TokenMergeConfig(r=2, layers=(4, 5)))
+    _, model = merged("minilm", TokenMergeConfig.tome(r=2, layers=(4, 5)))
     assert [line.split(":")[0] for line in model.report.passes[1].applied] == ["block 4", "block 5"]
 
 
+def test_constant_r_is_capped_per_row_where_a_row_is_too_short():
+    """ToMe's behaviour: a row merges at most half of its unprotected tokens; the report says where the
+    example was capped, and a short batch runs (each row as it runs alone)."""
+    entry, model = merged("minilm", TokenMergeConfig.tome(r=8), seq_len=12)
+    assert "capped at 6" in model.report.passes[1].applied[0]
+    inputs = entry.make_inputs(3, 6)
+    inputs["attention_mask"][2, :2] = 0
+    with torch.no_grad():
+        batched = model(**inputs).last_hidden_state
+        assert batched.shape == (3, 6, 384) and torch.isfinite(batched).all()
+        alone = model(**{k: v[2:] for k, v in inputs.items()}).last_hidden_state
+    torch.testing.assert_close(alone[0], batched[2], atol=2e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(r=20), "more than half"),
     (dict(r=2, protect=(0, 40)), "beyond the example"),
     (dict(keep_ratio=0.01), "at most 50%"),
-    (dict(r=(1, 2)), "2 values for 6 merged blocks"),
+    (dict(r=(1, 2)), "2 values for 4 merged blocks"),
 ])
 def test_invalid_settings_for_the_model(kwargs, message):
     with pytest.raises(DynasparseError, match=message):
@@ -128,14 +141,14 @@ def test_invalid_config_values(kwargs, message):
 
 
 def test_config_round_trips_json():
-    config = TokenMergeConfig(r=(2, 3), mode="threshold", threshold=(0.5, 0.6), protect=(0, 1))
+    config = TokenMergeConfig.tome(r=(2, 3), mode="threshold", threshold=(0.5, 0.6), protect=(0, 1))
     assert dynasparse.BaseConfig.from_json(config.to_json()) == config
 
 
 def test_threshold_mode_calibrates_to_the_scheduled_average():
     entry = load("minilm")
     batches = [entry.make_inputs(4, 40) for _ in range(2)]
-    config = TokenMergeConfig(keep_ratio=0.5, mode="threshold", metric="hidden")
+    config = TokenMergeConfig.tome(keep_ratio=0.5, mode="threshold", metric="hidden")
     model = dynasparse.optimize(entry.model, [config], example_kwargs=batches[0], calibration=batches)
     notes = " ".join(model.report.passes[1].notes)
     assert "thresholds calibrated on 2 batches" in notes
@@ -148,10 +161,10 @@ def test_threshold_mode_calibrates_to_the_scheduled_average():
 def test_threshold_mode_without_calibration_or_threshold_is_an_error():
     entry = load("bert-tiny")
     with pytest.raises(DynasparseError, match="calibrates its thresholds"):
-        dynasparse.optimize(entry.model, [TokenMergeConfig(r=2, mode="threshold")],
+        dynasparse.optimize(entry.model, [TokenMergeConfig.tome(r=2, mode="threshold")],
                             example_kwargs=entry.make_inputs(2, 16))
     with pytest.raises(DynasparseError, match="calibration batch 0 does not fit"):
-        dynasparse.optimize(entry.model, [TokenMergeConfig(r=2, mode="threshold")],
+        dynasparse.optimize(entry.model, [TokenMergeConfig.tome(r=2, mode="threshold")],
                             example_kwargs=entry.make_inputs(2, 16), calibration=[{"pixel_values": torch.ones(1)}])
 
 
@@ -162,7 +175,7 @@ def test_merged_model_compiles_without_graph_breaks():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     entry = load("bert-tiny")
-    config = TokenMergeConfig(keep_ratio=0.6, metric="hidden")
+    config = TokenMergeConfig.tome(keep_ratio=0.6, metric="hidden")
     reports = []
     compiled = torch.compile(entry.model, backend="dynasparse",
                              options={"configs": [config], "on_report": reports.append})
@@ -180,9 +193,9 @@ def test_small_batches_run_the_dense_graph():
     the graph as it was before merging, exactly; larger calls merge exactly as without the gate."""
     entry = load("minilm")
     example = entry.make_inputs(2, 16)
-    gated = dynasparse.optimize(entry.model, [TokenMergeConfig(keep_ratio=0.5, min_tokens=4, dense_below=40)],
+    gated = dynasparse.optimize(entry.model, [TokenMergeConfig.tome(keep_ratio=0.5, min_tokens=4, dense_below=40)],
                                 example_kwargs=example)
-    plain = dynasparse.optimize(entry.model, [TokenMergeConfig(keep_ratio=0.5, min_tokens=4)], example_kwargs=example)
+    plain = dynasparse.optimize(entry.model, [TokenMergeConfig.tome(keep_ratio=0.5, min_tokens=4)], example_kwargs=example)
     assert "runs the dense graph" in str(gated.report)
     with torch.no_grad():
         for batch, seq_len, merges in ((1, 20, False), (2, 20, False), (3, 30, True)):
@@ -199,7 +212,7 @@ def test_dense_below_under_compile_and_export(tmp_path):
 
     torch._dynamo.reset()
     entry = load("bert-tiny")
-    config = TokenMergeConfig(keep_ratio=0.6, dense_below=10_000)
+    config = TokenMergeConfig.tome(keep_ratio=0.6, dense_below=10_000)
     reports = []
     compiled = torch.compile(entry.model, backend="dynasparse",
                              options={"configs": [config], "on_report": reports.append, "inductor": False})
@@ -215,4 +228,4 @@ def test_dense_below_under_compile_and_export(tmp_path):
 
 def test_dense_below_is_validated():
     with pytest.raises(DynasparseError, match="dense_below"):
-        TokenMergeConfig(r=1, dense_below=-1)
+        TokenMergeConfig.tome(r=1, dense_below=-1)

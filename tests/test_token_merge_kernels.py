@@ -193,7 +193,7 @@ def test_merge_scatter_matches_a_real_merge_plan(kernels):
     size = torch.ones(batch, length)
     size[1, 25:] = 0.0
     source = torch.arange(length).expand(batch, -1).contiguous()
-    capacity = token_merge.merged_capacity(length, 8, -1, "bipartite", False, 0)
+    capacity = token_merge.merged_capacity(length, 8, -1, "bipartite", False, 0, 1)
     target, weight = token_merge.plan_merge(metric, size, source, None, r=8, ratio_milli=-1, protect=[0],
                                             mode="bipartite", threshold=0.0, r_min_milli=0, fuse=False,
                                             capacity=capacity)

@@ -48,7 +48,7 @@ def _domains_and_ops(path) -> tuple[set[str], set[str]]:
 
 def _check_model(name: str, config: dict, example_len: int, lengths: tuple[int, int], tmp_path):
     entry = load(name)
-    optimized = dynasparse.optimize(entry.model, [dynasparse.TokenMergeConfig(**config)],
+    optimized = dynasparse.optimize(entry.model, [dynasparse.TokenMergeConfig.tome(**config)],
                                     example_kwargs=entry.make_inputs(2, example_len))
     path = dynasparse.export_onnx(optimized, tmp_path / "m.onnx")
     domains, op_types = _domains_and_ops(path)

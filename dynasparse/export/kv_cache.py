@@ -27,7 +27,9 @@ from torch.export import Dim
 from dynasparse.export.spellings import (BOOL, FLOAT, INT64, as_long, const_like, dim, float_scalar, ints,
                                          lowest)
 from dynasparse.export.program import onnx_program
-from dynasparse.ir.ops import KV_CACHE_ATTENTION_FUNCTIONAL
+from dynasparse.errors import DynasparseError
+from dynasparse.ir.nodes import bound_args
+from dynasparse.ir.ops import KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
 from dynasparse.passes.kv_eviction import step_graph
 from dynasparse.plans import CACHE_META, KV_METADATA
@@ -166,6 +168,10 @@ def export_decoder_step(model, path: Path, args: tuple, kwargs: dict, opset_vers
     metadata, so ``dynasparse.generate`` can drive the ONNX Runtime session with its own cache.
     """
     plan = model.graph_module.meta[CACHE_META]
+    for node in model.graph_module.graph.nodes:
+        if node.target is KV_CACHE_SPARSE_ATTENTION and bound_args(node)["decode_keep"] < 1.0:
+            raise DynasparseError(f"query-aware decode (decode_keep={bound_args(node)['decode_keep']}) has no "
+                                  "ONNX spelling yet; export the decoder with SparseAttentionConfig.decode_keep=1.0")
     step, input_names, output_names = step_graph(model.graph_module, plan, functional=True)
     inputs = list(args) + [kwargs[name] for name in model.layout.captured[len(args):]]
     batch = inputs[0].shape[0]

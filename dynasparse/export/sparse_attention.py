@@ -135,7 +135,10 @@ def block_plan(q, k, mask=None, is_causal: bool = False, scale: float | None = N
 
 
 def block_sparse_attention(q, k, v, mask, counts, indices, is_causal: bool = False, scale: float | None = None,
-                           block_size: int = 64, min_seq_len: int = 0):
+                           block_size: int = 64, min_seq_len: int = 0, decode_keep: float = 1.0):
+    if decode_keep < 1.0:
+        raise DynasparseError(f"SparseAttentionConfig(decode_keep={decode_keep}) selects keys per decode step, "
+                              "which has no ONNX spelling yet; export with decode_keep=1.0")
     bs = block_size
     batch, q_heads, q_len, head_dim = dim(q, 0), dim(q, 1), dim(q, 2), dim(q, 3)
     kv_heads, kv_len, dim_v = dim(k, 1), dim(k, 2), dim(v, 3)

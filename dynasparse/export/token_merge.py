@@ -19,10 +19,8 @@ placement and weights; each helper names the reference line it spells:
   capacity                   → the integer formula of ``merged_capacity`` on int64 Shape values (``//`` of
                                non-negative ints is ONNX's int64 ``Div``).
 
-Not spelled in ONNX: the reference's ``check_length`` (too few tokens for the scheduled merges) raises while
-PyTorch runs; an ONNX graph has no errors, so such a row is merged as far as it can be (``r_row`` is capped
-by its candidates, and slots are clamped into the capacity, exactly as the reference computes them).
-Results agree with PyTorch up to float rounding; a rounding difference can only change a decision when two
+A row too short for the scheduled merges merges as far as it can, in both (``r_row`` is capped by its
+candidates and the capacity keeps room for that). Results agree with PyTorch up to float rounding; a rounding difference can only change a decision when two
 similarities (or importances) are within a few ulps of each other, which real inputs practically never hit.
 """
 from __future__ import annotations
@@ -77,12 +75,14 @@ def _floor_schedule(r: int, ratio_milli: int, r_min_milli: int) -> tuple[int, in
     return (r * r_min_milli // 1000, -1) if ratio_milli < 0 else (r, ratio_milli * r_min_milli // 1000)
 
 
-def _capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_milli: int):
+def _capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_milli: int, protected: int):
     """``merged_capacity`` on a [1] int64 length; the Python ints fold into constants."""
     if mode == "threshold":
         r, ratio_milli = _floor_schedule(r, ratio_milli, r_min_milli)
     if ratio_milli < 0:
-        kept = op.Sub(length, int_scalar(r))
+        most_kept = (int_scalar(protected) if mode == "prune"
+                     else op.Div(op.Add(length, int_scalar(protected)), int_scalar(2)))
+        kept = op.Max(op.Sub(length, int_scalar(r)), most_kept)
     else:
         kept = op.Div(op.Add(op.Mul(length, int_scalar(1000 - ratio_milli)), int_scalar(r * ratio_milli + 999)), int_scalar(1000))
     return op.Add(kept, int_scalar(1)) if mode == "prune" and fuse else kept
@@ -215,7 +215,7 @@ def merge_tokens(x, metric, size, source, importance, r: int, ratio_milli: int, 
     if len(metric.shape) == 4:  # keys [B, H, L, D]: averaged over heads, as ToMe does
         metric = op.ReduceMean(metric, ints(1), keepdims=0)
     metric = op.Cast(metric, to=FLOAT)
-    capacity = _capacity(dim(x, 1), r, ratio_milli, mode, fuse, r_min_milli)
+    capacity = _capacity(dim(x, 1), r, ratio_milli, mode, fuse, r_min_milli, len(protect))
     target, weight = _plan(metric, size, source, importance, r, ratio_milli, list(protect), mode, threshold,
                            r_min_milli, fuse, capacity)
     new_x = _merge_scatter(x, weight, target, capacity)

@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from dynasparse.kernels import exit_gate, kv_cache, kv_cache_sparse, sparse_attention, token_merge
-from dynasparse.kernels.attention import attention_sdpa, key_validity
+from dynasparse.kernels import exit_gate, kv_cache, kv_cache_sparse, query_aware, sparse_attention, token_merge
+from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
 from dynasparse.kernels.sparse_attention import num_blocks
 
 _LIBRARY = torch.library.Library("dynasparse", "DEF")
@@ -101,7 +101,7 @@ def merge_tokens(x: torch.Tensor, metric: torch.Tensor, size: torch.Tensor, sour
 @torch.library.register_fake(merge_tokens)
 def _merge_tokens_fake(x, metric, size, source, importance, r, ratio_milli, protect, mode, threshold,
                        r_min_milli, fuse):
-    capacity = token_merge.merged_capacity(x.shape[1], r, ratio_milli, mode, fuse, r_min_milli)
+    capacity = token_merge.merged_capacity(x.shape[1], r, ratio_milli, mode, fuse, r_min_milli, len(protect))
     return (x.new_empty(x.shape[0], capacity, x.shape[2]), size.new_empty(size.shape[0], capacity),
             torch.empty_like(source))
 
@@ -188,20 +188,29 @@ def _block_plan_fake(q, k, mask, is_causal, scale, block_size, estimator, select
 @dynasparse_op("block_sparse_attention")
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                            counts: torch.Tensor, indices: torch.Tensor, is_causal: bool, scale: float | None,
-                           block_size: int, min_seq_len: int) -> torch.Tensor:
+                           block_size: int, min_seq_len: int, decode_keep: float = 1.0) -> torch.Tensor:
     """Attention over the plan's blocks; sequence-major [B, Lq, Hq, Dv] like ``dynasparse::attention``.
 
-    Keys shorter than ``min_seq_len`` run dense SDPA (the plan keeps every block there anyway).
+    Keys shorter than ``min_seq_len``, and plans that keep every reachable block, run dense SDPA. Fewer
+    queries than a block (decoding) read the top ``decode_keep`` share of the keys (query-aware).
     """
     if k.shape[2] < min_seq_len:
+        return attention(q, k, v, mask, is_causal, scale)
+    if decode_keep < 1.0 and q.shape[2] < block_size:
+        visible = key_visibility(mask, is_causal, q.shape[2], k.shape[2], q.device)
+        keep = q.new_full((q.shape[0],), decode_keep, dtype=torch.float32)
+        return query_aware.query_aware_attention(q, k, v, visible, scale, keep)[0]
+    if sparse_attention.keeps_every_block(counts, q.shape[2], k.shape[2], block_size, is_causal):
         return attention(q, k, v, mask, is_causal, scale)
     return sparse_attention.sparse_attention_gather(q, k, v, mask, is_causal, scale, counts, indices, block_size)
 
 
 @cuda_kernel(block_sparse_attention)
-def _block_sparse_attention_cuda(q, k, v, mask, counts, indices, is_causal, scale, block_size, min_seq_len):
-    if k.shape[2] < min_seq_len:
-        return attention(q, k, v, mask, is_causal, scale)
+def _block_sparse_attention_cuda(q, k, v, mask, counts, indices, is_causal, scale, block_size, min_seq_len,
+                                 decode_keep=1.0):
+    if k.shape[2] < min_seq_len or (decode_keep < 1.0 and q.shape[2] < block_size):
+        return block_sparse_attention(q, k, v, mask, counts, indices, is_causal, scale, block_size, min_seq_len,
+                                      decode_keep)
     from dynasparse.kernels import sparse_attention_triton
 
     kernel = (sparse_attention_triton.block_sparse_decode_triton if q.shape[2] <= block_size
@@ -210,7 +219,8 @@ def _block_sparse_attention_cuda(q, k, v, mask, counts, indices, is_causal, scal
 
 
 @torch.library.register_fake(block_sparse_attention)
-def _block_sparse_attention_fake(q, k, v, mask, counts, indices, is_causal, scale, block_size, min_seq_len):
+def _block_sparse_attention_fake(q, k, v, mask, counts, indices, is_causal, scale, block_size, min_seq_len,
+                                 decode_keep=1.0):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
@@ -277,13 +287,14 @@ def kv_cache_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                               positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str,
                               sink: int, recent: int, window: int, pool: int, block_size: int, estimator: str,
                               selector: str, amount: float, sink_blocks: int, local_blocks: int, min_seq_len: int,
-                              plan_window: int) -> torch.Tensor:
+                              plan_window: int, decode_keep: float) -> torch.Tensor:
     """``kv_cache_attention`` at a block-sparse site: prefill chunks long enough read the cache and the chunk
-    through a block-sparse plan (``dynasparse.kernels.kv_cache_sparse``)."""
+    through a block-sparse plan, decode steps the keys their queries weigh most
+    (``dynasparse.kernels.kv_cache_sparse``)."""
     return kv_cache_sparse.kv_cache_sparse_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores,
                                                 seen, policy, sink, recent, window, pool, block_size, estimator,
                                                 selector, amount, sink_blocks, local_blocks, min_seq_len,
-                                                plan_window)
+                                                plan_window, decode_keep)
 
 
 @torch.library.register_fake(kv_cache_sparse_attention)

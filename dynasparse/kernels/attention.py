@@ -50,6 +50,19 @@ def key_validity(mask: torch.Tensor | None, batch: int, kv_len: int, device: tor
     return allowed.any(dim=2).any(dim=1)
 
 
+def key_visibility(mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int,
+                   device: torch.device) -> torch.Tensor:
+    """[B or 1, H or 1, Lq, Lk] bool: which key each query may read (the mask, causality bottom-right)."""
+    allowed = combined_mask(mask, is_causal, q_len, kv_len, torch.float32, device)
+    if allowed is None:
+        return torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    if allowed.dtype != torch.bool:
+        allowed = allowed > torch.finfo(allowed.dtype).min / 2
+    while allowed.dim() < 4:
+        allowed = allowed.unsqueeze(0)
+    return allowed
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                         is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Explicit softmax(q k^T * scale + mask) v in fp32: the oracle for kernels and tests."""

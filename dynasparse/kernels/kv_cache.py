@@ -35,16 +35,19 @@ from dynasparse.kernels.attention import attention_sdpa, causal_mask, combined_m
 # --- policies: what each candidate is worth (kvpress-style, one small class each) -------------------------
 
 class Policy:
-    """Scores cache candidates. ``observe`` says which queries' attention the score reads; ``accumulates``:
-    scores carry over from step to step, so they are kept up to date even before anything is evicted."""
+    """Scores cache candidates. ``observe`` says which queries' attention the score reads; ``update`` turns
+    the masses of a step into scores (accumulated, or afresh)."""
 
     name: ClassVar[str]
     uses_attention: ClassVar[bool] = True
-    accumulates: ClassVar[bool] = False
 
     def observe(self, query_valid: torch.Tensor, window: int) -> torch.Tensor:
         """[B, T] weights of the new queries whose attention is observed (all real queries by default)."""
         return query_valid.float()
+
+    def observed_tail(self, length: int, window: int) -> int:
+        """How many of ``length`` unpadded new queries ``observe`` weighs: always the last ones."""
+        return length
 
     def update(self, old: torch.Tensor, mass_cache: torch.Tensor, mass_new: torch.Tensor,
                positions: torch.Tensor, step_positions: torch.Tensor, pool: int
@@ -73,7 +76,6 @@ class H2OPolicy(Policy):
     """Heavy hitters: attention mass accumulated over every query so far, plus the recent window."""
 
     name = "h2o"
-    accumulates = True
 
     def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
         return old + mass_cache, mass_new
@@ -87,6 +89,9 @@ class TOVAPolicy(Policy):
     def observe(self, query_valid, window):
         return _last_valid(query_valid, 1)
 
+    def observed_tail(self, length, window):
+        return 1
+
     def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
         return mass_cache, mass_new
 
@@ -99,6 +104,9 @@ class SnapKVPolicy(Policy):
 
     def observe(self, query_valid, window):
         return _last_valid(query_valid, window)
+
+    def observed_tail(self, length, window):
+        return min(window, length)
 
     def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
         if pool > 1 and mass_new.shape[-1] > 1:
@@ -345,10 +353,13 @@ def _cached_then_causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 
 def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
                   scale: float | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                  scores: torch.Tensor, seen: torch.Tensor, rule: Policy, filled: int, window: int) -> torch.Tensor:
+                  scores: torch.Tensor, seen: torch.Tensor, rule: Policy, filled: int, window: int, pool: int
+                  ) -> torch.Tensor:
     """Every row holds ``filled`` tokens and takes T real tokens with causal attention: the tokens go to
     slots ``filled .. filled + T - 1`` and attention is one SDPA call (the site's own call into an empty
-    cache, so a single prefill chunk computes exactly what the uncached model computes)."""
+    cache, so a single prefill chunk computes exactly what the uncached model computes). Scores stay
+    current (only the observed queries' masses are computed), so the cache can evict on any later step
+    or all at once after the prompt (``KVCache.compress``)."""
     batch, _, length, _ = q.shape
     end = filled + length
     keys[:, :, filled:end] = k
@@ -364,13 +375,16 @@ def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         out = _cached_then_causal(q, keys[:, :, :filled], values[:, :, :filled], k, v, scale)
     else:
         out = attention_sdpa(q, keys[:, :, :end], values[:, :, :end], visible, False, scale)
-    if rule.accumulates:
-        observed = rule.observe(torch.ones(batch, length, dtype=torch.bool, device=q.device), window)
-        masses = _slot_masses(q, keys[:, :, :end], visible, scale, observed)
-        scores[..., :filled] += masses[..., :filled]
-        scores[..., filled:end] = masses[..., filled:]
-    else:  # positions for full / streaming; the others score only when they evict
-        scores[:, :, filled:end] = 0.0 if rule.uses_attention else positions[:, :, filled:end]
+    if rule.uses_attention:
+        tail = rule.observed_tail(length, window)
+        masses = _slot_masses(q[:, :, length - tail:], keys[:, :, :end], None if visible is None else
+                              visible[length - tail:], scale, q.new_ones(batch, tail, dtype=torch.float32))
+        cache_scores, new_scores = rule.update(scores[..., :filled], masses[..., :filled], masses[..., filled:],
+                                               positions[..., :filled], positions[..., filled:end], pool)
+        scores[..., :filled] = cache_scores
+        scores[..., filled:end] = new_scores
+    else:  # positions for full / streaming
+        scores[:, :, filled:end] = positions[:, :, filled:end]
     seen.add_(length)
     return out.transpose(1, 2).contiguous()
 
@@ -428,7 +442,7 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     if low == high and _plain_causal(mask, is_causal, batch, length, q.device):
         if high + length <= capacity and _no_holes(positions, high):
             return _append_alike(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, rule, high,
-                                 window)
+                                 window, pool)
         if length == 1 and high >= capacity and _no_holes(positions, capacity):
             return _evict_one_alike(q, k, v, scale, keys, values, positions, scores, seen, rule, sink, recent)
     allowed = allowed_new(mask, is_causal, batch, length, q.device)
@@ -455,16 +469,20 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         slot_keys = keys[:, :, :filled]
         out = attention_sdpa(q, slot_keys, values[:, :, :filled], visible, False, scale)
         out = out * visible.any(-1, keepdim=True).to(out.dtype)  # a query that sees nothing gives 0
-    if rule.accumulates:
+    if rule.uses_attention:
         masses = _slot_masses(q, slot_keys, visible, scale, rule.observe(query_valid, window))
-        if high == 0:  # masses of the new keys, moved to their slots
-            where = torch.where(key_valid, step_pos, filled)[:, None, :].expand_as(masses)
-            masses = masses.new_zeros(*masses.shape[:2], filled + 1).scatter_(-1, where, masses)[..., :filled]
-        fresh = torch.arange(filled, device=q.device) >= seen[:, None, None]
-        scores[..., :filled] = torch.where(fresh, masses, scores[..., :filled] + masses)
-    else:  # positions for full / streaming; the others score only when they evict
-        step_scores = torch.zeros_like(target, dtype=scores.dtype) if rule.uses_attention else \
-            step_pos.to(scores.dtype)[:, None, :].expand_as(target)
-        scores.scatter_(2, target, step_scores)
+        where = torch.where(key_valid, step_pos, filled)[:, None, :].expand_as(target)
+        if high == 0:  # the masses are the new keys', in token order
+            mass_new, mass_cache = masses, masses.new_zeros(*masses.shape[:2], filled)
+        else:  # by slot: the new keys' sit at their positions, padding reads a zero
+            mass_new = F.pad(masses, (0, 1)).gather(-1, where)
+            fresh = torch.arange(filled, device=q.device) >= seen[:, None, None]
+            mass_cache = masses.masked_fill(fresh, 0.0)
+        cache_scores, new_scores = rule.update(scores[..., :filled], mass_cache, mass_new, positions[..., :filled],
+                                               step_pos[:, None, :].expand_as(target), pool)
+        scores[..., :filled] = cache_scores
+        scores.scatter_(2, target, new_scores)
+    else:  # positions for full / streaming
+        scores.scatter_(2, target, step_pos.to(scores.dtype)[:, None, :].expand_as(target))
     seen.copy_(seen_after)
     return out.transpose(1, 2).contiguous()

@@ -4,8 +4,9 @@ The long-context recipe: the prompt is read through a block-sparse plan (MInfere
 cache stays bounded (SnapKV / H2O). A chunk whose keys, the cached tokens plus the chunk, reach
 ``min_seq_len`` attends through a block plan over the cached tokens followed by the chunk: every cached
 token precedes the chunk, so the plan's bottom-right causal alignment holds however eviction has shuffled
-the slots. Decode and verify steps (fewer new tokens than a block), and chunks of rows that are all
-shorter, run the dense cache step (``kv_cache.kv_cache_step``), where the bounded cache bounds the work.
+the slots. Decode and verify steps (fewer new tokens than a block) read the keys their queries weigh
+most with ``decode_keep`` < 1 (``dynasparse.kernels.query_aware``), every key otherwise; they, and chunks of
+rows that are all shorter, run the dense cache step (``kv_cache.kv_cache_step``) when they read everything.
 
 Score-based policies take their masses from the sparse computation: a key in a kept block contributes its
 softmax probability, normalised over the kept keys exactly as the attention was; a key in a skipped block
@@ -17,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from dynasparse.kernels.attention import causal_mask, softmax_scale
-from dynasparse.kernels.kv_cache import (POLICIES, _slot_masses, evict_and_write, kv_cache_step, new_positions,
-                                         token_validity)
+from dynasparse.kernels.kv_cache import (POLICIES, _slot_masses, allowed_new, evict_and_write, kv_cache_step,
+                                         new_positions, token_validity)
+from dynasparse.kernels.query_aware import query_aware_attention
 from dynasparse.kernels.sparse_attention import build_plan, plan_token_mask, sparse_attention_gather
 
 
@@ -51,18 +53,23 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
                          positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str, sink: int,
                          recent: int, window: int, pool: int, block_size: int, estimator: str, selector: str,
                          amount: float, sink_blocks: int, local_blocks: int, min_seq_len: int,
-                         plan_window: int) -> torch.Tensor:
+                         plan_window: int, decode_keep: float) -> torch.Tensor:
     """The cache step of a sparse site; sequence-major [B, T, Hq, Dv] like ``kv_cache_step``.
 
     Each row's cached tokens and real new tokens are laid out right-aligned on a block grid, the new
     queries likewise, so a row plans and attends exactly as it does alone. A row whose keys are fewer than
     ``min_seq_len``, or whose new tokens are fewer than a block (a decode or verify step), keeps every
-    block; when every row does, the dense step runs."""
+    block; when every row does, the dense step runs, or the query-aware step with ``decode_keep`` < 1."""
     batch, q_heads, length, head_dim = q.shape
     kv_heads, groups = k.shape[1], q_heads // k.shape[1]
     held = _held_slots(positions)
     key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
     real = torch.cat([positions[:, :, :held] >= 0, key_valid[:, None, :].expand(batch, kv_heads, length)], -1)
+    if decode_keep < 1.0 and length < block_size:
+        reads_all = real.sum(-1).amax(-1) < min_seq_len  # [B]: short rows read every key, as they would alone
+        if not bool(reads_all.all()):
+            return _query_aware_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy,
+                                     sink, recent, window, pool, held, torch.where(reads_all, 1.0, decode_keep))
     # rows that read densely: too few keys, or too few new tokens for a prompt chunk (a decode or verify step)
     short = (real.sum(-1).amax(-1) < min_seq_len) | (key_valid.sum(-1) < block_size)  # [B]
     if bool(short.all()):
@@ -101,6 +108,41 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         masses = _slot_masses(q_al, keys_al, read, scale, observed)  # [B, Hkv, L], back to slots and new tokens:
         by_source = masses.new_zeros(batch, kv_heads, held + length + 1).scatter_add_(-1, source, masses)
         mass_cache[..., :held], mass_new = by_source[..., :held], by_source[..., held:held + length]
+    step_pos = new_positions(seen, key_valid)
+    cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions,
+                                           step_pos[:, None, :].expand(batch, kv_heads, length), pool)
+    seen_after = seen + key_valid.long().sum(-1)
+    evict_and_write(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after, sink,
+                    recent)
+    seen.copy_(seen_after)
+    return out
+
+
+def _query_aware_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
+                      positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str, sink: int,
+                      recent: int, window: int, pool: int, held: int, keep: torch.Tensor) -> torch.Tensor:
+    """A decode step that reads the top ``keep`` [B] share of each row's keys per KV head (cached tokens
+    and the new ones, as its mask allows); score-based policies see the masses of the keys it read. Then
+    the cache takes the new tokens as the dense step does (``evict_and_write``)."""
+    batch, q_heads, length, _ = q.shape
+    kv_heads = k.shape[1]
+    key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
+    allowed = allowed_new(mask, is_causal, batch, length, q.device)
+    if allowed is None:
+        allowed = torch.ones(batch, 1, length, length, dtype=torch.bool, device=q.device)
+    cached = (positions[:, :, None, :held] >= 0).repeat_interleave(q_heads // kv_heads, 1)  # [B, Hq, 1, held]
+    visible = torch.cat([cached.expand(batch, q_heads, length, held),
+                         allowed.expand(batch, q_heads, length, length)], -1)
+    rule = POLICIES[policy]
+    observed = rule.observe(query_valid, window) if rule.uses_attention else None
+    out, masses = query_aware_attention(q, torch.cat([keys[:, :, :held], k.to(keys.dtype)], 2),
+                                        torch.cat([values[:, :, :held], v.to(values.dtype)], 2), visible, scale,
+                                        keep, observed)
+    mass_cache = torch.zeros_like(scores)
+    mass_new = scores.new_zeros(batch, kv_heads, length)
+    if masses is not None:
+        mass_cache[..., :held], mass_new = masses[..., :held], masses[..., held:]
     step_pos = new_positions(seen, key_valid)
     cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions,
                                            step_pos[:, None, :].expand(batch, kv_heads, length), pool)

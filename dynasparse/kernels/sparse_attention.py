@@ -281,6 +281,16 @@ def to_block_mask(counts: torch.Tensor, indices: torch.Tensor, block_size: int, 
 
 # --- the CPU path: gather the listed blocks, dense math on them ----------------------------------------------
 
+def keeps_every_block(counts: torch.Tensor, q_len: int, kv_len: int, block_size: int, is_causal: bool) -> bool:
+    """True when every row lists every block it can reach: the plan is dense attention, which SDPA's fused
+    kernel computes faster than any gather (one host sync)."""
+    reachable = torch.full((num_blocks(q_len, block_size),), num_blocks(kv_len, block_size), device=counts.device)
+    if is_causal:
+        reachable = torch.minimum(reachable, last_query_positions(q_len, kv_len, block_size, counts.device)
+                                  // block_size + 1)
+    return bool((counts >= reachable).all())
+
+
 _CHUNK_ELEMENTS = 1 << 23  # score elements per chunk of query blocks (32 MB of fp32)
 
 

@@ -41,19 +41,30 @@ def scheduled_merges(valid_count, r: int, ratio_milli: int):
     return r if ratio_milli < 0 else ((valid_count - r) * ratio_milli) // 1000
 
 
-def merged_capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_milli: int):
+def merged_capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_min_milli: int, protected: int):
     """Slots after one step for ``length`` input slots: what a full row keeps (fewer real tokens keep fewer).
 
-    Written so ``length`` appears once (``L - r`` or ``ceil(L·(1 - f) + r·f)``): capacities of successive
-    merges nest, and a symbolic length used twice per step would grow the shape expressions exponentially.
-    (So a batch shorter than ``r`` tokens in ratio mode gets a few empty slots rather than a clamp.)
+    A share: ``ceil(L·(1 - f) + r·f)``, written so ``length`` appears once (capacities of successive merges
+    nest, and a symbolic length used twice per step would grow the shape expressions exponentially; so a
+    batch shorter than ``r`` tokens in ratio mode gets a few empty slots rather than a clamp). A constant
+    ``r``: ``max(L - r, what a row keeps when it merges all it can)`` (half of the unprotected tokens are
+    sources, all of them when pruning): short rows merge fewer, as in ToMe, rather than fail.
     Threshold mode is only sure to merge ``r_min_milli``/1000 of its schedule, so its capacity keeps room
     for rows that merge no more than that.
     """
     if mode == "threshold":
         r, ratio_milli = (r * r_min_milli // 1000, -1) if ratio_milli < 0 else (r, ratio_milli * r_min_milli // 1000)
-    kept = length - r if ratio_milli < 0 else (length * (1000 - ratio_milli) + r * ratio_milli + 999) // 1000
+    if ratio_milli < 0:
+        kept = torch.sym_max(length - r, protected if mode == "prune" else (length + protected) // 2)
+    else:
+        kept = (length * (1000 - ratio_milli) + r * ratio_milli + 999) // 1000
     return kept + (1 if mode == "prune" and fuse else 0)
+
+
+def most_merges(candidates, mode: str):
+    """The most tokens a row with ``candidates`` unprotected tokens can give up in one step: all of them
+    when pruning, else its sources, half of them (rounded up)."""
+    return candidates if mode == "prune" else (candidates + 1) // 2
 
 
 @contextlib.contextmanager
@@ -65,20 +76,6 @@ def recording_edge_scores():
         yield _EDGE_SCORES
     finally:
         _EDGE_SCORES = None
-
-
-def check_length(length: int, r: int, ratio_milli: int, protected: int, mode: str) -> None:
-    """A full row must be able to do the scheduled merges (rows with padding then always fit, since
-    the kept count grows at most one per real token). A shape check: no host sync."""
-    candidates = length - protected
-    most = candidates if mode == "prune" else (candidates + 1) // 2
-    if scheduled_merges(length, r, ratio_milli) > most:
-        from dynasparse.errors import DynasparseError
-
-        raise DynasparseError(
-            f"token merge: {length} tokens ({protected} protected) are too few to merge "
-            f"{scheduled_merges(length, r, ratio_milli)} in this block; use keep_ratio (which scales with "
-            "the length) for inputs this short, or a smaller r")
 
 
 def best_match_reference(metric: torch.Tensor, is_src: torch.Tensor, is_dst: torch.Tensor
@@ -144,7 +141,7 @@ def plan_merge(metric: torch.Tensor, size: torch.Tensor, source: torch.Tensor, i
     candidate = valid & ~protected
     rank = _rank(candidate)
     valid_count, candidates = valid.sum(dim=1, keepdim=True), candidate.sum(dim=1, keepdim=True)
-    most = candidates if mode == "prune" else (candidates + 1) // 2  # a row cannot merge more src than it has
+    most = most_merges(candidates, mode)  # r is capped per row
     r_row = torch.clamp(torch.minimum(torch.as_tensor(scheduled_merges(valid_count, r, ratio_milli)), most), min=0)
 
     if mode == "prune":
@@ -195,8 +192,7 @@ def merge_tokens_reference(x: torch.Tensor, metric: torch.Tensor, size: torch.Te
     """One merge step; see the module docstring. Returns (x, size, source) in the merged layout."""
     if metric.dim() == 4:  # keys [B, H, L, D]: average over heads, as ToMe does
         metric = metric.mean(dim=1)
-    check_length(x.shape[1], r, ratio_milli, len(protect), mode)
-    capacity = merged_capacity(x.shape[1], r, ratio_milli, mode, fuse, r_min_milli)
+    capacity = merged_capacity(x.shape[1], r, ratio_milli, mode, fuse, r_min_milli, len(protect))
     target, weight = plan_merge(metric, size, source, importance, r=r, ratio_milli=ratio_milli, protect=protect,
                                 mode=mode, threshold=threshold, r_min_milli=r_min_milli, fuse=fuse,
                                 capacity=capacity)

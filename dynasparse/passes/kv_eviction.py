@@ -81,11 +81,12 @@ class KVEvictionPass:
 
 
 def _sparse_plan(node: torch.fx.Node) -> tuple:
-    """The plan settings of a block-sparse site (its ``block_plan`` node's arguments), in the order
-    ``kv_cache_sparse_attention`` takes them: the cache step then plans over cache + chunk itself."""
+    """The plan settings of a block-sparse site (its ``block_plan`` node's arguments, then its decode share),
+    in the order ``kv_cache_sparse_attention`` takes them: the cache step then plans over cache + chunk
+    itself."""
     plan = bound_args(bound_args(node)["counts"].args[0])
     return (plan["block_size"], plan["estimator"], plan["selector"], plan["amount"], plan["sink_blocks"],
-            plan["local_blocks"], plan["min_seq_len"], plan["window"])
+            plan["local_blocks"], plan["min_seq_len"], plan["window"], bound_args(node)["decode_keep"])
 
 
 @config_type
@@ -99,9 +100,12 @@ class KVEvictionConfig(BaseConfig):
     ``budget``: cached tokens per layer, as an int, a share of the sequence (prompt + new tokens) as a
     float in (0, 1], or one value per layer. ``schedule="pyramid"`` spreads the same total as a linear
     ramp from 1.5x the budget at the first layer to 0.5x at the last (PyramidKV). ``sink`` first tokens
-    and the ``recent`` newest tokens are never evicted. ``chunk_size``: prompt tokens per prefill step
-    (eviction runs after each chunk, so prefill memory is bounded too). ``layers``: layers that evict
-    (the others keep a full cache).
+    and the ``recent`` newest tokens are never evicted. ``chunk_size``: prompt tokens per prefill step.
+    ``compress``: ``"after_prefill"`` (default) holds the whole prompt until it is read, then evicts once
+    down to the budget with scores that saw every prompt token, the question at its end included (SnapKV
+    and kvpress do this): prefill holds the prompt's full cache, decode the budget. ``"every_chunk"``
+    evicts after each chunk, so prefill memory stays at budget + chunk, but early chunks leave before
+    the question is read. ``layers``: layers that evict (the others keep a full cache).
     """
 
     policy: str = "h2o"
@@ -112,6 +116,7 @@ class KVEvictionConfig(BaseConfig):
     window: int = 32
     pool: int = 5
     chunk_size: int = 512
+    compress: str = "after_prefill"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,6 +124,9 @@ class KVEvictionConfig(BaseConfig):
         if self.policy not in POLICIES:
             raise DynasparseError(f"{name}.policy={self.policy!r} is not a known policy; expected one of "
                                   f"{sorted(POLICIES)}")
+        if self.compress not in ("after_prefill", "every_chunk"):
+            raise DynasparseError(f"{name}.compress={self.compress!r}; expected 'after_prefill' (evict once the "
+                                  "prompt is read) or 'every_chunk' (evict after each prefill chunk)")
         if self.schedule not in ("uniform", "pyramid"):
             raise DynasparseError(f"{name}.schedule={self.schedule!r}; expected 'uniform' or 'pyramid'")
         for field_name, low in (("sink", 0), ("recent", 0), ("window", 1), ("pool", 1), ("chunk_size", 1)):

@@ -36,6 +36,9 @@ class SparseAttentionConfig(BaseConfig):
     (mean-pooled Q · K), ``"vertical_slash"`` (the last ``window`` queries' real attention, read along
     columns and diagonals) or ``"streaming"`` (the blocks nearest the diagonal: StreamingLLM's A-shape).
     Sequences with fewer than ``min_seq_len`` keys run dense. ``layers``: attention layers to sparsify.
+    ``decode_keep``: decode steps (fewer queries than a block) read only this share of the keys per KV
+    head, the ones their queries weigh most (query-aware selection, TokenSelect): with a KV cache the cache
+    keeps its tokens and each step picks what to read. Set alone, prefill stays dense (``keep_ratio=1``).
     """
 
     keep_ratio: float | None = None
@@ -47,11 +50,15 @@ class SparseAttentionConfig(BaseConfig):
     local_blocks: int = 1
     min_seq_len: int = 1024
     window: int = 64
+    decode_keep: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        self.check_range("decode_keep", 0.0, 1.0, low_open=True)
         given = [f for f in ("keep_ratio", "top_k", "mass") if getattr(self, f) is not None]
+        if not given and self.decode_keep < 1.0:  # query-aware decode alone: a dense prefill
+            self.keep_ratio, given = 1.0, ["keep_ratio"]
         if len(given) != 1:
             raise DynasparseError(f"{name}: set exactly one of keep_ratio (share of each row's blocks), top_k "
                                   f"(blocks per row) or mass (share of the estimated attention mass); got "
@@ -140,7 +147,7 @@ class SparseAttentionPass:
                 indices = gm.graph.call_function(operator.getitem, (plan, 1))
                 sparse = gm.graph.call_function(BLOCK_SPARSE_ATTENTION, (
                     args["q"], args["k"], args["v"], args["mask"], counts, indices, args["is_causal"],
-                    args["scale"], c.block_size, c.min_seq_len))
+                    args["scale"], c.block_size, c.min_seq_len, c.decode_keep))
             for node in (plan, counts, indices, sparse):
                 copy_meta(site.node, node)
             site.node.replace_all_uses_with(sparse)
@@ -148,8 +155,9 @@ class SparseAttentionPass:
             result.num_matches += 1
             kept = self._kept_share(site)
             share = "data-dependent share" if kept is None else f"{kept:.0%} of the blocks at the example"
+            decode = f", decode steps read {c.decode_keep:.0%} of the keys" if c.decode_keep < 1.0 else ""
             result.applied.append(f"layer {site.layer}: {c.estimator} / {c.selector} {c.amount:g}, "
-                                  f"blocks of {c.block_size}, {share}")
+                                  f"blocks of {c.block_size}, {share}{decode}")
             if dense_reason:
                 result.notes.append(f"sparse_attention: layer {site.layer}: {dense_reason}")
             if kept is not None:

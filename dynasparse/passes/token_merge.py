@@ -23,7 +23,7 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import Block, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, module_paths, propagate_fake_values
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
-from dynasparse.kernels.token_merge import merged_capacity, recording_edge_scores
+from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
 from dynasparse.passes.base import PassResult, calibration_call
 from dynasparse.plans import MERGE_GATE, STREAM_STATE, MergeGate, StreamState
 
@@ -33,8 +33,9 @@ from dynasparse.plans import MERGE_GATE, STREAM_STATE, MergeGate, StreamState
 class TokenMergeConfig(BaseConfig):
     """Merge redundant tokens between attention and MLP of encoder blocks (ToMe / DyMU / EViT family).
 
-    How many: ``r`` tokens per block (an int, or one int per merged block) or ``keep_ratio``, the share
-    of tokens left after the last merge (spread geometrically over the blocks). ``schedule="decreasing"``
+    How many: ``r`` tokens per block (an int, or one int per merged block; a row merges at most what it
+    can, half of its unprotected tokens, as in ToMe) or ``keep_ratio``, the share of tokens left after
+    the last merge (spread geometrically over the blocks). ``schedule="decreasing"``
     ramps a constant ``r`` from 2r down to 0 (ToMe's decreasing schedule, same total).
     Which: ``mode="bipartite"`` merges the most similar pairs (cosine of ``metric``: the keys averaged
     over heads, or the ``hidden`` state); ``"threshold"`` merges pairs above a per-block similarity
@@ -42,26 +43,36 @@ class TokenMergeConfig(BaseConfig):
     always at least ``min_merge_fraction`` of the scheduled merges so buffers stay fixed-size;
     ``"prune"`` drops the least-attended tokens (CLS attention), fused into one token when ``fuse_pruned``.
     ``protect``: real-token positions never merged (CLS). ``proportional_attention``: keys of merged
-    tokens get log(size) added to their logits. ``min_tokens`` (with keep_ratio): each row merges only a
-    share of its tokens beyond the first ``min_tokens``, so short inputs (queries) stay exact.
+    tokens get log(size) added to their logits. ``min_tokens`` (with keep_ratio; default 32): each row
+    merges only a share of its tokens beyond the first ``min_tokens``, so short inputs (queries) stay exact.
     ``dense_below``: a call whose batch holds fewer mergeable tokens than this (batch size × (padded
     length − ``min_tokens``)) runs the graph as it was before merging. Each merge has a fixed cost
     (many small ops), so small batches lose time unless they skip merging.
-    ``layers``: blocks to merge after (default: all).
+    ``layers``: blocks to merge after (default: all but the first and the last while ``dense_edges``: the
+    first block's tokens are not contextual yet, and the last block's output is what pooling reads).
+    The defaults (hidden-state metric, dense edges, 32 tokens left whole) hold embedding fidelity on real
+    text (``benchmarks/token_merge.py``); ``TokenMergeConfig.tome(...)`` is plain ToMe.
     """
 
     r: int | tuple[int, ...] | None = None
     keep_ratio: float | None = None
     schedule: str = "constant"
     mode: str = "bipartite"
-    metric: str = "keys"
+    metric: str = "hidden"
     protect: tuple[int, ...] = (0,)
     proportional_attention: bool = True
     threshold: float | tuple[float, ...] | None = None
     min_merge_fraction: float = 0.5
     fuse_pruned: bool = True
-    min_tokens: int = 0
+    min_tokens: int | None = None
     dense_below: int = 0
+    dense_edges: bool = True
+
+    @classmethod
+    def tome(cls, **settings) -> TokenMergeConfig:
+        """Plain ToMe (Bolya et al.): the keys as the metric, every block merged, no tokens left whole;
+        ``settings``: ``r`` or ``keep_ratio`` and anything else to change."""
+        return cls(**{"metric": "keys", "dense_edges": False, "min_tokens": 0, **settings})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +97,8 @@ class TokenMergeConfig(BaseConfig):
         if any(not isinstance(p, int) or p < 0 for p in self.protect):
             raise DynasparseError(f"{name}.protect={self.protect!r} must be token positions >= 0")
         self.check_range("min_merge_fraction", 0.0, 1.0)
+        if self.min_tokens is None:
+            self.min_tokens = 32 if self.keep_ratio is not None else 0
         self.check_int("min_tokens", 0)
         self.check_int("dense_below", 0)
         if self.min_tokens and self.keep_ratio is None:
@@ -210,7 +223,9 @@ class TokenMergePass:
             if not self.config.applies_to(block.index):
                 continue
             label = f"block {block.index} ({block.module})"
-            if len(sites) != 1:
+            if self.config.layers is None and self.config.dense_edges and block.index in (0, len(analysis.blocks) - 1):
+                result.left_dense[label] = "first / last block: dense by default (TokenMergeConfig.dense_edges)"
+            elif len(sites) != 1:
                 result.left_dense[label] = f"{len(sites)} attention sites in one block; merging needs one"
             elif sites[0].sparse:
                 result.left_dense[label] = ("block-sparse attention already planned here; list TokenMergeConfig "
@@ -237,20 +252,21 @@ class TokenMergePass:
 
     def _capacity(self, length: int, r: int, ratio_milli: int) -> int:
         """Tokens left after one merge of ``length`` tokens (the op's own capacity formula)."""
-        return merged_capacity(length, r, ratio_milli, self.config.mode, self.config.fuse_pruned, self._r_min_milli)
+        return int(merged_capacity(length, r, ratio_milli, self.config.mode, self.config.fuse_pruned,
+                                   self._r_min_milli, len(self.config.protect)))
 
-    def _check_lengths(self, length: int, schedule: list[tuple[int, int]]) -> None:
-        """Every merge must fit the example's length (r at most half of the tokens left at that block)."""
+    def _check_protect(self, length: int) -> None:
         protect = self.config.protect
         if len(protect) > length or any(p >= length for p in protect):
             raise DynasparseError(f"TokenMergeConfig.protect={protect} names tokens beyond the example "
                                   f"sequence of {length} tokens")
-        for step, (r, ratio_milli) in enumerate(schedule):
-            if ratio_milli < 0 and r > (length - len(protect)) // 2:
-                raise DynasparseError(
-                    f"TokenMergeConfig.r={r} is more than half of the {length - len(protect)} mergeable tokens "
-                    f"left at merge {step + 1} of the example; use a smaller r or keep_ratio")
-            length = self._capacity(length, r, ratio_milli)
+
+    def _capped(self, length: int, r: int, ratio_milli: int) -> str:
+        """Where a constant ``r`` asks more than a row of ``length`` tokens can merge: the report's words."""
+        most = most_merges(length - len(self.config.protect), self.config.mode)
+        if ratio_milli >= 0 or r <= most:
+            return ""
+        return f" (capped at {most}: {length - len(self.config.protect)} unprotected tokens)"
 
     # -- rewrite --------------------------------------------------------------------------------------------
     def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
@@ -261,7 +277,7 @@ class TokenMergePass:
         length_symbol = fake(chosen[0][2]).shape[1]
         length = hint(length_symbol)
         schedule = _schedule(self.config, len(chosen))
-        self._check_lengths(length, schedule)
+        self._check_protect(length)
         dense_graph = copy_graph(gm.graph) if self.config.dense_below else None
         merged_hidden: list[Node] = []  # the hidden state right after each merge
         thresholds = _thresholds(self.config, len(chosen))
@@ -289,7 +305,7 @@ class TokenMergePass:
             merged_hidden.append(x_new)
             kept = self._capacity(example, r, ratio_milli)
             result.applied.append(f"block {block.index}: {self._describe(r, ratio_milli, thresholds[step])}, "
-                                  f"{example} → {kept} tokens at the example")
+                                  f"{example} → {kept} tokens at the example{self._capped(example, r, ratio_milli)}")
             example = kept
             source_after[block.index] = source.name
             result.num_matches += 1

@@ -29,14 +29,14 @@ def steps_for(model, configs: Sequence[BaseConfig], batch: int, seq_len: int, de
     if isinstance(model, OrtModel):
         if compile:
             raise DynasparseError("compile=True compiles torch modules; pass the model, not an ONNX session")
-        steps = first("ort_steps", model, configs, batch, seq_len)
+        steps = first("ort_steps", model, configs, batch, seq_len, new_tokens)
         if steps is None:
             raise DynasparseError("this ONNX file has no KV cache; export a model optimized with "
                                   "KVEvictionConfig (or pass the torch model to generate)")
         return steps
     decoder = decoder_for(model, configs)
     return (first("decode_steps", decoder, batch, seq_len, device, new_tokens, compile)
-            or TorchSteps(decoder, batch, seq_len, device, compile))
+            or TorchSteps(decoder, batch, seq_len, device, compile, prompt_len=seq_len - new_tokens))
 
 
 def next_token(logits: torch.Tensor, temperature: float, top_p: float,
@@ -96,10 +96,11 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: to
     step_fn = steps_for(model, configs, batch, prompt_len + max_new_tokens, input_ids.device, max_new_tokens,
                         compile)
     stats = GenerateStats(prompt_len, 0, cache_capacity=step_fn.capacities,
-                          cache_allocated_bytes=step_fn.allocated_bytes, cache_full_bytes=step_fn.full_bytes)
+                          cache_prefill_bytes=step_fn.allocated_bytes, cache_full_bytes=step_fn.full_bytes)
     begin = time.perf_counter()
     logits = prefill(step_fn, input_ids, attention_mask, step_fn.config.chunk_size)
     stats.prefill_seconds = time.perf_counter() - begin
+    stats.cache_allocated_bytes = step_fn.allocated_bytes
     positions = attention_mask.long().sum(-1)
     real_tokens = positions.tolist()
     stats.cache_used_bytes.append(step_fn.used_bytes(real_tokens))

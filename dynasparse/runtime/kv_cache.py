@@ -33,22 +33,24 @@ class KVCache:
     """
 
     def __init__(self, sites: Sequence[CacheSite], config: KVEvictionConfig, batch: int, seq_len: int,
-                 device: torch.device | str = "cpu", reserve: int = 0):
+                 device: torch.device | str = "cpu", reserve: int = 0, prompt_len: int = 0):
         self.sites = tuple(sites)
-        self.config, self.seq_len = config, seq_len
+        self.config, self.seq_len, self.reserve = config, seq_len, reserve
         evicting = [s for s in self.sites if s.policy != "full"]
         budgets = iter(config.capacities(len(evicting), seq_len) if evicting else [])
         self.capacities = [next(budgets) if s.policy != "full" else seq_len for s in self.sites]
-        # ``reserve`` extra slots hold tokens that may be rolled back (drafts) until ``shrink`` evicts
-        self.states = [empty_state(batch, s.num_kv_heads, capacity + reserve, s.head_dim, s.value_dim, s.dtype,
-                                   device) for s, capacity in zip(self.sites, self.capacities)]
+        # ``reserve`` extra slots hold tokens that may be rolled back (drafts) until ``shrink`` evicts;
+        # with ``compress="after_prefill"`` the prompt fits whole until ``compress`` evicts once
+        held = prompt_len if config.compress == "after_prefill" else 0
+        self.states = [empty_state(batch, s.num_kv_heads, max(capacity, held) + reserve, s.head_dim, s.value_dim,
+                                   s.dtype, device) for s, capacity in zip(self.sites, self.capacities)]
 
     @classmethod
     def for_graph(cls, graph_module: torch.fx.GraphModule, batch: int, seq_len: int,
-                  device: torch.device | str = "cpu", reserve: int = 0) -> KVCache:
+                  device: torch.device | str = "cpu", reserve: int = 0, prompt_len: int = 0) -> KVCache:
         """A cache sized by the graph's ``CachePlan`` and bound to it."""
         plan = cache_plan(graph_module)
-        cache = cls(plan.sites, plan.config, batch, seq_len, device, reserve)
+        cache = cls(plan.sites, plan.config, batch, seq_len, device, reserve, prompt_len)
         cache.bind(graph_module)
         return cache
 
@@ -70,17 +72,41 @@ class KVCache:
     def shrink(self) -> None:
         """Evict down to each layer's capacity, lowest priority first (the policy's scores; sinks and the
         recent window stay): run once the tokens in the reserve slots are final (verified drafts)."""
-        sink, recent = self.config.sink, self.config.recent
         for state, capacity in zip(self.states, self.capacities):
-            positions = state["positions"]
-            valid = positions >= 0
-            excess = (valid.sum(-1, keepdim=True) - capacity).clamp(min=0)
-            if not bool(excess.any()):
+            self._shrink_one(state, capacity)
+
+    def compress(self) -> bool:
+        """Evict down to each layer's budget once (``shrink``) and move what stays into caches of budget
+        slots, kept slots first in their order; True when a layer was resized (rebind the new tensors).
+        Run after the prompt with ``compress="after_prefill"``: the scores have read all of it."""
+        resized = False
+        for i, (state, capacity) in enumerate(zip(self.states, self.capacities)):
+            slots = capacity + self.reserve
+            if state["keys"].shape[2] == slots + 1:
                 continue
-            priority = priorities(state["scores"], positions, state["seen"], sink, recent)
-            priority = priority.masked_fill(~valid, math.inf)
-            rank = priority.sort(dim=-1, stable=True).indices.argsort(dim=-1)
-            positions.masked_fill_(valid & (rank < excess), -1)
+            self._shrink_one(state, capacity)
+            order = (state["positions"] < 0).long().argsort(dim=-1, stable=True)[..., :slots]
+            compact = {"seen": state["seen"]}
+            for name in ("keys", "values", "positions", "scores"):
+                tensor = state[name]
+                index = order if tensor.dim() == 3 else order[..., None].expand(*order.shape, tensor.shape[-1])
+                kept = tensor.gather(2, index)
+                scratch = torch.full_like(kept[:, :, :1], -1) if name == "positions" else torch.zeros_like(kept[:, :, :1])
+                compact[name] = torch.cat([kept, scratch], dim=2)
+            self.states[i] = compact
+            resized = True
+        return resized
+
+    def _shrink_one(self, state: dict[str, torch.Tensor], capacity: int) -> None:
+        positions = state["positions"]
+        valid = positions >= 0
+        excess = (valid.sum(-1, keepdim=True) - capacity).clamp(min=0)
+        if not bool(excess.any()):
+            return
+        priority = priorities(state["scores"], positions, state["seen"], self.config.sink, self.config.recent)
+        priority = priority.masked_fill(~valid, math.inf)
+        rank = priority.sort(dim=-1, stable=True).indices.argsort(dim=-1)
+        positions.masked_fill_(valid & (rank < excess), -1)
 
     @property
     def allocated_bytes(self) -> int:

@@ -48,16 +48,17 @@ def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     longest = 2 * draft.draft_tokens
     room = prompt_len + max_new_tokens + 2 * longest + 2
     reserve = longest + 2  # a round's tokens: the pending one and the drafts, plus a catch-up for the drafter
-    full = TorchSteps(decoder_for(model, configs), batch, room, device, compile, reserve)
-    drafter = TorchSteps(decoder_for(model, [*configs, draft]), batch, room, device, compile, reserve)
+    full = TorchSteps(decoder_for(model, configs), batch, room, device, compile, reserve, prompt_len)
+    drafter = TorchSteps(decoder_for(model, [*configs, draft]), batch, room, device, compile, reserve, prompt_len)
     stats = GenerateStats(prompt_len, 0, cache_capacity=full.capacities + drafter.capacities,
-                          cache_allocated_bytes=full.allocated_bytes + drafter.allocated_bytes,
+                          cache_prefill_bytes=full.allocated_bytes + drafter.allocated_bytes,
                           cache_full_bytes=full.full_bytes + drafter.full_bytes)
 
     begin = time.perf_counter()
     logits = prefill(full, input_ids, attention_mask, full.config.chunk_size)
     prefill(drafter, input_ids, attention_mask, drafter.config.chunk_size)
     stats.prefill_seconds = time.perf_counter() - begin
+    stats.cache_allocated_bytes = full.allocated_bytes + drafter.allocated_bytes
 
     real = attention_mask.long().sum(-1)  # tokens in each row's caches
     stats.cache_used_bytes.append(full.used_bytes(real.tolist()) + drafter.used_bytes(real.tolist()))

@@ -37,7 +37,8 @@ class GenerateStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     cache_capacity: list[int] = field(default_factory=list)
-    cache_allocated_bytes: int = 0
+    cache_allocated_bytes: int = 0  # K/V slots held while decoding
+    cache_prefill_bytes: int = 0  # held while the prompt is read (all of it with compress="after_prefill")
     cache_full_bytes: int = 0  # what the full cache would allocate for the same batch and length
     cache_used_bytes: list[int] = field(default_factory=list)  # after prefill, then after each step
     verify_steps: int = 0  # self-speculative decoding: full-model passes
@@ -152,24 +153,40 @@ class TorchSteps:
 
     ``compile``: run the step through ``torch.compile`` (True: the device's mode, see ``compile_mode``; or
     a ``torch.compile`` mode name). ``reserve``: slots beyond the budget for tokens that may be rolled back.
+    ``prompt_len``: with ``compress="after_prefill"``, the cache holds this many tokens until
+    ``finish_prompt`` evicts down to the budget.
     """
 
     def __init__(self, decoder: torch.nn.Module, batch: int, seq_len: int, device: torch.device,
-                 compile: bool | str = False, reserve: int = 0):
+                 compile: bool | str = False, reserve: int = 0, prompt_len: int = 0):
         self.decoder = decoder
-        self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device, reserve)
+        self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device, reserve, prompt_len)
         self.config = cache_plan(decoder.graph_module).config
         self.capacities = self.cache.capacities
-        self.allocated_bytes = self.cache.allocated_bytes
         self.full_bytes = self.cache.full_bytes
         self.takes_keep = KEEP in decoder.layout.captured
         self.compiled = None
         if compile:
             self.compiled = compiled_step(decoder, compile_mode(device) if compile is True else compile)
+        self.bind()
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.cache.allocated_bytes
+
+    def bind(self) -> None:
+        """Hand the cache's tensors to the graph (eager) or to the compiled step's inputs."""
+        self.cache.bind(self.decoder.graph_module)
+        if self.compiled is not None:
             self.flat_cache = [state[f] for state in self.cache.states for f in STATE_FIELDS]
             for tensor in self.flat_cache:
                 if tensor.dim() >= 3:
                     torch._dynamo.mark_dynamic(tensor, 2)  # slots: one graph for every cache size
+
+    def finish_prompt(self) -> None:
+        """The prompt is in: a cache that held all of it evicts down to its budget now."""
+        if self.cache.compress():
+            self.bind()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  last_only: bool = False) -> torch.Tensor:
@@ -194,7 +211,7 @@ class OrtKVSteps:
     """Steps of an exported KV-cache decoder in ONNX Runtime: the ``KVCache`` lives here, each step feeds it
     in and keeps the updated cache that comes out (``layout``: the file's metadata, the cache's layout)."""
 
-    def __init__(self, model, layout: dict, kv: BaseConfig | None, batch: int, seq_len: int):
+    def __init__(self, model, layout: dict, kv: BaseConfig | None, batch: int, seq_len: int, prompt_len: int = 0):
         self.config = BaseConfig.from_dict(layout["config"])
         if kv is not None and kv != self.config:
             raise DynasparseError(f"this ONNX file was exported with {self.config}; generate() got kv={kv}. "
@@ -202,10 +219,17 @@ class OrtKVSteps:
         sites = [CacheSite(i, f"kv{i}", s["policy"], s["num_kv_heads"], s["head_dim"], s["value_dim"],
                            getattr(torch, s["dtype"])) for i, s in enumerate(layout["sites"])]
         self.model = model
-        self.cache = KVCache(sites, self.config, batch, seq_len)
+        self.cache = KVCache(sites, self.config, batch, seq_len, prompt_len=prompt_len)
         self.capacities = self.cache.capacities
-        self.allocated_bytes = self.cache.allocated_bytes
         self.full_bytes = self.cache.full_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.cache.allocated_bytes
+
+    def finish_prompt(self) -> None:
+        """The prompt is in: a cache that held all of it evicts down to its budget now."""
+        self.cache.compress()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  last_only: bool = False) -> torch.Tensor:
@@ -228,8 +252,8 @@ class OrtKVSteps:
 
 def prefill(step: Callable[..., torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int,
             on_logits: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Run the prompt through the cache chunk by chunk (the first chunk may be short); return the last
-    position's logits [B, V].
+    """Run the prompt through the cache chunk by chunk (the first chunk may be short), then let the cache
+    evict down to its budget (``finish_prompt``); return the last position's logits [B, V].
 
     ``on_logits(start, logits)`` sees every chunk's logits (perplexity evaluation reads them there); without
     it only the last position's logits are computed.
@@ -246,4 +270,5 @@ def prefill(step: Callable[..., torch.Tensor], input_ids: torch.Tensor, attentio
         if on_logits is not None:
             on_logits(start, logits)
         last = logits[:, -1]
+    step.finish_prompt()
     return last

@@ -70,13 +70,16 @@ class TokenExitSteps(TorchSteps):
     """Decode steps of a gated KV-cache decoder: per-token exits; prefill runs the whole graph."""
 
     def __init__(self, decoder: torch.nn.Module, batch: int, seq_len: int, device: torch.device, new_tokens: int):
-        super().__init__(decoder, batch, seq_len, device)
         self.plan: ExitPlan = decoder.graph_module.meta[EXIT_META]
         self.stages = gated_stages(decoder.graph_module)
-        for module in self.stages.split.modules + self.stages.fills[1:]:
-            self.cache.bind(module)
+        super().__init__(decoder, batch, seq_len, device, prompt_len=seq_len - new_tokens)
         self.blocks_run: list[float] = []  # per decode step: mean blocks per row
         self.decode_steps = max(1, new_tokens - 1)  # the first new token comes from the prompt's pass
+
+    def bind(self) -> None:
+        super().bind()
+        for module in self.stages.split.modules + self.stages.fills[1:]:
+            self.cache.bind(module)
 
     def _scheduled_blocks(self) -> int | None:
         """SkipDecode: blocks for this decode step, falling linearly over the generation."""

@@ -84,7 +84,8 @@ class Technique:
         """The step function of a decoder this technique changed (per-token exits), else None."""
         return None
 
-    def ort_steps(self, session: Any, configs: Sequence[BaseConfig], batch: int, seq_len: int) -> Any:
+    def ort_steps(self, session: Any, configs: Sequence[BaseConfig], batch: int, seq_len: int,
+                  new_tokens: int) -> Any:
         """Decode steps over an exported decoder this technique wrote, else None."""
         return None
 

@@ -36,7 +36,8 @@ class KVEviction(Technique):
             return None
         return export_decoder_step(model, path, args, kwargs, opset_version)
 
-    def ort_steps(self, session: Any, configs: Sequence[BaseConfig], batch: int, seq_len: int) -> Any:
+    def ort_steps(self, session: Any, configs: Sequence[BaseConfig], batch: int, seq_len: int,
+                  new_tokens: int) -> Any:
         meta = session.session.get_modelmeta().custom_metadata_map.get(KV_METADATA)
         if meta is None:
             return None
@@ -45,4 +46,4 @@ class KVEviction(Technique):
             raise DynasparseError(f"an ONNX session runs the exported decode step as it is; {others[0]} needs the "
                                   "torch model: pass the model, not an ONNX session")
         kv = next((c for c in configs if isinstance(c, KVEvictionConfig)), None)
-        return OrtKVSteps(session, json.loads(meta), kv, batch, seq_len)
+        return OrtKVSteps(session, json.loads(meta), kv, batch, seq_len, seq_len - new_tokens)

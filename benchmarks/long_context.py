@@ -6,14 +6,15 @@
   - question-aware: the question ends the prompt, so the last prefill chunk reads it before eviction;
   - question-agnostic: the context is read and compressed first, the question is appended through the
     cache afterwards (kvpress's pipeline), so eviction cannot know what will be asked.
-* **Perplexity** of held-out stdlib source (``inspect.py``, never in the help topics) read through the cache.
+* **Perplexity** of held-out stdlib source (``inspect.py``, never in the help topics): its first half is the
+  prompt, the second half is read through the cache 32 tokens per step and scored.
 
 Rows: the full cache; each eviction policy at each budget (a share of the sequence); H2O with the pyramid
 schedule; sparse prefill (pooled estimator, keep 0.25 / 0.1) over the full cache and over a 25% H2O
 cache. All depths of a setting run as one left-padded batch (a batched row generates what it generates
 alone). A matplotlib plot of recall against budget per policy goes next to the tables.
 
-    python -m benchmarks.long_context [--context 2048] [--depths 10] [--budgets 0.25 0.1]
+    python -m benchmarks.long_context [--context 2048] [--depths 10] [--budgets 0.5 0.25 0.1] [--only ROW ...]
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ from dynasparse.table import table
 OUT = Path("benchmarks") / "results"
 POLICIES = ("h2o", "tova", "snapkv", "streaming")
 NEW_TOKENS = 16  # the number is four digit tokens after "The access code ... is"
+READ = 32  # held-out tokens per step after the prompt, for perplexity
 
 
 def prompts(tokenizer, context: int, depths: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -97,13 +99,16 @@ def question_agnostic(model, tokenizer, heads, tails, configs: list[BaseConfig])
 
 @torch.no_grad()
 def perplexity(model, tokens: torch.Tensor, configs: list[BaseConfig]) -> float:
-    """Perplexity of one window read chunk by chunk through the cache (each chunk sees the cache + itself)."""
-    step = steps_for(model, configs, 1, tokens.shape[1], tokens.device)
-    chunks = []
-    prefill(step, tokens, torch.ones_like(tokens), step.config.chunk_size,
-            on_logits=lambda start, logits: chunks.append(logits))
-    logits = torch.cat(chunks, 1)
-    return math.exp(F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:]).item())
+    """Perplexity of the second half of ``tokens``, read through the cache after the first half went in as
+    the prompt (compressed as the config says), ``READ`` tokens per step: fewer than a sparse block, so the
+    steps read as decode steps do (query-aware selection included) and the cache evicts as it goes."""
+    length, half = tokens.shape[1], tokens.shape[1] // 2
+    step = steps_for(model, configs, 1, length, tokens.device, new_tokens=length - half)
+    logits = [prefill(step, tokens[:, :half], torch.ones_like(tokens[:, :half]), step.config.chunk_size)[:, None]]
+    for start in range(half, length - 1, READ):
+        piece = tokens[:, start:min(start + READ, length - 1)]
+        logits.append(step(piece, torch.ones_like(piece), torch.arange(start, start + piece.shape[1])[None]))
+    return math.exp(F.cross_entropy(torch.cat(logits, 1)[0].float(), tokens[0, half:]).item())
 
 
 def settings(budgets: list[float], min_seq_len: int = 1024) -> list[tuple[str, str, float | None, list[BaseConfig]]]:
@@ -112,8 +117,18 @@ def settings(budgets: list[float], min_seq_len: int = 1024) -> list[tuple[str, s
     for policy in POLICIES:
         rows += [(f"{policy} {b:.0%}", policy, b, [KVEvictionConfig(policy=policy, budget=b, recent=64)])
                  for b in budgets]
+    small = [b for b in budgets if b <= 0.25] or budgets
+    for policy in ("h2o", "snapkv"):  # eviction after every prefill chunk: bounded prefill memory
+        rows += [(f"{policy} {b:.0%} every chunk", f"{policy} every chunk", b,
+                  [KVEvictionConfig(policy=policy, budget=b, recent=64, compress="every_chunk")]) for b in small]
     rows += [(f"h2o pyramid {b:.0%}", "h2o pyramid", b,
-              [KVEvictionConfig(policy="h2o", budget=b, recent=64, schedule="pyramid")]) for b in budgets]
+              [KVEvictionConfig(policy="h2o", budget=b, recent=64, schedule="pyramid")]) for b in small]
+    for b in budgets:  # the cache keeps every token; each decode step reads the share its queries weigh most
+        rows.append((f"query-aware decode {b:.0%}", "query-aware decode", b,
+                     [SparseAttentionConfig(decode_keep=b, min_seq_len=min_seq_len)]))
+    rows.append((f"query-aware decode {budgets[-1]:.0%} + h2o 25%", "query-aware + h2o", None,
+                 [SparseAttentionConfig(decode_keep=budgets[-1], min_seq_len=min_seq_len),
+                  KVEvictionConfig(policy="h2o", budget=0.25, recent=64)]))
     for keep in (0.25, 0.1):
         sparse = SparseAttentionConfig(keep_ratio=keep, min_seq_len=min_seq_len)
         rows.append((f"sparse prefill keep {keep:g}", "sparse prefill", None, [sparse]))
@@ -126,13 +141,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, default=2048, help="tokens of help text around the fact")
     parser.add_argument("--depths", type=int, default=10)
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.1])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
     parser.add_argument("--quick", action="store_true", help="smoke run: 256 tokens, 2 depths, 3 rows")
-    parser.add_argument("--agnostic", nargs="*", default=["full cache", "h2o 25%", "tova 25%", "snapkv 25%",
-                                                            "streaming 25%"],
+    parser.add_argument("--agnostic", nargs="*", default=["full cache", "h2o 25%", "snapkv 25%",
+                                                            "query-aware decode 10%"],
                         help="rows that also run the question-agnostic setting")
+    parser.add_argument("--only", nargs="*", help="run only the rows with these names")
     args = parser.parse_args()
     rows_to_run = settings(args.budgets)
+    if args.only:
+        rows_to_run = [r for r in rows_to_run if r[0] in args.only]
     if args.quick:
         args.context, args.depths, args.budgets = 512, 2, [0.25]
         rows_to_run = [r for r in settings(args.budgets, min_seq_len=128) if r[0] in ("full cache", "h2o 25%",
@@ -158,8 +176,10 @@ def main() -> None:
         row[-1] += f" ({record['perplexity'] / full - 1:+.1%})"
     context_tokens = len(heads[0]) + len(tails[0])
     title = (f"Long context, SmolLM2-135M-Instruct (fp32): a fact at {args.depths} depths of ~{context_tokens} "
-             f"prompt tokens (help topics), greedy, {NEW_TOKENS} new tokens; perplexity of {held_out.shape[1]} "
-             f"tokens of inspect.py; budgets are shares of the sequence, sink 4, recent 64, chunks of 512")
+             f"prompt tokens (help topics), greedy, {NEW_TOKENS} new tokens; perplexity of the second half of "
+             f"{held_out.shape[1]} tokens of inspect.py, after the first half as the prompt; budgets are shares of the "
+             f"sequence, sink 4, recent 64, prefill chunks of 512; every policy compresses after the prompt "
+             f"unless the row says every chunk; query-aware decode keeps the full cache")
     header = ["cache / prefill", "recall, question-aware", "recall, question-agnostic", "perplexity (vs full)"]
     markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
     curves["full"] = [(b, curves["full"][0][1]) for b in args.budgets]  # the full cache as a flat reference

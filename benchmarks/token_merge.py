@@ -12,7 +12,6 @@ A ViT built from config gives the image-side speed table (random weights: speed 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,18 +28,18 @@ from dynasparse.cli import encoder_merge_config
 from dynasparse import TokenMergeConfig, zoo
 
 LATER_BLOCKS = (1, 2, 3, 4, 5)
-# the setting `dynasparse demo` and the README use: blocks 0 and 5 dense, inputs of up to 32 tokens whole
-# (short queries stay exact), the hidden state as the metric; calls with fewer than 128 tokens beyond those
+# the defaults: blocks 0 and 5 dense, inputs of up to 32 tokens whole (short queries stay exact), the hidden
+# state as the metric; `dynasparse demo` adds that calls with fewer than 128 tokens beyond those
 # (batch × (length − 32)) skip merging, whose fixed cost they do not earn back
-TUNED = encoder_merge_config(0.3, num_blocks=6)
 CANDIDATES = {  # plain ToMe first, then dynasparse settings
-    "ToMe: keys, all blocks, keep 0.5": TokenMergeConfig(keep_ratio=0.5),
-    "keys, blocks 1-5, keep 0.3, min 48": TokenMergeConfig(keep_ratio=0.3, layers=LATER_BLOCKS, min_tokens=48),
-    "hidden, blocks 1-4, keep 0.3, min 32": dataclasses.replace(TUNED, dense_below=0),
-    "+ dense below 128 mergeable": TUNED,
-    "hidden, blocks 1-4, keep 0.25, min 32": dataclasses.replace(TUNED, keep_ratio=0.25, dense_below=0),
-    "hidden, blocks 1-5, keep 0.2, min 32": dataclasses.replace(TUNED, keep_ratio=0.2, layers=LATER_BLOCKS,
-                                                                dense_below=0),
+    "ToMe: keys, all blocks, keep 0.5": TokenMergeConfig.tome(keep_ratio=0.5),
+    "keys, blocks 1-5, keep 0.3, min 48": TokenMergeConfig(keep_ratio=0.3, metric="keys", layers=LATER_BLOCKS,
+                                                           min_tokens=48),
+    "defaults, keep 0.3": TokenMergeConfig(keep_ratio=0.3),
+    "+ dense below 128 mergeable": encoder_merge_config(0.3),
+    "defaults, keep 0.25": TokenMergeConfig(keep_ratio=0.25),
+    "defaults, keep 0.5": TokenMergeConfig(keep_ratio=0.5),
+    "hidden, blocks 1-5, keep 0.2, min 32": TokenMergeConfig(keep_ratio=0.2, layers=LATER_BLOCKS),
 }
 # every help-topic paragraph of at least this many characters: 577 query/document pairs, enough that
 # recall@1 differences of one point are not a handful of near-tied queries
@@ -140,8 +139,9 @@ def vit_tables(image_sizes, batch: int, repeats: int) -> list[str]:
                                          intermediate_size=1536, image_size=size, patch_size=16)).eval()
         pixels = torch.randn(batch, 3, size, size)
         cases = []
-        for name, config in {"r=8 (keys)": TokenMergeConfig(r=8), "keep 0.5 (keys)": TokenMergeConfig(keep_ratio=0.5),
-                             "keep 0.35 (keys)": TokenMergeConfig(keep_ratio=0.35)}.items():
+        for name, config in {"r=8 (keys)": TokenMergeConfig.tome(r=8),
+                             "keep 0.5 (keys)": TokenMergeConfig.tome(keep_ratio=0.5),
+                             "keep 0.35 (keys)": TokenMergeConfig.tome(keep_ratio=0.35)}.items():
             merged = dynasparse.optimize(model, [config], example_kwargs={"pixel_values": pixels})
             cases.append(Case(name, lambda m=merged: m(pixel_values=pixels)))
         rows = compare(Case("original", lambda: model(pixel_values=pixels)), cases, warmup=1, repeats=repeats)

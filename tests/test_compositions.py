@@ -121,7 +121,7 @@ def _logits(model, inputs: dict) -> torch.Tensor:
 
 def test_merging_nothing_with_gates_that_never_fire_is_the_dense_classifier():
     model, inputs = _bert(), _text()
-    optimized = dynasparse.optimize(model, [ExitGateConfig(threshold=1.0), TokenMergeConfig(r=0)],
+    optimized = dynasparse.optimize(model, [ExitGateConfig(threshold=1.0), TokenMergeConfig.tome(r=0)],
                                     example_kwargs=inputs)
     assert not optimized.report.left_dense, optimized.report
     torch.testing.assert_close(_logits(optimized, inputs), _logits(model, inputs), atol=1e-5, rtol=0)

@@ -100,14 +100,26 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     out = (out * visible.any(-1).transpose(1, 2)[..., None].to(out.dtype))[:, pad_q:]  # seeing nothing gives 0
 
     rule = POLICIES[policy]
-    mass_cache = torch.zeros_like(scores)
-    mass_new = scores.new_zeros(batch, kv_heads, length)
+    masses = None
     if rule.uses_attention:
         read = visible & plan_token_mask(counts, indices, block_size, width, source.shape[-1], q_heads)
         observed = torch.nn.functional.pad(rule.observe(query_valid, window), (pad_q, 0))
-        masses = _slot_masses(q_al, keys_al, read, scale, observed)  # [B, Hkv, L], back to slots and new tokens:
-        by_source = masses.new_zeros(batch, kv_heads, held + length + 1).scatter_add_(-1, source, masses)
-        mass_cache[..., :held], mass_new = by_source[..., :held], by_source[..., held:held + length]
+        by_key = _slot_masses(q_al, keys_al, read, scale, observed)  # [B, Hkv, L], back to slots and new tokens:
+        masses = by_key.new_zeros(batch, kv_heads, held + length + 1).scatter_add_(-1, source, by_key)[..., :-1]
+    _score_and_write(k, v, keys, values, positions, scores, seen, key_valid, rule, masses, held, sink, recent, pool)
+    return out
+
+
+def _score_and_write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, key_valid: torch.Tensor,
+                     rule, masses: torch.Tensor | None, held: int, sink: int, recent: int, pool: int) -> None:
+    """The policy's update from the ``masses`` [B, Hkv, held + T] of what the step read (None: no masses),
+    then eviction and the write of the new tokens, as in the dense step."""
+    batch, kv_heads, length = k.shape[0], k.shape[1], k.shape[2]
+    mass_cache = torch.zeros_like(scores)
+    mass_new = scores.new_zeros(batch, kv_heads, length)
+    if masses is not None:
+        mass_cache[..., :held], mass_new = masses[..., :held], masses[..., held:]
     step_pos = new_positions(seen, key_valid)
     cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions,
                                            step_pos[:, None, :].expand(batch, kv_heads, length), pool)
@@ -115,7 +127,6 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     evict_and_write(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after, sink,
                     recent)
     seen.copy_(seen_after)
-    return out
 
 
 def _query_aware_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -139,15 +150,5 @@ def _query_aware_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     out, masses = query_aware_attention(q, torch.cat([keys[:, :, :held], k.to(keys.dtype)], 2),
                                         torch.cat([values[:, :, :held], v.to(values.dtype)], 2), visible, scale,
                                         keep, observed)
-    mass_cache = torch.zeros_like(scores)
-    mass_new = scores.new_zeros(batch, kv_heads, length)
-    if masses is not None:
-        mass_cache[..., :held], mass_new = masses[..., :held], masses[..., held:]
-    step_pos = new_positions(seen, key_valid)
-    cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions,
-                                           step_pos[:, None, :].expand(batch, kv_heads, length), pool)
-    seen_after = seen + key_valid.long().sum(-1)
-    evict_and_write(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after, sink,
-                    recent)
-    seen.copy_(seen_after)
+    _score_and_write(k, v, keys, values, positions, scores, seen, key_valid, rule, masses, held, sink, recent, pool)
     return out

@@ -261,7 +261,7 @@ def test_sparse_step_keeping_every_block_is_the_reference_step(policy):
     k, v = _randn(gen, 2, 2, 40, 16), _randn(gen, 2, 2, 40, 16)
     reference = kc.kv_cache_step_reference(q, k, v, None, True, None, *expected.values(), policy, 4, 8, 8, 1)
     out = kv_cache_sparse_step(q, k, v, None, True, None, *actual.values(), policy, 4, 8, 8, 1,
-                               16, "pooled", "keep_ratio", 1.0, 1, 1, 0, 16)
+                               16, "pooled", "keep_ratio", 1.0, 1, 1, 0, 16, 1.0)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
     assert_same_contents(actual, expected, score_atol=1e-5)
 
@@ -276,6 +276,6 @@ def test_sparse_step_with_a_sparse_plan_reads_fewer_keys():
     k, v = _randn(gen, 1, 2, 64, 16), _randn(gen, 1, 2, 64, 16)
     dense = kc.kv_cache_step_reference(q, k, v, None, True, None, *expected.values(), "h2o", 4, 8, 8, 1)
     sparse = kv_cache_sparse_step(q, k, v, None, True, None, *actual.values(), "h2o", 4, 8, 8, 1,
-                                  16, "pooled", "keep_ratio", 0.25, 1, 1, 0, 16)
+                                  16, "pooled", "keep_ratio", 0.25, 1, 1, 0, 16, 1.0)
     assert not torch.allclose(sparse, dense, atol=1e-3)
     assert (actual["positions"][..., :-1] >= 0).all()  # still a full cache of the budget after eviction

@@ -43,11 +43,8 @@ def key_validity(mask: torch.Tensor | None, batch: int, kv_len: int, device: tor
     """[B, Lk] bool: keys some query may attend to (padding is the keys no query sees)."""
     if mask is None:
         return torch.ones(batch, kv_len, dtype=torch.bool, device=device)
-    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    allowed = allowed.expand(batch, allowed.shape[1], allowed.shape[2], kv_len)
-    return allowed.any(dim=2).any(dim=1)
+    allowed = key_visibility(mask, False, mask.shape[-2] if mask.dim() > 1 else 1, kv_len, device)
+    return allowed.expand(batch, allowed.shape[1], allowed.shape[2], kv_len).any(dim=2).any(dim=1)
 
 
 def key_visibility(mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_len: int,

@@ -65,13 +65,13 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     held = _held_slots(positions)
     key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
     real = torch.cat([positions[:, :, :held] >= 0, key_valid[:, None, :].expand(batch, kv_heads, length)], -1)
-    if decode_keep < 1.0 and length < block_size:
-        reads_all = real.sum(-1).amax(-1) < min_seq_len  # [B]: short rows read every key, as they would alone
-        if not bool(reads_all.all()):
-            return _query_aware_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy,
-                                     sink, recent, window, pool, held, torch.where(reads_all, 1.0, decode_keep))
+    few_keys = real.sum(-1).amax(-1) < min_seq_len  # [B]: rows too short to plan read every key, as alone
+    if decode_keep < 1.0 and length < block_size and not bool(few_keys.all()):
+        return _query_aware_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy,
+                                 sink, recent, window, pool, held, torch.where(few_keys, 1.0, decode_keep),
+                                 key_valid, query_valid)
     # rows that read densely: too few keys, or too few new tokens for a prompt chunk (a decode or verify step)
-    short = (real.sum(-1).amax(-1) < min_seq_len) | (key_valid.sum(-1) < block_size)  # [B]
+    short = few_keys | (key_valid.sum(-1) < block_size)  # [B]
     if bool(short.all()):
         return kv_cache_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy, sink,
                              recent, window, pool)
@@ -132,13 +132,14 @@ def _score_and_write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, value
 def _query_aware_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
                       positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str, sink: int,
-                      recent: int, window: int, pool: int, held: int, keep: torch.Tensor) -> torch.Tensor:
+                      recent: int, window: int, pool: int, held: int, keep: torch.Tensor, key_valid: torch.Tensor,
+                      query_valid: torch.Tensor) -> torch.Tensor:
     """A decode step that reads the top ``keep`` [B] share of each row's keys per KV head (cached tokens
     and the new ones, as its mask allows); score-based policies see the masses of the keys it read. Then
-    the cache takes the new tokens as the dense step does (``evict_and_write``)."""
+    the cache takes the new tokens as the dense step does (``evict_and_write``). ``key_valid`` /
+    ``query_valid`` [B, T]: the new tokens' ``token_validity``."""
     batch, q_heads, length, _ = q.shape
     kv_heads = k.shape[1]
-    key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
     allowed = allowed_new(mask, is_causal, batch, length, q.device)
     if allowed is None:
         allowed = torch.ones(batch, 1, length, length, dtype=torch.bool, device=q.device)

@@ -148,7 +148,36 @@ def compiled_step(decoder: torch.nn.Module, mode: str | None) -> CompiledStep:
     return per_graph[mode]
 
 
-class TorchSteps:
+class CacheSteps:
+    """What steps over a ``KVCache`` share: the cache's sizes, and compressing it once the prompt is in."""
+
+    cache: KVCache
+
+    @property
+    def capacities(self) -> list[int]:
+        return self.cache.capacities
+
+    @property
+    def full_bytes(self) -> int:
+        return self.cache.full_bytes
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.cache.allocated_bytes
+
+    def used_bytes(self, real_tokens: list[int]) -> int:
+        return self.cache.used_bytes(real_tokens)
+
+    def bind(self) -> None:
+        """Hand the cache's current tensors to whatever runs the step (nothing to do where each call feeds them)."""
+
+    def finish_prompt(self) -> None:
+        """The prompt is in: a cache that held all of it evicts down to its budget now."""
+        if self.cache.compress():
+            self.bind()
+
+
+class TorchSteps(CacheSteps):
     """Steps of a captured KV-cache decoder: the graph updates this generation's ``KVCache`` in place.
 
     ``compile``: run the step through ``torch.compile`` (True: the device's mode, see ``compile_mode``; or
@@ -162,17 +191,11 @@ class TorchSteps:
         self.decoder = decoder
         self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device, reserve, prompt_len)
         self.config = cache_plan(decoder.graph_module).config
-        self.capacities = self.cache.capacities
-        self.full_bytes = self.cache.full_bytes
         self.takes_keep = KEEP in decoder.layout.captured
         self.compiled = None
         if compile:
             self.compiled = compiled_step(decoder, compile_mode(device) if compile is True else compile)
         self.bind()
-
-    @property
-    def allocated_bytes(self) -> int:
-        return self.cache.allocated_bytes
 
     def bind(self) -> None:
         """Hand the cache's tensors to the graph (eager) or to the compiled step's inputs."""
@@ -182,11 +205,6 @@ class TorchSteps:
             for tensor in self.flat_cache:
                 if tensor.dim() >= 3:
                     torch._dynamo.mark_dynamic(tensor, 2)  # slots: one graph for every cache size
-
-    def finish_prompt(self) -> None:
-        """The prompt is in: a cache that held all of it evicts down to its budget now."""
-        if self.cache.compress():
-            self.bind()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  last_only: bool = False) -> torch.Tensor:
@@ -203,11 +221,8 @@ class TorchSteps:
             logits = self.compiled(flat, self.flat_cache)
         return logits[:, -1:] if last_only else logits
 
-    def used_bytes(self, real_tokens: list[int]) -> int:
-        return self.cache.used_bytes(real_tokens)
 
-
-class OrtKVSteps:
+class OrtKVSteps(CacheSteps):
     """Steps of an exported KV-cache decoder in ONNX Runtime: the ``KVCache`` lives here, each step feeds it
     in and keeps the updated cache that comes out (``layout``: the file's metadata, the cache's layout)."""
 
@@ -220,16 +235,6 @@ class OrtKVSteps:
                            getattr(torch, s["dtype"])) for i, s in enumerate(layout["sites"])]
         self.model = model
         self.cache = KVCache(sites, self.config, batch, seq_len, prompt_len=prompt_len)
-        self.capacities = self.cache.capacities
-        self.full_bytes = self.cache.full_bytes
-
-    @property
-    def allocated_bytes(self) -> int:
-        return self.cache.allocated_bytes
-
-    def finish_prompt(self) -> None:
-        """The prompt is in: a cache that held all of it evicts down to its budget now."""
-        self.cache.compress()
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  last_only: bool = False) -> torch.Tensor:
@@ -245,9 +250,6 @@ class OrtKVSteps:
                 state[name] = outputs[site.buffer(name) + "_out"]
         logits = outputs["output_0"]
         return logits[:, -1:] if last_only else logits
-
-    def used_bytes(self, real_tokens: list[int]) -> int:
-        return self.cache.used_bytes(real_tokens)
 
 
 def prefill(step: Callable[..., torch.Tensor], input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk_size: int,

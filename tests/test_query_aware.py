@@ -70,3 +70,11 @@ def test_decode_keep_out_of_range_and_onnx_export_fail_clearly(tmp_path):
     decoder = dynasparse.runtime.generate.decoder_for(llama(), [SparseAttentionConfig(decode_keep=0.5)])
     with pytest.raises(DynasparseError, match="no ONNX spelling"):
         dynasparse.export_onnx(decoder, tmp_path / "step.onnx")
+
+
+def test_sparse_prefill_over_a_cache_exports_dense_and_says_so(tmp_path):
+    configs = [SparseAttentionConfig(keep_ratio=0.5, block_size=16, min_seq_len=32),
+               KVEvictionConfig(policy="h2o", budget=40, sink=2, recent=4)]
+    decoder = dynasparse.runtime.generate.decoder_for(llama(), configs)
+    with pytest.warns(UserWarning, match="no ONNX spelling yet: the exported step reads every block"):
+        dynasparse.export_onnx(decoder, tmp_path / "step.onnx")

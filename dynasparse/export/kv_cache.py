@@ -15,9 +15,9 @@ steps.
 """
 from __future__ import annotations
 
-import math
-
 import json
+import math
+import warnings
 from pathlib import Path
 
 from onnxscript import ir
@@ -168,10 +168,15 @@ def export_decoder_step(model, path: Path, args: tuple, kwargs: dict, opset_vers
     metadata, so ``dynasparse.generate`` can drive the ONNX Runtime session with its own cache.
     """
     plan = model.graph_module.meta[CACHE_META]
-    for node in model.graph_module.graph.nodes:
-        if node.target is KV_CACHE_SPARSE_ATTENTION and bound_args(node)["decode_keep"] < 1.0:
+    sparse = [node for node in model.graph_module.graph.nodes if node.target is KV_CACHE_SPARSE_ATTENTION]
+    for node in sparse:
+        if bound_args(node)["decode_keep"] < 1.0:
             raise DynasparseError(f"query-aware decode (decode_keep={bound_args(node)['decode_keep']}) has no "
                                   "ONNX spelling yet; export the decoder with SparseAttentionConfig.decode_keep=1.0")
+    if sparse:
+        warnings.warn(f"{len(sparse)} cache sites plan sparse prefill chunks, which have no ONNX spelling yet: the "
+                      "exported step reads every block (dense prefill, same cache and eviction); torch runs them "
+                      "sparse", stacklevel=2)
     step, input_names, output_names = step_graph(model.graph_module, plan, functional=True)
     inputs = list(args) + [kwargs[name] for name in model.layout.captured[len(args):]]
     batch = inputs[0].shape[0]

@@ -157,7 +157,7 @@ def cmd_generate(args) -> None:
 
 
 def encoder_merge_config(keep_ratio: float) -> TokenMergeConfig:
-    """The token-merge defaults (the first and last blocks left dense, the hidden state as the similarity
+    """The token-merge defaults (the first block left dense, the hidden state as the similarity
     metric, inputs of up to 32 tokens left whole), and batches with fewer than 128 tokens beyond those run
     dense (benchmarks/token_merge.py measures it against plain ToMe)."""
     return TokenMergeConfig(keep_ratio=keep_ratio, dense_below=128)
@@ -231,7 +231,7 @@ def cmd_demo(args) -> None:
     from dynasparse.bench import format_table
 
     print("== token merging on MiniLM: 64 real paragraphs, 256 tokens, length-sorted batches of 32 ==")
-    rows, curves = _merge_table(entry, [0.3] if not args.plot else [0.7, 0.5, 0.4, 0.3], plain_tome=args.plot)
+    rows, curves = _merge_table(entry, [0.2] if not args.plot else [0.7, 0.5, 0.3, 0.2], plain_tome=args.plot)
     print(format_table(rows) + "\n")
     if args.plot:
         from dynasparse.plot import line_plot

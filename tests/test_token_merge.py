@@ -120,7 +120,7 @@ def test_constant_r_is_capped_per_row_where_a_row_is_too_short():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(r=2, protect=(0, 40)), "beyond the example"),
     (dict(keep_ratio=0.01), "at most 50%"),
-    (dict(r=(1, 2)), "2 values for 4 merged blocks"),
+    (dict(r=(1, 2)), "2 values for 5 merged blocks"),
 ])
 def test_invalid_settings_for_the_model(kwargs, message):
     with pytest.raises(DynasparseError, match=message):

@@ -48,10 +48,10 @@ class TokenMergeConfig(BaseConfig):
     ``dense_below``: a call whose batch holds fewer mergeable tokens than this (batch size × (padded
     length − ``min_tokens``)) runs the graph as it was before merging. Each merge has a fixed cost
     (many small ops), so small batches lose time unless they skip merging.
-    ``layers``: blocks to merge after (default: all but the first and the last while ``dense_edges``: the
-    first block's tokens are not contextual yet, and the last block's output is what pooling reads).
-    The defaults (hidden-state metric, dense edges, 32 tokens left whole) hold embedding fidelity on real
-    text (``benchmarks/token_merge.py``); ``TokenMergeConfig.tome(...)`` is plain ToMe.
+    ``layers``: blocks to merge after (default: all but the first while ``dense_first``: the first
+    block's tokens are not contextual yet, so their similarities say little).
+    The defaults (hidden-state metric, first block dense, 32 tokens left whole) hold embedding fidelity on
+    real text (``benchmarks/token_merge.py``); ``TokenMergeConfig.tome(...)`` is plain ToMe.
     """
 
     r: int | tuple[int, ...] | None = None
@@ -66,13 +66,13 @@ class TokenMergeConfig(BaseConfig):
     fuse_pruned: bool = True
     min_tokens: int | None = None
     dense_below: int = 0
-    dense_edges: bool = True
+    dense_first: bool = True
 
     @classmethod
     def tome(cls, **settings) -> TokenMergeConfig:
         """Plain ToMe (Bolya et al.): the keys as the metric, every block merged, no tokens left whole;
         ``settings``: ``r`` or ``keep_ratio`` and anything else to change."""
-        return cls(**{"metric": "keys", "dense_edges": False, "min_tokens": 0, **settings})
+        return cls(**{"metric": "keys", "dense_first": False, "min_tokens": 0, **settings})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -223,8 +223,8 @@ class TokenMergePass:
             if not self.config.applies_to(block.index):
                 continue
             label = f"block {block.index} ({block.module})"
-            if self.config.layers is None and self.config.dense_edges and block.index in (0, len(analysis.blocks) - 1):
-                result.left_dense[label] = "first / last block: dense by default (TokenMergeConfig.dense_edges)"
+            if self.config.layers is None and self.config.dense_first and block.index == 0:
+                result.left_dense[label] = "first block: dense by default (TokenMergeConfig.dense_first)"
             elif len(sites) != 1:
                 result.left_dense[label] = f"{len(sites)} attention sites in one block; merging needs one"
             elif sites[0].sparse:

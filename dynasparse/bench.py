@@ -165,8 +165,8 @@ def compare(
             for i in [*range(shift, len(cases)), *range(shift)]:
                 elapsed, value = _timed_call(cases[i].fn, cuda)
                 samples[i].append(elapsed)
-                if isinstance(value, dict):
-                    returned[i].append(value)
+                if isinstance(value, dict) and all(isinstance(x, (int, float)) for x in value.values()):
+                    returned[i].append(value)  # a job's own numbers; a model's output dict is not a metric
         peaks = [_peak_mib(c.fn, cuda) if measure_memory else None for c in cases]
 
     base_median = statistics.median(samples[0])

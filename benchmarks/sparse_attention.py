@@ -4,16 +4,17 @@
    keep ratios 1.0 / 0.5 / 0.25 / 0.1 (sinks and diagonal included), with the estimator's share of the
    sparse time and the output error vs dense;
 2. prefill of a Llama built from config at 8k tokens: the model vs ``dynasparse.optimize`` with sparse
-   attention;
+   attention; the same for the real SmolLM2-135M on 8k tokens of help text, with perplexity per estimator;
 3. quality: held-out perplexity of the project's byte-level LM (``dynasparse.bytelm``, trained on stdlib
    text) at 1k-4k context, dense vs sparse settings.
 
-    python benchmarks/sparse_attention.py [--quick] [--parts attention prefill quality]
+    python benchmarks/sparse_attention.py [--quick] [--parts attention prefill smollm2 quality]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -108,6 +109,48 @@ def prefill_part(length: int, repeats: int) -> str:
                          meta=meta)
 
 
+def _perplexity(lm_head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tensor, chunk: int = 1024) -> float:
+    """Perplexity of ``ids`` [1, L] from the base model's hidden states, the LM head applied a chunk at a
+    time (8k x 49k fp32 logits at once would take 1.6 GB)."""
+    total = 0.0
+    for start in range(0, ids.shape[1] - 1, chunk):
+        stop = min(start + chunk, ids.shape[1] - 1)
+        logits = lm_head(hidden[0, start:stop]).float()
+        total += F.cross_entropy(logits, ids[0, start + 1:stop + 1], reduction="sum").item()
+    return math.exp(total / (ids.shape[1] - 1))
+
+
+def smollm2_prefill_part(length: int, repeats: int) -> str:
+    """SmolLM2's prefill (the base model, no cache) at ``length`` tokens of help text: Hugging Face SDPA vs
+    sparse attention per estimator and keep ratio, with the perplexity of the same tokens."""
+    from dynasparse import zoo
+
+    entry = zoo.load("smollm2")
+    base, lm_head = entry.model.model, entry.model.lm_head
+    ids = entry.tokenizer(" ".join(zoo.paragraphs()), return_tensors="pt").input_ids[:, :length]
+
+    def forward(model) -> None:  # the timed call; its output is not a metric
+        model(input_ids=ids)
+
+    with torch.inference_mode():
+        dense_ppl = _perplexity(lm_head, base(input_ids=ids).last_hidden_state, ids)
+    cases = []
+    for estimator, ratio in (("pooled", 0.25), ("pooled", 0.1), ("vertical_slash", 0.1)):
+        cfg = dynasparse.SparseAttentionConfig(keep_ratio=ratio, block_size=BLOCK, estimator=estimator)
+        optimized = dynasparse.optimize(base, [cfg], example_kwargs={"input_ids": ids})
+        with torch.inference_mode():
+            ppl = _perplexity(lm_head, optimized(input_ids=ids).last_hidden_state, ids)
+        cases.append(Case(f"dynasparse {estimator} keep {ratio:g}", lambda m=optimized: forward(m),
+                          {"perplexity": ppl, "ppl change %": 100 * (ppl / dense_ppl - 1)}))
+    with torch.inference_mode():  # one forward per repeat is ~30 s on 2 cores: no warmup, no memory pass
+        rows = compare(Case("SmolLM2 (HF, SDPA)", lambda: forward(base), {"perplexity": dense_ppl}), cases,
+                       warmup=0, repeats=repeats, measure_memory=False)
+    meta = {"model": "SmolLM2-135M-Instruct (30 layers, 9 q / 3 kv heads), fp32, base model without LM head",
+            "tokens": length, "text": "help topics", "batch": 1, "block": BLOCK, "repeats": repeats}
+    return write_results(f"SmolLM2 prefill, {length} tokens (CPU)", rows,
+                         name=f"sparse_attention_smollm2_prefill_{length}", meta=meta)
+
+
 def quality_part(contexts: list[int], tokens: int) -> str:
     model = bytelm.load_or_train("small")
     held_out = bytelm.heldout_tokens(tokens)
@@ -139,7 +182,7 @@ def quality_part(contexts: list[int], tokens: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", default=["attention", "prefill", "quality"])
+    parser.add_argument("--parts", nargs="+", default=["attention", "prefill", "smollm2", "quality"])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     parser.add_argument("--prefill-length", type=int, default=8192)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
@@ -153,6 +196,8 @@ def main() -> None:
         print(attention_part(args.lengths, args.repeats), flush=True)
     if "prefill" in args.parts:
         print(prefill_part(args.prefill_length, args.repeats), flush=True)
+    if "smollm2" in args.parts:
+        print(smollm2_prefill_part(args.prefill_length, min(args.repeats, 2)), flush=True)
     if "quality" in args.parts:
         print(quality_part(args.contexts, args.tokens), flush=True)
 

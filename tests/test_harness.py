@@ -37,7 +37,6 @@ def test_compare_interleaves_and_rotates_order() -> None:
     assert calls == list("abc" "bca" "cab")
 
 
-
 def test_only_a_dict_of_numbers_is_a_metric() -> None:
     """A job may report its own numbers; a model's output (a dict of tensors) is not one of them."""
     job = Case("job", lambda: {"prefill_s": 0.5})
@@ -45,6 +44,7 @@ def test_only_a_dict_of_numbers_is_a_metric() -> None:
     rows = compare(job, [forward], warmup=0, repeats=2, measure_memory=False)
     assert rows[0].metrics == {"prefill_s": 0.5}
     assert rows[1].metrics == {}
+
 
 def test_peak_memory_tracks_allocation() -> None:
     def allocate() -> float:

@@ -291,7 +291,7 @@ def keeps_every_block(counts: torch.Tensor, q_len: int, kv_len: int, block_size:
     return bool((counts >= reachable).all())
 
 
-_CHUNK_ELEMENTS = 1 << 21  # score elements per chunk of query blocks: 8 MB of fp32 stays in cache (1.5x faster than 32 MB at 8k)
+_CHUNK_ELEMENTS = 1 << 21  # score elements per chunk of query blocks: 8 MB of fp32 stays in cache
 
 
 def sparse_attention_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

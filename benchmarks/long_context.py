@@ -9,12 +9,17 @@
 * **Perplexity** of held-out stdlib source (``inspect.py``, never in the help topics): its first half is the
   prompt, the second half is read through the cache 32 tokens per step and scored.
 
-Rows: the full cache; each eviction policy at each budget (a share of the sequence); H2O with the pyramid
-schedule; sparse prefill (pooled estimator, keep 0.25 / 0.1) over the full cache and over a 25% H2O
-cache. All depths of a setting run as one left-padded batch (a batched row generates what it generates
-alone). A matplotlib plot of recall against budget per policy goes next to the tables.
+Rows (``--parts cache``): the full cache; each eviction policy at each budget (a share of the sequence);
+H2O with the pyramid schedule; query-aware decode; sparse prefill per estimator over the full cache and over
+a 25% H2O cache. All depths of a setting run as one left-padded batch (a batched row generates what it
+generates alone). A matplotlib plot of recall against budget per policy goes next to the tables.
 
-    python -m benchmarks.long_context [--context 2048] [--depths 10] [--budgets 0.5 0.25 0.1] [--only ROW ...]
+Rows (``--parts decoding``), on the question-aware prompts, timed against plain greedy in the same run:
+self-speculative decoding drafting from the first blocks (acceptance, decode tokens/s, equal to greedy),
+also over a 25% H2O cache; per-token exits (blocks per token, agreement with greedy, decode tokens/s).
+
+    python -m benchmarks.long_context [--parts cache decoding] [--context 2048] [--depths 10]
+                                      [--budgets 0.5 0.25 0.1] [--only ROW ...]
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from dynasparse import KVEvictionConfig, SparseAttentionConfig, zoo
+from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig, zoo
 from dynasparse.config import BaseConfig
 from dynasparse.plot import line_plot
 from dynasparse.runtime.generate import steps_for
@@ -44,6 +49,7 @@ from dynasparse.table import table
 OUT = Path("benchmarks") / "results"
 POLICIES = ("h2o", "tova", "snapkv", "streaming")
 NEW_TOKENS = 16  # the number is four digit tokens after "The access code ... is"
+DECODE_TOKENS = 48  # decoding rows generate longer, so decode tokens/s is read over more than the answer
 READ = 32  # held-out tokens per step after the prompt, for perplexity
 
 
@@ -129,24 +135,130 @@ def settings(budgets: list[float], min_seq_len: int = 1024) -> list[tuple[str, s
     rows.append((f"query-aware decode {budgets[-1]:.0%} + h2o 25%", "query-aware + h2o", None,
                  [SparseAttentionConfig(decode_keep=budgets[-1], min_seq_len=min_seq_len),
                   KVEvictionConfig(policy="h2o", budget=0.25, recent=64)]))
-    for keep in (0.25, 0.1):
-        sparse = SparseAttentionConfig(keep_ratio=keep, min_seq_len=min_seq_len)
-        rows.append((f"sparse prefill keep {keep:g}", "sparse prefill", None, [sparse]))
-        rows.append((f"sparse prefill keep {keep:g} + h2o 25%", "sparse + h2o", None,
-                     [sparse, KVEvictionConfig(policy="h2o", budget=0.25, recent=64)]))
+    for estimator in ("pooled", "vertical_slash"):
+        label = "" if estimator == "pooled" else f" {estimator}"
+        for keep in (0.5, 0.25, 0.1):
+            sparse = SparseAttentionConfig(keep_ratio=keep, min_seq_len=min_seq_len, estimator=estimator)
+            rows.append((f"sparse prefill{label} keep {keep:g}", f"sparse prefill{label}", None, [sparse]))
+            if keep < 0.5:
+                rows.append((f"sparse prefill{label} keep {keep:g} + h2o 25%", f"sparse{label} + h2o", None,
+                             [sparse, KVEvictionConfig(policy="h2o", budget=0.25, recent=64)]))
     return rows
+
+
+def decoding_settings() -> list[tuple[str, ExitGateConfig | None, list[BaseConfig]]]:
+    """(row name, early-exit config, other configs): plain greedy first, the reference of the others."""
+    h2o = KVEvictionConfig(policy="h2o", budget=0.25, recent=64)
+    rows = [("plain greedy", None, []), ("plain greedy, h2o 25%", None, [h2o])]
+    rows += [(f"self-speculative, draft blocks 0..{b - 1}", ExitGateConfig(after_blocks=(b - 1,), mode="draft"), [])
+             for b in (8, 12, 16, 20)]
+    rows.append(("self-speculative, draft blocks 0..19, h2o 25%", ExitGateConfig(after_blocks=(19,), mode="draft"),
+                 [h2o]))
+    gates = tuple(range(7, 29, 4))  # after blocks 8, 12, ..., 28 of 30
+    rows += [(f"per-token exit, max_prob > {t:g}", ExitGateConfig(after_blocks=gates, threshold=t), [])
+             for t in (0.9, 0.99)]
+    return rows
+
+
+def decoding(model, tokenizer, heads, tails) -> tuple[list[list[str]], list[dict]]:
+    """Each decoding row on the question-aware batch, beside plain greedy: its speed is the reference of
+    every row; its tokens are the reference for the rows over the full cache (plain greedy over the same
+    H2O cache for the rows over one)."""
+    ids, mask = left_padded([h + t for h, t in zip(heads, tails)], tokenizer.eos_token_id)
+    rows, data, reference = [], [], {}
+    for name, early_exit, configs in decoding_settings():
+        out = dynasparse.generate(model, ids, mask, max_new_tokens=DECODE_TOKENS, configs=configs,
+                                  early_exit=early_exit)
+        new, stats = out.sequences[:, ids.shape[1]:], out.stats
+        key = tuple(type(c).__name__ for c in configs)
+        greedy = reference.setdefault(key, (new, stats.decode_tokens_per_second))
+        agreement = float((new == greedy[0]).float().mean())
+        speed = stats.decode_tokens_per_second
+        if early_exit is None:
+            detail = "-"
+        elif early_exit.mode == "draft":
+            detail = f"{stats.acceptance:.0%} accepted"
+        else:
+            detail = f"{stats.blocks_per_token:.1f} blocks/token"
+        aware = recalled(tokenizer, new[:, :NEW_TOKENS])
+        data.append({"row": name, "aware": aware, "agreement": agreement, "tokens_per_s": speed,
+                     "acceptance": stats.acceptance, "blocks_per_token": stats.blocks_per_token,
+                     "prefill_s": stats.prefill_seconds})
+        rows.append([name, f"{sum(aware)}/{len(aware)}", detail, f"{agreement:.1%}", f"{speed:.1f}",
+                     f"{speed / reference[()][1]:.2f}x"])
+        print(rows[-1], flush=True)
+    return rows, data
+
+
+def cache_part(model, tokenizer, heads, tails, held_out, rows_to_run, args) -> str:
+    """The cache / prefill table. Rows merge into this context's earlier results (a row run again replaces
+    its record), so a subset can be re-run with ``--only`` without losing the rest."""
+    path = OUT / f"long_context_{args.context}.json"
+    records = {r["row"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
+    for name, _, budget, configs in rows_to_run:
+        aware = question_aware(model, tokenizer, heads, tails, configs)
+        agnostic = question_agnostic(model, tokenizer, heads, tails, configs) if name in args.agnostic else None
+        records[name] = {"row": name, "budget": budget, "aware": aware, "agnostic": agnostic,
+                         "perplexity": perplexity(model, held_out, configs)}
+        print(records[name], flush=True)
+    order = [r[0] for r in settings(args.budgets)]
+    data = sorted(records.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
+    full = records["full cache"]["perplexity"] if "full cache" in records else None
+    rows, curves = [], {}
+    for record in data:
+        aware, agnostic = record["aware"], record["agnostic"]
+        ppl = f"{record['perplexity']:.2f}" + (f" ({record['perplexity'] / full - 1:+.1%})" if full else "")
+        rows.append([record["row"], f"{sum(aware)}/{len(aware)}",
+                     "-" if agnostic is None else f"{sum(agnostic)}/{len(agnostic)}", ppl])
+        family = next((r[1] for r in settings(args.budgets) if r[0] == record["row"]), None)
+        if record["budget"] is not None and family is not None:
+            curves.setdefault(family, []).append((record["budget"], sum(aware) / len(aware)))
+    context_tokens = len(heads[0]) + len(tails[0])
+    title = (f"Long context, SmolLM2-135M-Instruct (fp32): a fact at {args.depths} depths of ~{context_tokens} "
+             f"prompt tokens (help topics), greedy, {NEW_TOKENS} new tokens; perplexity of the second half of "
+             f"{held_out.shape[1]} tokens of inspect.py, after the first half as the prompt; budgets are shares of the "
+             f"sequence, sink 4, recent 64, prefill chunks of 512; every policy compresses after the prompt "
+             f"unless the row says every chunk; query-aware decode keeps the full cache")
+    header = ["cache / prefill", "recall, question-aware", "recall, question-agnostic", "perplexity (vs full)"]
+    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
+    if "full" in curves:
+        curves["full"] = [(b, curves["full"][0][1]) for b in args.budgets]  # the full cache as a flat reference
+        plot = line_plot(OUT / f"long_context_{args.context}.png", curves,
+                         xlabel="cache budget (share of the sequence)", ylabel="fact recall (question-aware)",
+                         title=f"SmolLM2-135M, {args.context}-token context")
+        markdown += f"\n![recall against budget]({plot.name})\n"
+    (OUT / f"long_context_{args.context}.md").write_text(markdown)
+    path.write_text(json.dumps({"title": title, "rows": data}, indent=2))
+    return markdown
+
+
+def decoding_part(model, tokenizer, heads, tails, args) -> str:
+    rows, data = decoding(model, tokenizer, heads, tails)
+    context_tokens = len(heads[0]) + len(tails[0])
+    title = (f"Decoding on long context, SmolLM2-135M-Instruct (fp32, eager, 2 CPU threads): the question-aware "
+             f"fact prompts ({args.depths} depths of ~{context_tokens} tokens) as one batch, {DECODE_TOKENS} new "
+             f"greedy tokens; recall from the first {NEW_TOKENS}; tokens against plain greedy over the same cache, "
+             f"speed against plain greedy over the full cache, decode steps only")
+    header = ["decoding", "recall", "drafts accepted / depth", "tokens equal to greedy", "decode tokens/s (per row)",
+              "speedup"]
+    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
+    (OUT / f"long_context_decoding_{args.context}.md").write_text(markdown)
+    (OUT / f"long_context_decoding_{args.context}.json").write_text(json.dumps({"title": title, "rows": data},
+                                                                               indent=2))
+    return markdown
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=["cache", "decoding"], default=["cache", "decoding"])
     parser.add_argument("--context", type=int, default=2048, help="tokens of help text around the fact")
     parser.add_argument("--depths", type=int, default=10)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
-    parser.add_argument("--quick", action="store_true", help="smoke run: 256 tokens, 2 depths, 3 rows")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 512 tokens, 2 depths, 3 cache rows")
     parser.add_argument("--agnostic", nargs="*", default=["full cache", "h2o 25%", "snapkv 25%",
                                                             "query-aware decode 10%"],
                         help="rows that also run the question-agnostic setting")
-    parser.add_argument("--only", nargs="*", help="run only the rows with these names")
+    parser.add_argument("--only", nargs="*", help="run only the cache rows with these names")
     args = parser.parse_args()
     rows_to_run = settings(args.budgets)
     if args.only:
@@ -159,37 +271,11 @@ def main() -> None:
     model, tokenizer = entry.model, entry.tokenizer
     heads, tails = prompts(tokenizer, args.context, args.depths)
     held_out = tokenizer(inspect.getsource(inspect), return_tensors="pt").input_ids[:, :args.context]
-
-    rows, data, curves = [], [], {}
-    for name, family, budget, configs in rows_to_run:
-        aware = question_aware(model, tokenizer, heads, tails, configs)
-        agnostic = question_agnostic(model, tokenizer, heads, tails, configs) if name in args.agnostic else None
-        ppl = perplexity(model, held_out, configs)
-        data.append({"row": name, "budget": budget, "aware": aware, "agnostic": agnostic, "perplexity": ppl})
-        rows.append([name, f"{sum(aware)}/{len(aware)}", "-" if agnostic is None else f"{sum(agnostic)}/{len(agnostic)}",
-                     f"{ppl:.2f}"])
-        if budget is not None:
-            curves.setdefault(family, []).append((budget, sum(aware) / len(aware)))
-        print(rows[-1], flush=True)
-    full = data[0]["perplexity"]
-    for row, record in zip(rows, data):
-        row[-1] += f" ({record['perplexity'] / full - 1:+.1%})"
-    context_tokens = len(heads[0]) + len(tails[0])
-    title = (f"Long context, SmolLM2-135M-Instruct (fp32): a fact at {args.depths} depths of ~{context_tokens} "
-             f"prompt tokens (help topics), greedy, {NEW_TOKENS} new tokens; perplexity of the second half of "
-             f"{held_out.shape[1]} tokens of inspect.py, after the first half as the prompt; budgets are shares of the "
-             f"sequence, sink 4, recent 64, prefill chunks of 512; every policy compresses after the prompt "
-             f"unless the row says every chunk; query-aware decode keeps the full cache")
-    header = ["cache / prefill", "recall, question-aware", "recall, question-agnostic", "perplexity (vs full)"]
-    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
-    curves["full"] = [(b, curves["full"][0][1]) for b in args.budgets]  # the full cache as a flat reference
-    plot = line_plot(OUT / f"long_context_{args.context}.png", curves, xlabel="cache budget (share of the sequence)",
-                     ylabel="fact recall (question-aware)", title=f"SmolLM2-135M, {args.context}-token context")
-    markdown += f"\n![recall against budget]({plot.name})\n"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"long_context_{args.context}.md").write_text(markdown)
-    (OUT / f"long_context_{args.context}.json").write_text(json.dumps({"title": title, "rows": data}, indent=2))
-    print(markdown)
+    if "cache" in args.parts:
+        print(cache_part(model, tokenizer, heads, tails, held_out, rows_to_run, args))
+    if "decoding" in args.parts:
+        print(decoding_part(model, tokenizer, heads, tails, args))
 
 
 if __name__ == "__main__":

@@ -198,10 +198,10 @@ def test_generate_compiles_each_step_graph_once(policy):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["h2o", "snapkv", "streaming"])
-def test_onnx_runtime_reproduces_greedy_tokens(policy, tmp_path):
+def test_onnx_runtime_reproduces_greedy_tokens(tmp_path):
+    """On Qwen2 (biased q/k/v projections); every policy's parity on Llama: test_techniques.py."""
     model = lm("qwen2")
-    config = kv(policy, budget=14)
+    config = kv("h2o", budget=14)
     path = dynasparse.export_onnx(decoder_for(model, config), tmp_path / "decoder.onnx")
     session = dynasparse.ort_session(path)
     ids, mask = prompts()

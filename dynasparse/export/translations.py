@@ -1,5 +1,6 @@
 """ONNX translation of the canonical attention op into standard ONNX ops (any ONNX Runtime provider runs
-it); each technique's translations sit in its own module and are listed by its record.
+it), and of the ATen ops the exporter has no function for; each technique's translations sit in its own
+module and are listed by its record.
 
 Each function is an onnxscript trace-only translation for ``torch.onnx.export``'s
 ``custom_translation_table``: its signature mirrors the op's schema, and Python control flow on the
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from onnxscript import ir
 from onnxscript import opset18 as op
 
@@ -76,4 +78,12 @@ def attention(q, k, v, mask=None, is_causal: bool = False, scale: float | None =
     return op.Transpose(out, perm=[0, 2, 1, 3])  # the op is sequence-major: [B, Lq, Hq, Dv]
 
 
-ATTENTION_TRANSLATIONS = {ATTENTION: attention}
+def stable_sort(self, stable: bool | None = None, dim: int = -1, descending: bool = False):
+    """``torch.sort(..., stable=True)``: ONNX ``TopK`` of every element, which breaks ties by the lower index
+    (the ONNX spec), as a stable sort does."""
+    axis = dim % len(self.shape)
+    count = op.Shape(self, start=axis, end=axis + 1)
+    return op.TopK(self, count, axis=axis, largest=int(descending), sorted=1)
+
+
+ATTENTION_TRANSLATIONS = {ATTENTION: attention, torch.ops.aten.sort.stable: stable_sort}

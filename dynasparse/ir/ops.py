@@ -267,10 +267,8 @@ def kv_cache_attention_functional(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same step returning the updated cache instead of writing it: the form that exports, with the
     cache as explicit graph inputs and outputs."""
-    state = [t.clone() for t in (keys, values, positions, scores, seen)]
-    out = kv_cache.kv_cache_step_reference(q, k, v, mask, is_causal, scale, *state, policy, sink, recent, window,
-                                           pool)
-    return (out, *state)
+    return kv_cache.kv_cache_step_functional(q, k, v, mask, is_causal, scale, keys, values, positions, scores,
+                                             seen, policy, sink, recent, window, pool)
 
 
 @torch.library.register_fake(kv_cache_attention_functional)

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
-from dynasparse.export.kv_cache import KV_CACHE_TRANSLATIONS, export_decoder_step
+from dynasparse.export.kv_cache import export_decoder_step
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION
 from dynasparse.passes.kv_eviction import KVEvictionConfig, KVEvictionPass
 from dynasparse.passes.token_merge import TokenMergeConfig
@@ -23,7 +23,7 @@ class KVEviction(Technique):
     pass_class = KVEvictionPass
     stage = Stage.CACHE
     ops = (KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION)
-    onnx_translations = KV_CACHE_TRANSLATIONS  # traced, the reference specializes the step length (T = 1 vs T > 1)
+    onnx_lowered = (KV_CACHE_ATTENTION_FUNCTIONAL,)
 
     def check_composition(self, config: BaseConfig, others: Sequence[BaseConfig]) -> None:
         for other in others:

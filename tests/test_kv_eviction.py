@@ -147,6 +147,23 @@ def test_sinks_and_recent_window_are_never_evicted():
         assert {0, 1, 2} <= kept and set(range(seen - 4, seen)) <= kept and -1 not in kept
 
 
+def test_h2o_mean_holds_the_h2o_mass_per_query_that_saw_each_token():
+    torch.manual_seed(0)
+    states = {policy: empty_state(2, 2, 64, 8, 8, torch.float32) for policy in ("h2o", "h2o_mean")}
+    mask = torch.ones(2, 1, 6, 6, dtype=torch.bool).tril()
+    mask[1, ..., :2] = False  # row 1's first two tokens are padding
+    for step in range(10):  # a left-padded chunk, then decode steps
+        length = 6 if step == 0 else 1
+        q, k, v = torch.randn(2, 4, length, 8), torch.randn(2, 2, length, 8), torch.randn(2, 2, length, 8)
+        for policy, state in states.items():
+            kv_cache_step_reference(q, k, v, mask if step == 0 else None, step == 0, None, *state.values(), policy,
+                                    4, 4, 32, 5)
+    positions, seen = states["h2o"]["positions"], states["h2o"]["seen"]
+    observers = (seen[:, None, None] - positions).clamp(min=1).float()
+    held = positions >= 0
+    torch.testing.assert_close((states["h2o_mean"]["scores"] * observers)[held], states["h2o"]["scores"][held])
+
+
 def test_sampling_is_reproducible_and_stops_at_eos():
     model = lm("llama")
     ids, mask = prompts(batch=2)

@@ -81,6 +81,22 @@ class H2OPolicy(Policy):
         return old + mass_cache, mass_new
 
 
+class H2OMeanPolicy(Policy):
+    """H2O with the accumulated mass divided by the number of queries that saw each token (kvpress's
+    ObservedAttention): a token is not worth more for having been seen longer, so early tokens lose
+    their head start. The score held is that mean."""
+
+    name = "h2o_mean"
+
+    def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
+        arrived = (step_positions >= 0).sum(-1, keepdim=True)  # real new tokens: each query saw them all
+        seen_after = step_positions.amax(-1, keepdim=True) + 1
+        observers_before = (seen_after - arrived - positions).clamp(min=0)
+        mean = (old * observers_before + mass_cache) / (seen_after - positions).clamp(min=1)
+        return (torch.where(arrived > 0, mean, old),
+                mass_new / (seen_after - step_positions).clamp(min=1))
+
+
 class TOVAPolicy(Policy):
     """TOVA: the attention of the newest query only; the lowest is dropped."""
 
@@ -117,8 +133,8 @@ class SnapKVPolicy(Policy):
         return mass_cache, mass_new
 
 
-POLICIES: dict[str, Policy] = {p.name: p for p in (FullPolicy(), StreamingPolicy(), H2OPolicy(), TOVAPolicy(),
-                                                   SnapKVPolicy())}
+POLICIES: dict[str, Policy] = {p.name: p for p in (FullPolicy(), StreamingPolicy(), H2OPolicy(), H2OMeanPolicy(),
+                                                   TOVAPolicy(), SnapKVPolicy())}
 
 
 def _last_valid(query_valid: torch.Tensor, count: int) -> torch.Tensor:

@@ -190,6 +190,13 @@ def decoding(model, tokenizer, heads, tails) -> tuple[list[list[str]], list[dict
     return rows, data
 
 
+def recall_cell(recalls: list[bool] | str | None) -> str:
+    """"hits/count" from a row's per-depth recalls (or the cell itself, as results before 2026-12-04 held)."""
+    if recalls is None or isinstance(recalls, str):
+        return recalls or "-"
+    return f"{sum(recalls)}/{len(recalls)}"
+
+
 def cache_part(model, tokenizer, heads, tails, held_out, rows_to_run, args) -> str:
     """The cache / prefill table. Rows merge into this context's earlier results (a row run again replaces
     its record), so a subset can be re-run with ``--only`` without losing the rest."""
@@ -206,19 +213,20 @@ def cache_part(model, tokenizer, heads, tails, held_out, rows_to_run, args) -> s
     full = records["full cache"]["perplexity"] if "full cache" in records else None
     rows, curves = [], {}
     for record in data:
-        aware, agnostic = record["aware"], record["agnostic"]
         ppl = f"{record['perplexity']:.2f}" + (f" ({record['perplexity'] / full - 1:+.1%})" if full else "")
-        rows.append([record["row"], f"{sum(aware)}/{len(aware)}",
-                     "-" if agnostic is None else f"{sum(agnostic)}/{len(agnostic)}", ppl])
+        rows.append([record["row"], recall_cell(record["aware"]), recall_cell(record["agnostic"]), ppl])
         family = next((r[1] for r in settings(args.budgets) if r[0] == record["row"]), None)
-        if record["budget"] is not None and family is not None:
-            curves.setdefault(family, []).append((record["budget"], sum(aware) / len(aware)))
+        if record.get("budget") is not None and family is not None:
+            hits, count = map(int, recall_cell(record["aware"]).split("/"))
+            curves.setdefault(family, []).append((record["budget"], hits / count))
     context_tokens = len(heads[0]) + len(tails[0])
-    title = (f"Long context, SmolLM2-135M-Instruct (fp32): a fact at {args.depths} depths of ~{context_tokens} "
-             f"prompt tokens (help topics), greedy, {NEW_TOKENS} new tokens; perplexity of the second half of "
-             f"{held_out.shape[1]} tokens of inspect.py, after the first half as the prompt; budgets are shares of the "
-             f"sequence, sink 4, recent 64, prefill chunks of 512; every policy compresses after the prompt "
-             f"unless the row says every chunk; query-aware decode keeps the full cache")
+    title = (f"Long context, SmolLM2-135M-Instruct (fp32), 2 CPU cores: a fact at {args.depths} depths of "
+             f"~{context_tokens} prompt tokens (help topics), greedy, {NEW_TOKENS} new tokens; perplexity of the second "
+             f"half of {held_out.shape[1]} tokens of inspect.py after the first half as the prompt, read {READ} tokens "
+             f"per step; budgets are shares of the sequence, sink 4, recent 64, prefill chunks of 512; every policy "
+             f"compresses after the prompt unless the row says every chunk; query-aware decode keeps the full cache "
+             f"and reads the stated share of keys per step; sparse prefill: keep ratio of blocks past 1024 keys, "
+             f"pooled estimator unless the row names another")
     header = ["cache / prefill", "recall, question-aware", "recall, question-agnostic", "perplexity (vs full)"]
     markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
     if "full" in curves:

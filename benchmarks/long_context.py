@@ -208,6 +208,7 @@ def cache_part(model, tokenizer, heads, tails, held_out, rows_to_run, args) -> s
         records[name] = {"row": name, "budget": budget, "aware": aware, "agnostic": agnostic,
                          "perplexity": perplexity(model, held_out, configs)}
         print(records[name], flush=True)
+        path.write_text(json.dumps({"title": "(rows so far)", "rows": list(records.values())}, indent=2))
     order = [r[0] for r in settings(args.budgets)]
     data = sorted(records.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
     full = records["full cache"]["perplexity"] if "full cache" in records else None

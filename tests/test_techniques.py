@@ -1,6 +1,6 @@
 """Cross-technique tests, parametrized by the default list in ``default_configs.py``: JSON round trip, identity
-at zero sparsity, batched row == row alone, ONNX Runtime == torch, every composition pair, and
-``torch.library.opcheck`` on every op a technique inserts."""
+at zero sparsity, batched row == row alone, every composition pair, and ``torch.library.opcheck`` on every
+op a technique inserts (ONNX Runtime == torch: ``test_techniques_onnx.py``)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -69,30 +69,6 @@ def test_batched_rows_equal_rows_alone(entry):
     batched = run(entry.kind, [entry.sparse])
     for row in range(batched.shape[0]):
         same(entry.kind, batched[row:row + 1], run(entry.kind, [entry.sparse], row))
-
-
-EXPORTED = [entry for entry in DEFAULTS if entry.exports]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("entry", EXPORTED, ids=ids(EXPORTED))
-def test_onnx_runtime_equals_torch(entry, tmp_path):
-    """The exported file, run by ONNX Runtime, gives the torch logits (encoder) or tokens (decoder)."""
-    if entry.kind == "encoder":
-        inputs = encoder_inputs()
-        optimized = dynasparse.optimize(model("encoder"), [entry.sparse], example_kwargs=inputs)
-        session = dynasparse.ort_session(dynasparse.export_onnx(optimized, tmp_path / "model.onnx"))
-        with torch.no_grad():
-            expected = optimized(**inputs)
-        torch.testing.assert_close(session(**inputs)[0], expected.logits if hasattr(expected, "logits")
-                                   else expected[0], atol=1e-4, rtol=1e-4)
-        return
-    decoder = dynasparse.runtime.generate.decoder_for(model("decoder"), [entry.sparse])
-    session = dynasparse.ort_session(dynasparse.export_onnx(decoder, tmp_path / "step.onnx"))
-    ids_, mask = decoder_prompts()
-    assert torch.equal(dynasparse.generate(session, ids_, mask, max_new_tokens=NEW_TOKENS).sequences,
-                       dynasparse.generate(model("decoder"), ids_, mask, max_new_tokens=NEW_TOKENS,
-                                           configs=[entry.sparse]).sequences)
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=ids(PAIRS))

@@ -1,0 +1,32 @@
+"""ONNX Runtime == torch for every default config whose technique exports (``Default.exports``), in a file of
+its own so the suite's workers share the exports."""
+import pytest
+import torch
+
+import dynasparse
+
+from default_configs import DEFAULTS, decoder_prompts, encoder_inputs
+from test_techniques import NEW_TOKENS, ids, model
+
+EXPORTED = [entry for entry in DEFAULTS if entry.exports]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", EXPORTED, ids=ids(EXPORTED))
+def test_onnx_runtime_equals_torch(entry, tmp_path):
+    """The exported file, run by ONNX Runtime, gives the torch logits (encoder) or tokens (decoder)."""
+    if entry.kind == "encoder":
+        inputs = encoder_inputs()
+        optimized = dynasparse.optimize(model("encoder"), [entry.sparse], example_kwargs=inputs)
+        session = dynasparse.ort_session(dynasparse.export_onnx(optimized, tmp_path / "model.onnx"))
+        with torch.no_grad():
+            expected = optimized(**inputs)
+        torch.testing.assert_close(session(**inputs)[0], expected.logits if hasattr(expected, "logits")
+                                   else expected[0], atol=1e-4, rtol=1e-4)
+        return
+    decoder = dynasparse.runtime.generate.decoder_for(model("decoder"), [entry.sparse])
+    session = dynasparse.ort_session(dynasparse.export_onnx(decoder, tmp_path / "step.onnx"))
+    ids_, mask = decoder_prompts()
+    assert torch.equal(dynasparse.generate(session, ids_, mask, max_new_tokens=NEW_TOKENS).sequences,
+                       dynasparse.generate(model("decoder"), ids_, mask, max_new_tokens=NEW_TOKENS,
+                                           configs=[entry.sparse]).sequences)

@@ -7,7 +7,6 @@ torch's topk may pick different slots among equal priorities.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

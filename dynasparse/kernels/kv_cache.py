@@ -242,19 +242,18 @@ def cache_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return out, (p_cache * weights).sum(2), (p_new * weights).sum(2)
 
 
-def evicted(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor,
-            new_v: torch.Tensor, new_pos: torch.Tensor, cache_scores: torch.Tensor, new_scores: torch.Tensor,
-            seen_after: torch.Tensor, sink: int, recent: int
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cache (keys, values, positions, scores) keeping the ``capacity`` best of slots + new tokens.
+def _placement(positions: torch.Tensor, new_pos: torch.Tensor, cache_scores: torch.Tensor,
+               new_scores: torch.Tensor, seen_after: torch.Tensor, sink: int, recent: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which slots + new tokens the cache keeps: (dropped slots [B, Hkv, capacity], the slot each new token
+    goes to [B, Hkv, T] (the scratch slot when it is dropped on arrival), its position there [B, Hkv, T]).
 
     Per (row, KV head), the real candidates beyond ``capacity`` (the excess) are dropped, lowest priority
     first (among equals the slot goes and the newest token stays). Kept new tokens then take the free slots
-    (empty or dropped) in slot order; new tokens dropped on arrival go to the scratch slot. Out of place,
-    so the same code is the ONNX export of the step.
+    (empty or dropped) in slot order.
     """
-    batch, kv_heads, slots, _ = keys.shape
-    capacity, length = slots - 1, new_k.shape[2]
+    batch, kv_heads, slots = positions.shape
+    capacity, length = slots - 1, new_pos.shape[-1]
     new_pos = new_pos[:, None, :].expand(batch, kv_heads, length)
     cand_pos = torch.cat([positions[..., :capacity], new_pos], dim=-1)
     real = cand_pos >= 0
@@ -267,37 +266,50 @@ def evicted(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, n
     kept_new = real[..., capacity:] & ~dropped[..., capacity:]
     # pair the r-th free slot with the r-th kept new token
     free_rank = torch.where(free, free.long().cumsum(-1) - 1, torch.full_like(free, capacity, dtype=torch.long))
-    slot_ids = torch.arange(capacity, device=keys.device).expand(batch, kv_heads, capacity)
+    slot_ids = torch.arange(capacity, device=positions.device).expand(batch, kv_heads, capacity)
     slot_of_rank = torch.full((batch, kv_heads, capacity + 1), capacity, dtype=torch.long,
-                              device=keys.device).scatter(-1, free_rank, slot_ids)
+                              device=positions.device).scatter(-1, free_rank, slot_ids)
     new_rank = (kept_new.long().cumsum(-1) - 1).clamp(min=0)
     target = torch.where(kept_new, slot_of_rank.gather(-1, new_rank), torch.full_like(new_rank, capacity))
-    scratch = positions.new_full((batch, kv_heads, 1), -1)
-    held = torch.cat([positions[..., :capacity].masked_fill(dropped[..., :capacity], -1), scratch], dim=-1)
+    return dropped[..., :capacity], target, torch.where(kept_new, new_pos, torch.full_like(new_pos, -1))
+
+
+def evicted(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, new_k: torch.Tensor,
+            new_v: torch.Tensor, new_pos: torch.Tensor, cache_scores: torch.Tensor, new_scores: torch.Tensor,
+            seen_after: torch.Tensor, sink: int, recent: int
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cache (keys, values, positions, scores) after ``_placement``, out of place: what the ONNX export
+    traces. ``evict_and_write`` is the same update in place."""
+    dropped, target, written = _placement(positions, new_pos, cache_scores, new_scores, seen_after, sink, recent)
+    scratch = positions.new_full((*positions.shape[:2], 1), -1)
+    held = torch.cat([positions[..., :-1].masked_fill(dropped, -1), scratch], dim=-1)
     keys = keys.scatter(2, target[..., None].expand_as(new_k), new_k.to(keys.dtype))
     values = values.scatter(2, target[..., None].expand_as(new_v), new_v.to(values.dtype))
-    positions = held.scatter(2, target, torch.where(kept_new, new_pos, torch.full_like(new_pos, -1)))
+    positions = held.scatter(2, target, written)
     scores = cache_scores.scatter(2, target, new_scores)
-    return keys, values, torch.cat([positions[..., :capacity], scratch], dim=-1), scores
+    return keys, values, torch.cat([positions[..., :-1], scratch], dim=-1), scores
 
 
 def evict_and_write(keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor,
                     new_k: torch.Tensor, new_v: torch.Tensor, new_pos: torch.Tensor, cache_scores: torch.Tensor,
                     new_scores: torch.Tensor, seen_after: torch.Tensor, sink: int, recent: int) -> None:
-    """``evicted``, written into the cache in place."""
-    for state, update in zip((keys, values, positions, scores),
-                             evicted(keys, values, positions, new_k, new_v, new_pos, cache_scores, new_scores,
-                                     seen_after, sink, recent)):
-        state.copy_(update)
+    """``evicted`` written into the cache in place: only the chosen slots are touched, no copy of the cache
+    (the runtime's path, every query-aware decode step included)."""
+    dropped, target, written = _placement(positions, new_pos, cache_scores, new_scores, seen_after, sink, recent)
+    positions[..., :-1].masked_fill_(dropped, -1)
+    scores.copy_(cache_scores)
+    keys.scatter_(2, target[..., None].expand_as(new_k), new_k.to(keys.dtype))
+    values.scatter_(2, target[..., None].expand_as(new_v), new_v.to(values.dtype))
+    positions.scatter_(2, target, written)
+    scores.scatter_(2, target, new_scores)
+    positions[..., -1] = -1
 
 
-def kv_cache_step_functional(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                             is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
-                             positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str,
-                             sink: int, recent: int, window: int, pool: int) -> tuple[torch.Tensor, ...]:
-    """Attend, score and evict: (attention out [B, T, Hq, Dv], keys, values, positions, scores, seen) with the
-    cache updated out of place. The one spelling of the step: the reference of every kernel, and what the
-    ONNX export traces (nothing here depends on the step length, so one graph serves prefill and decode)."""
+def _attend_and_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
+                      positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str, window: int,
+                      pool: int) -> tuple[torch.Tensor, ...]:
+    """(attention out [B, T, Hq, Dv], new tokens' positions, slot scores, new scores, seen after the step)."""
     rule = POLICIES[policy]
     batch, _, length, _ = q.shape
     key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
@@ -309,7 +321,18 @@ def kv_cache_step_functional(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         mass_cache, mass_new = torch.zeros_like(scores), scores.new_zeros(batch, k.shape[1], length)
     cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions, step_pos[:, None, :]
                                            .expand(batch, k.shape[1], length), pool)
-    seen_after = seen + key_valid.long().sum(-1)
+    return out, step_pos, cache_scores, new_scores, seen + key_valid.long().sum(-1)
+
+
+def kv_cache_step_functional(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                             is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
+                             positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str,
+                             sink: int, recent: int, window: int, pool: int) -> tuple[torch.Tensor, ...]:
+    """Attend, score and evict: (attention out [B, T, Hq, Dv], keys, values, positions, scores, seen) with the
+    cache updated out of place: what the ONNX export traces (nothing here depends on the step length, so one
+    graph serves prefill and decode). ``kv_cache_step_reference`` is the same step in place."""
+    out, step_pos, cache_scores, new_scores, seen_after = _attend_and_score(
+        q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy, window, pool)
     state = evicted(keys, values, positions, k, v, step_pos, cache_scores, new_scores, seen_after, sink, recent)
     return (out, *state, seen_after)
 
@@ -319,10 +342,11 @@ def kv_cache_step_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
                             positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str,
                             sink: int, recent: int, window: int, pool: int) -> torch.Tensor:
     """Attend, score and update the cache in place; returns attention out [B, T, Hq, Dv]."""
-    out, *updates = kv_cache_step_functional(q, k, v, mask, is_causal, scale, keys, values, positions, scores,
-                                             seen, policy, sink, recent, window, pool)
-    for state, update in zip((keys, values, positions, scores, seen), updates):
-        state.copy_(update)
+    out, step_pos, cache_scores, new_scores, seen_after = _attend_and_score(
+        q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy, window, pool)
+    evict_and_write(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after,
+                    sink, recent)
+    seen.copy_(seen_after)
     return out
 
 

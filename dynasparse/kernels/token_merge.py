@@ -48,14 +48,20 @@ def merged_capacity(length, r: int, ratio_milli: int, mode: str, fuse: bool, r_m
     nest, and a symbolic length used twice per step would grow the shape expressions exponentially; so a
     batch shorter than ``r`` tokens in ratio mode gets a few empty slots rather than a clamp). A constant
     ``r``: ``max(L - r, what a row keeps when it merges all it can)`` (half of the unprotected tokens are
-    sources, all of them when pruning): short rows merge fewer, as in ToMe, rather than fail.
+    sources, all of them when pruning): short rows merge fewer, as in ToMe, rather than fail. Under export
+    that max stays symbolic (one graph for every length; slow to trace over many blocks); elsewhere it is a
+    branch that guards on the length, so compiled graphs recompile for short batches instead.
     Threshold mode is only sure to merge ``r_min_milli``/1000 of its schedule, so its capacity keeps room
     for rows that merge no more than that.
     """
     if mode == "threshold":
         r, ratio_milli = (r * r_min_milli // 1000, -1) if ratio_milli < 0 else (r, ratio_milli * r_min_milli // 1000)
     if ratio_milli < 0:
-        kept = torch.sym_max(length - r, protected if mode == "prune" else (length + protected) // 2)
+        least = protected if mode == "prune" else (length + protected) // 2
+        if torch.compiler.is_exporting():
+            kept = torch.sym_max(length - r, least)
+        else:
+            kept = length - r if length - r >= least else least
     else:
         kept = (length * (1000 - ratio_milli) + r * ratio_milli + 999) // 1000
     return kept + (1 if mode == "prune" and fuse else 0)

@@ -180,3 +180,22 @@ def test_fused_pooled_select_matches_the_reference(selector, amount, causal):
     assert torch.equal(actual[0], expected[0])
     listed = torch.arange(expected[1].shape[-1]) < expected[0][..., None]
     assert torch.equal(actual[1] * listed, expected[1] * listed)
+
+
+@pytest.mark.parametrize("q_len, kv_len, causal, dtype", [(200, 200, True, torch.float32),
+                                                          (96, 230, True, torch.float32),
+                                                          (200, 200, False, torch.bfloat16)])
+def test_compiled_flex_path_matches_the_reference(q_len, kv_len, causal, dtype, monkeypatch):
+    """The CPU path for long prompts (lengths not a multiple of the block, grouped heads, chunk after a cache)."""
+    from dynasparse.kernels import sparse_attention_flex as sf
+    from dynasparse.ir.ops import block_sparse_attention
+
+    monkeypatch.setattr(sf, "MIN_KEYS", 64)
+    q, k, v = qkv(2, 4, 2, q_len, kv_len, 32, dtype)
+    counts, indices = sa.build_plan(q, k, None, causal, None, 16, "pooled", "keep_ratio", 0.5, 1, 1, 0, 16)
+    assert sf.usable(q, k, None, 16)
+    expected = sa.sparse_attention_reference(q.float(), k.float(), v.float(), None, causal, None, counts, indices, 16)
+    actual = block_sparse_attention(q, k, v, None, counts, indices, causal, None, 16, 0)
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.transpose(1, 2).float(), expected, atol=1e-5 if dtype == torch.float32
+                               else 2e-2, rtol=0)

@@ -49,7 +49,7 @@ def flex_block_mask(counts: torch.Tensor, indices: torch.Tensor, block_size: int
     from torch.nn.attention.flex_attention import BlockMask
 
     nk = num_blocks(kv_len, block_size)
-    listed = plan_block_mask(counts, indices, nk).repeat_interleave(q_heads // counts.shape[1], dim=1)
+    listed = plan_block_mask(counts, indices, nk)
     block_end = (torch.arange(nk, device=counts.device) + 1) * block_size
     whole = block_end <= kv_len
     if is_causal:
@@ -63,8 +63,9 @@ def flex_block_mask(counts: torch.Tensor, indices: torch.Tensor, block_size: int
     def in_range(b, h, q_idx, kv_idx):
         return kv_idx < kv_len
 
-    partial_counts, partial = _as_lists(listed & ~whole)
-    full_counts, full = _as_lists(listed & whole)
+    groups = q_heads // counts.shape[1]  # lists per KV head, repeated for its query heads once sorted
+    partial_counts, partial, full_counts, full = (t.repeat_interleave(groups, dim=1) for t in
+                                                  (*_as_lists(listed & ~whole), *_as_lists(listed & whole)))
     return BlockMask.from_kv_blocks(partial_counts, partial, full_counts, full, BLOCK_SIZE=block_size,
                                     mask_mod=causal if is_causal else in_range, seq_lengths=(q_len, kv_len))
 

@@ -135,7 +135,7 @@ def settings(budgets: list[float], min_seq_len: int = 1024) -> list[tuple[str, s
     rows.append((f"query-aware decode {budgets[-1]:.0%} + h2o 25%", "query-aware + h2o", None,
                  [SparseAttentionConfig(decode_keep=budgets[-1], min_seq_len=min_seq_len),
                   KVEvictionConfig(policy="h2o", budget=0.25, recent=64)]))
-    for estimator in ("pooled", "vertical_slash"):
+    for estimator in ("pooled", "vertical_slash", "antidiagonal"):
         label = "" if estimator == "pooled" else f" {estimator}"
         for keep in (0.5, 0.25, 0.1):
             sparse = SparseAttentionConfig(keep_ratio=keep, min_seq_len=min_seq_len, estimator=estimator)

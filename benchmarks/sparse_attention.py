@@ -135,7 +135,8 @@ def smollm2_prefill_part(length: int, repeats: int) -> str:
     with torch.inference_mode():
         dense_ppl = _perplexity(lm_head, base(input_ids=ids).last_hidden_state, ids)
     cases = []
-    for estimator, ratio in (("pooled", 0.25), ("pooled", 0.1), ("vertical_slash", 0.25), ("vertical_slash", 0.1)):
+    for estimator, ratio in (("pooled", 0.1), ("vertical_slash", 0.25), ("vertical_slash", 0.1),
+                             ("antidiagonal", 0.25), ("antidiagonal", 0.1)):
         cfg = dynasparse.SparseAttentionConfig(keep_ratio=ratio, block_size=BLOCK, estimator=estimator)
         optimized = dynasparse.optimize(base, [cfg], example_kwargs={"input_ids": ids})
         with torch.inference_mode():

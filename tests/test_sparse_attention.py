@@ -38,13 +38,22 @@ def test_keep_all_blocks_is_dense(name):
             assert_same_outputs(entry.model(**inputs), model(**inputs))
 
 
-@pytest.mark.parametrize("estimator", ["pooled", "streaming", "vertical_slash"])
+@pytest.mark.parametrize("estimator", ["pooled", "streaming", "vertical_slash", "antidiagonal"])
 def test_every_estimator_keeps_all_at_ratio_one(estimator):
     entry = load("llama-tiny")
     model = sparse("llama-tiny", estimator=estimator, window=8)
     inputs = make_inputs(entry, 3, 64, True)
     with torch.no_grad():
         assert_same_outputs(entry.model(**inputs), model(**inputs))
+
+
+@pytest.mark.parametrize("name, causal", [("llama-tiny", True), ("gpt2-tiny", True), ("bert-tiny", False)])
+def test_a_causal_mask_tensor_makes_the_site_causal(name, causal):
+    """Hugging Face passes causality as a mask tensor with is_causal=False: plans that did not know would
+    spend their budget on blocks past the diagonal (which the mask then hides)."""
+    model = sparse(name, keep_ratio=0.5)
+    plans = [n for n in model.graph_module.graph.nodes if n.target is BLOCK_PLAN]
+    assert plans and all(n.args[3] is causal for n in plans)
 
 
 @pytest.mark.slow

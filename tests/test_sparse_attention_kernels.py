@@ -113,6 +113,36 @@ def test_vertical_slash_estimator_finds_a_heavy_column():
         assert 2 in indices[0, 0, r, :counts[0, 0, r]].tolist()
 
 
+@pytest.mark.parametrize("q_len, kv_len", [(100, 100), (37, 130)])
+def test_antidiagonal_estimator_at_stride_one_is_the_true_block_mass(q_len, kv_len, monkeypatch):
+    """With 1x1 tiles the antidiagonal sums are the scores themselves: the estimate must be each block's
+    real attention mass (causal, bottom-right aligned, padded keys hidden), chunked or not."""
+    monkeypatch.setattr(sa, "_ANTIDIAGONAL_CHUNK", 32)
+    q, k, v = qkv(2, 4, 2, q_len, kv_len, 16)
+    key_valid = torch.ones(2, kv_len, dtype=torch.bool)
+    key_valid[1, :5] = False  # left padding in the second row
+    estimate = sa.antidiagonal_scores(q, k, key_valid, True, 16, 0.25, stride=1).exp()
+    allowed = sa.causal_mask(q_len, kv_len, q.device) & key_valid[:, None, None, :]
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)  # all-padding rows: 0
+    nq, nk = sa.num_blocks(q_len, 16), sa.num_blocks(kv_len, 16)
+    probs = sa._pad_to_blocks(sa._pad_to_blocks(probs, 2, 16), 3, 16).view(2, 2, 2, nq, 16, nk, 16)
+    rows = sa._keys_per_block(None, 1, q_len, 16, q.device)[0]
+    truth = probs.sum((2, 4, 6)) / (2 * rows[:, None])
+    torch.testing.assert_close(estimate.where(truth > 0, 0.0), truth, atol=1e-5, rtol=1e-4)
+
+
+def test_antidiagonal_estimator_finds_a_heavy_column():
+    torch.manual_seed(0)
+    q = torch.randn(1, 2, 128, 16) * 0.1
+    k = torch.randn(1, 2, 128, 16) * 0.1
+    q[..., 0] = 3.0
+    k[:, :, 37, 0] = 8.0  # one key every query attends to, in block 2
+    counts, indices = sa.build_plan(q, k, None, True, None, 16, "antidiagonal", "topk", 2, 0, 1, 0, 16)
+    for r in range(3, 8):
+        assert 2 in indices[0, 0, r, :counts[0, 0, r]].tolist()
+
+
 def test_mass_selector_keeps_more_blocks_for_flat_attention():
     q, k, _ = qkv(1, 1, 1, 256, 256, 16)
     flat_counts, _ = sa.build_plan(q * 0, k, None, True, None, 16, "pooled", "mass", 0.5, 0, 0, 0, 16)
@@ -193,9 +223,29 @@ def test_compiled_flex_path_matches_the_reference(q_len, kv_len, causal, dtype, 
     monkeypatch.setattr(sf, "MIN_KEYS", 64)
     q, k, v = qkv(2, 4, 2, q_len, kv_len, 32, dtype)
     counts, indices = sa.build_plan(q, k, None, causal, None, 16, "pooled", "keep_ratio", 0.5, 1, 1, 0, 16)
-    assert sf.usable(q, k, None, 16)
+    assert sf.usable(q, k, None, True, 16)
     expected = sa.sparse_attention_reference(q.float(), k.float(), v.float(), None, causal, None, counts, indices, 16)
     actual = block_sparse_attention(q, k, v, None, counts, indices, causal, None, 16, 0)
     assert actual.dtype == dtype
     torch.testing.assert_close(actual.transpose(1, 2).float(), expected, atol=1e-5 if dtype == torch.float32
                                else 2e-2, rtol=0)
+
+
+def test_a_causal_mask_tensor_takes_the_compiled_flex_path(monkeypatch):
+    """Hugging Face passes its causal mask as a tensor: one that hides only the future is dropped for the
+    fused path (same result); one that also hides a padded key keeps the exact gather path."""
+    from dynasparse.kernels import sparse_attention_flex as sf
+    from dynasparse.ir.ops import block_sparse_attention
+
+    monkeypatch.setattr(sf, "MIN_KEYS", 64)
+    q, k, v = qkv(1, 4, 2, 200, 200, 32, torch.float32)
+    causal = torch.ones(200, 200, dtype=torch.bool).tril()[None, None]
+    padded = causal.clone()
+    padded[..., 3] = False
+    assert sf.usable(q, k, causal, True, 16) and not sf.usable(q, k, padded, True, 16)
+    assert not sf.usable(q, k, causal, False, 16)
+    for mask in (causal, padded):
+        counts, indices = sa.build_plan(q, k, mask, True, None, 16, "antidiagonal", "keep_ratio", 0.5, 1, 1, 0, 16)
+        expected = sa.sparse_attention_reference(q, k, v, mask, True, None, counts, indices, 16)
+        actual = block_sparse_attention(q, k, v, mask, counts, indices, True, None, 16, 0)
+        torch.testing.assert_close(actual.transpose(1, 2), expected, atol=1e-5, rtol=0)

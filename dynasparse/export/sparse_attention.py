@@ -10,7 +10,7 @@ They spell the torch reference in ``dynasparse.kernels.sparse_attention`` step b
                           up to the widest row (``ReduceMax`` of the counts, read at run time), masked
                           softmax, ``MatMul``. Work scales with the kept blocks in ONNX Runtime too.
 
-The ``vertical_slash`` estimator (diagonal sums) is not spelled; exporting it is a clear error.
+The ``vertical_slash`` and ``antidiagonal`` estimators are not spelled; exporting them is a clear error.
 """
 from __future__ import annotations
 

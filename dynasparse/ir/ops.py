@@ -194,7 +194,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
     Keys shorter than ``min_seq_len``, and plans that keep every reachable block, run dense SDPA. Fewer
     queries than a block (decoding) read the top ``decode_keep`` share of the keys (query-aware). Long
-    unmasked prompts on CPU run compiled FlexAttention over the plan; the rest gathers the listed blocks.
+    causal prompts without padding on CPU run compiled FlexAttention over the plan; the rest gathers the listed blocks.
     """
     if k.shape[2] < min_seq_len:
         return attention(q, k, v, mask, is_causal, scale)
@@ -204,7 +204,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         return query_aware.query_aware_attention(q, k, v, visible, scale, keep)[0]
     if sparse_attention.keeps_every_block(counts, q.shape[2], k.shape[2], block_size, is_causal):
         return attention(q, k, v, mask, is_causal, scale)
-    if sparse_attention_flex.usable(q, k, mask, block_size):
+    if sparse_attention_flex.usable(q, k, mask, is_causal, block_size):
         return sparse_attention_flex.sparse_attention_flex(q, k, v, is_causal, scale, counts, indices, block_size)
     return sparse_attention.sparse_attention_gather(q, k, v, mask, is_causal, scale, counts, indices, block_size)
 

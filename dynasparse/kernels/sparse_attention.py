@@ -12,7 +12,8 @@ query heads of a grouped-query group share it, so K/V are never repeated. Conver
 - an *estimator* scores every (query block, KV block) pair with an estimate of the log of the attention
   mass there: ``pooled`` (mean-pooled Q · mean-pooled K, SeerAttention/MInference block mode),
   ``vertical_slash`` (the last queries' real attention summed into key columns and diagonals, MInference),
-  or ``streaming`` (no content: the blocks nearest the diagonal, StreamingLLM's A-shape);
+  ``antidiagonal`` (sums along the antidiagonals of small tiles of the real scores, XAttention), or
+  ``streaming`` (no content: the blocks nearest the diagonal, StreamingLLM's A-shape);
 - a *selector* keeps blocks per row: ``topk`` (a fixed number), ``keep_ratio`` (a share of the row's
   causally valid blocks) or ``mass`` (the fewest blocks whose estimated mass reaches a fraction, FlexPrefill).
   Sink blocks and the local blocks ending at the diagonal are always kept and count toward the amount.
@@ -29,7 +30,7 @@ import torch
 
 from dynasparse.kernels.attention import attention_reference, causal_mask, key_validity, softmax_scale
 
-ESTIMATORS = ("pooled", "vertical_slash", "streaming")
+ESTIMATORS = ("pooled", "vertical_slash", "antidiagonal", "streaming")
 SELECTORS = ("topk", "keep_ratio", "mass")
 
 
@@ -143,6 +144,49 @@ def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor |
     return mass.clamp(min=1e-20).log()
 
 
+ANTIDIAGONAL_STRIDE = 8  # tile side: 1/8 of dense QK^T; stride 16 halves that but lost quality on SmolLM2
+_ANTIDIAGONAL_CHUNK = 1024  # queries per step: bounds the tile scores' memory, skips tiles past the diagonal
+
+
+def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, is_causal: bool,
+                        block_size: int, scale: float, stride: int = ANTIDIAGONAL_STRIDE) -> torch.Tensor:
+    """XAttention's estimate: cut the score matrix into ``stride`` x ``stride`` tiles and let the sum along
+    each tile's antidiagonal stand for the tile. Every query row and every key column enters each row of
+    tiles once, so a heavy key (a sink, a delimiter) is never averaged away as in pooling, and each query
+    block is scored from its own queries, unlike a probe at the end of the prompt. Softmax over a row of
+    tiles, summed into blocks and over the group's heads, estimates each block's share of the mass.
+    Costs ``1/stride`` of dense QK^T, computed as one matmul of strided, flipped queries against strided keys."""
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads, kv_len = k.shape[1], k.shape[2]
+    groups, stride = q_heads // kv_heads, min(stride, block_size)
+    per_block = block_size // stride
+    nq, nk = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
+    # Row t of q_tiles holds queries t*S+S-1, ..., t*S (flipped), row u of k_tiles keys u*S, ..., u*S+S-1:
+    # their dot product is the antidiagonal sum of tile (t, u).
+    q_tiles = _pad_to_blocks(q.float(), 2, block_size).reshape(batch, kv_heads, groups, nq * per_block, stride, dim)
+    q_tiles = q_tiles.flip(4).flatten(4)
+    k_tiles = _pad_to_blocks(k.float(), 2, block_size).reshape(batch, kv_heads, nk * per_block, stride * dim)
+    keys = torch.ones(batch, kv_len, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
+    tile_has_keys = _pad_to_blocks(keys, 1, block_size).view(batch, 1, 1, 1, -1, stride).any(-1)  # [B,1,1,1,NKT]
+    query_tiles = torch.arange(nq * per_block, device=q.device)
+    tile_last_key = (query_tiles * stride + stride - 1).clamp(max=q_len - 1) + (kv_len - q_len)
+    tile_rows = ((query_tiles * stride) < q_len).float()  # tiles holding real queries
+    mass = torch.zeros(batch, kv_heads, nq * per_block, nk * per_block, device=q.device)
+    chunk = max(_ANTIDIAGONAL_CHUNK // stride, per_block)
+    for start in range(0, nq * per_block, chunk):
+        stop = min(start + chunk, nq * per_block)
+        width = nk * per_block if not is_causal else min(nk * per_block, int(tile_last_key[stop - 1]) // stride + 1)
+        scores = (q_tiles[:, :, :, start:stop] @ k_tiles[:, :, None, :width].transpose(-1, -2)) * (scale / stride)
+        hidden = ~tile_has_keys[..., :width]
+        if is_causal:
+            hidden = hidden | (torch.arange(width, device=q.device) * stride > tile_last_key[start:stop, None])
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).nan_to_num(0.0)
+        mass[:, :, start:stop, :width] = probs.sum(2) * tile_rows[start:stop, None]
+    rows = tile_rows.view(nq, per_block).sum(-1)  # real query tiles per block
+    mass = mass.view(batch, kv_heads, nq, per_block, nk, per_block).sum((3, 5))
+    return (mass / (groups * rows[:, None])).clamp(min=1e-20).log()
+
+
 def _probe_mask(mask: torch.Tensor | None, is_causal: bool, window: int, kv_len: int,
                 device: torch.device) -> torch.Tensor | None:
     """Additive fp32 mask for the probe rows (the last ``window`` queries)."""
@@ -222,6 +266,8 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_c
         scores = pooled_scores(q, k, key_valid, block_size, scale)
     elif estimator == "vertical_slash":
         scores = vertical_slash_scores(q, k, mask, is_causal, block_size, scale, window)
+    elif estimator == "antidiagonal":
+        scores = antidiagonal_scores(q, k, key_valid, is_causal, block_size, scale)
     elif estimator == "streaming":
         scores = streaming_scores(q.shape[2], kv_len, block_size, q.device).expand(plan_shape)
     else:

@@ -2,7 +2,7 @@
 
 The gather path (``sparse_attention.sparse_attention_gather``) copies each kept KV block once per query block
 that reads it; Inductor's C++ FlexAttention kernel reads the listed blocks in place, which measured about 1.5x
-faster at 8k tokens. It compiles once per shape (seconds), so it serves long prompts without a padding mask:
+faster at 8k tokens. It compiles once per shape (seconds), so it serves long causal prompts without padding:
 ``usable`` says when, and everything else stays on the gather path.
 """
 from __future__ import annotations
@@ -17,9 +17,16 @@ from dynasparse.kernels.sparse_attention import last_query_positions, num_blocks
 MIN_KEYS = 4096  # below this the gather path is about as fast and needs no compile
 
 
-def usable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, block_size: int) -> bool:
-    return (q.device.type == "cpu" and mask is None and q.dtype in (torch.float32, torch.bfloat16)
-            and k.shape[2] >= MIN_KEYS and q.shape[2] >= block_size and _compiled() is not None)
+def usable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, block_size: int) -> bool:
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and k.shape[2] >= MIN_KEYS
+            and q.shape[2] >= block_size and (mask is None or only_causal(mask, is_causal, q.shape[2], k.shape[2]))
+            and _compiled() is not None)
+
+
+def only_causal(mask: torch.Tensor, is_causal: bool, q_len: int, kv_len: int) -> bool:
+    """True when a boolean ``mask`` hides nothing that causality does not: Hugging Face models pass their
+    causal mask as a tensor even without padding, and then the kernel may drop it (one pass over it)."""
+    return is_causal and mask.dtype == torch.bool and not mask.logical_not().tril(kv_len - q_len).any()
 
 
 @functools.cache

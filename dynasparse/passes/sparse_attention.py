@@ -34,7 +34,9 @@ class SparseAttentionConfig(BaseConfig):
     estimated attention mass). ``sink_blocks`` leading blocks and ``local_blocks`` blocks ending at the
     diagonal are always kept and count toward the amount. ``estimator`` scores blocks: ``"pooled"``
     (mean-pooled Q · K), ``"vertical_slash"`` (the last ``window`` queries' real attention, read along
-    columns and diagonals) or ``"streaming"`` (the blocks nearest the diagonal: StreamingLLM's A-shape).
+    columns and diagonals), ``"antidiagonal"`` (antidiagonal sums of 8x8 tiles of the real scores,
+    XAttention: the closest to the true plan on SmolLM2) or ``"streaming"`` (the blocks nearest the
+    diagonal: StreamingLLM's A-shape).
     Sequences with fewer than ``min_seq_len`` keys run dense. ``layers``: attention layers to sparsify.
     ``decode_keep``: decode steps (fewer queries than a block) read only this share of the keys per KV
     head, the ones their queries weigh most (query-aware selection, TokenSelect): with a KV cache the cache
@@ -139,14 +141,17 @@ class SparseAttentionPass:
         for site in self._chosen(analysis):
             dense_reason = self._dense_at_example(site)
             args = bound_args(site.node)
+            # A mask built from position comparisons (Hugging Face passes causality as a tensor) is causal:
+            # saying so lets plans skip the blocks past the diagonal and the kernels take their causal paths.
+            is_causal = True if site.causal else args["is_causal"]
             with gm.graph.inserting_before(site.node):
                 plan = gm.graph.call_function(BLOCK_PLAN, (
-                    args["q"], args["k"], args["mask"], args["is_causal"], args["scale"], c.block_size,
+                    args["q"], args["k"], args["mask"], is_causal, args["scale"], c.block_size,
                     c.estimator, c.selector, c.amount, c.sink_blocks, c.local_blocks, c.min_seq_len, c.window))
                 counts = gm.graph.call_function(operator.getitem, (plan, 0))
                 indices = gm.graph.call_function(operator.getitem, (plan, 1))
                 sparse = gm.graph.call_function(BLOCK_SPARSE_ATTENTION, (
-                    args["q"], args["k"], args["v"], args["mask"], counts, indices, args["is_causal"],
+                    args["q"], args["k"], args["v"], args["mask"], counts, indices, is_causal,
                     args["scale"], c.block_size, c.min_seq_len, c.decode_keep))
             for node in (plan, counts, indices, sparse):
                 copy_meta(site.node, node)

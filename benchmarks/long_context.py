@@ -47,7 +47,7 @@ from dynasparse.runtime.steps import prefill
 from dynasparse.table import table
 
 OUT = Path("benchmarks") / "results"
-POLICIES = ("h2o", "h2o_mean", "tova", "snapkv", "streaming")
+POLICIES = ("h2o", "h2o_mean", "tova", "snapkv", "streaming", "knorm")
 NEW_TOKENS = 16  # the number is four digit tokens after "The access code ... is"
 DECODE_TOKENS = 48  # decoding rows generate longer, so decode tokens/s is read over more than the answer
 READ = 32  # held-out tokens per step after the prompt, for perplexity

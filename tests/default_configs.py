@@ -45,7 +45,7 @@ DEFAULTS = [
     Default("sparse-query-aware-decode", "decoder", _sparse(decode_keep=0.25), _sparse(keep_ratio=1.0),
             exports=False),
     *[Default(f"kv-{policy}", "decoder", _kv(policy, 32), _kv(policy, 10_000))
-      for policy in ("h2o", "h2o_mean", "tova", "snapkv", "streaming")],
+      for policy in ("h2o", "h2o_mean", "tova", "snapkv", "streaming", "knorm")],
     Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),
             ExitGateConfig(after_blocks=(0,), mode="draft"),  # lossless by construction: no zero variant
             exports=False),  # the drafter and the verifier run in torch

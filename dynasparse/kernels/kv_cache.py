@@ -50,9 +50,10 @@ class Policy:
         return length
 
     def update(self, old: torch.Tensor, mass_cache: torch.Tensor, mass_new: torch.Tensor,
-               positions: torch.Tensor, step_positions: torch.Tensor, pool: int
+               positions: torch.Tensor, step_positions: torch.Tensor, pool: int, new_keys: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores of the cached slots [B, Hkv, S], scores of the new tokens [B, Hkv, T])."""
+        """(scores of the cached slots [B, Hkv, S], scores of the new tokens [B, Hkv, T]); ``new_keys``
+        [B, Hkv, T, D] are the step's keys in the order of ``step_positions``."""
         raise NotImplementedError
 
 
@@ -62,7 +63,7 @@ class FullPolicy(Policy):
     name = "full"
     uses_attention = False
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
+    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
         return positions.float(), step_positions.float()
 
 
@@ -77,7 +78,7 @@ class H2OPolicy(Policy):
 
     name = "h2o"
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
+    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
         return old + mass_cache, mass_new
 
 
@@ -88,7 +89,7 @@ class H2OMeanPolicy(Policy):
 
     name = "h2o_mean"
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
+    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
         arrived = (step_positions >= 0).sum(-1, keepdim=True)  # real new tokens: each query saw them all
         seen_after = step_positions.amax(-1, keepdim=True) + 1
         observers_before = (seen_after - arrived - positions).clamp(min=0)
@@ -108,7 +109,7 @@ class TOVAPolicy(Policy):
     def observed_tail(self, length, window):
         return 1
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
+    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
         return mass_cache, mass_new
 
 
@@ -124,7 +125,7 @@ class SnapKVPolicy(Policy):
     def observed_tail(self, length, window):
         return min(window, length)
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool):
+    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
         if pool > 1:  # a single new key (a decode step) pools to itself
             batch, heads, length = mass_new.shape
             pooled = F.avg_pool1d(mass_new.reshape(batch * heads, 1, length), pool, stride=1,
@@ -133,8 +134,19 @@ class SnapKVPolicy(Policy):
         return mass_cache, mass_new
 
 
+class KNormPolicy(Policy):
+    """Key norm (Devoto et al. 2024, kvpress's KnormPress): keys with a small L2 norm draw the most
+    attention, so the largest-norm keys leave first. Needs no attention weights, so it runs with any kernel."""
+
+    name = "knorm"
+    uses_attention = False
+
+    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
+        return old, -new_keys.float().norm(dim=-1)
+
+
 POLICIES: dict[str, Policy] = {p.name: p for p in (FullPolicy(), StreamingPolicy(), H2OPolicy(), H2OMeanPolicy(),
-                                                   TOVAPolicy(), SnapKVPolicy())}
+                                                   TOVAPolicy(), SnapKVPolicy(), KNormPolicy())}
 
 
 def _last_valid(query_valid: torch.Tensor, count: int) -> torch.Tensor:
@@ -320,7 +332,7 @@ def _attend_and_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     if mass_cache is None:
         mass_cache, mass_new = torch.zeros_like(scores), scores.new_zeros(batch, k.shape[1], length)
     cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions, step_pos[:, None, :]
-                                           .expand(batch, k.shape[1], length), pool)
+                                           .expand(batch, k.shape[1], length), pool, k)
     return out, step_pos, cache_scores, new_scores, seen + key_valid.long().sum(-1)
 
 
@@ -443,12 +455,12 @@ def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         tail = rule.observed_tail(length, window)
         masses = _slot_masses(q[:, :, length - tail:], keys[:, :, :end], None if visible is None else
                               visible[length - tail:], scale, q.new_ones(batch, tail, dtype=torch.float32))
-        cache_scores, new_scores = rule.update(scores[..., :filled], masses[..., :filled], masses[..., filled:],
-                                               positions[..., :filled], positions[..., filled:end], pool)
-        scores[..., :filled] = cache_scores
-        scores[..., filled:end] = new_scores
-    else:  # positions for full / streaming
-        scores[:, :, filled:end] = positions[:, :, filled:end]
+    else:
+        masses = scores.new_zeros(batch, k.shape[1], end)
+    cache_scores, new_scores = rule.update(scores[..., :filled], masses[..., :filled], masses[..., filled:],
+                                           positions[..., :filled], positions[..., filled:end], pool, k)
+    scores[..., :filled] = cache_scores
+    scores[..., filled:end] = new_scores
     seen.add_(length)
     return out.transpose(1, 2).contiguous()
 
@@ -470,7 +482,7 @@ def _evict_one_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     mass = probs.sum(2)
     step_pos = seen[:, None, None].expand(batch, kv_heads, 1)
     cache_scores, new_score = rule.update(scores[..., :capacity], mass[..., :capacity], mass[..., capacity:],
-                                          positions[..., :capacity], step_pos, 1)
+                                          positions[..., :capacity], step_pos, 1, k)
     seen_after = seen + 1
     priority = priorities(cache_scores, positions[..., :capacity], seen_after, sink, recent)
     lowest, victim = priority.min(-1, keepdim=True)
@@ -542,11 +554,11 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             mass_new = F.pad(masses, (0, 1)).gather(-1, where)
             fresh = torch.arange(filled, device=q.device) >= seen[:, None, None]
             mass_cache = masses.masked_fill(fresh, 0.0)
-        cache_scores, new_scores = rule.update(scores[..., :filled], mass_cache, mass_new, positions[..., :filled],
-                                               step_pos[:, None, :].expand_as(target), pool)
-        scores[..., :filled] = cache_scores
-        scores.scatter_(2, target, new_scores)
-    else:  # positions for full / streaming
-        scores.scatter_(2, target, step_pos.to(scores.dtype)[:, None, :].expand_as(target))
+    else:
+        mass_cache, mass_new = scores.new_zeros(batch, k.shape[1], filled), scores.new_zeros(target.shape)
+    cache_scores, new_scores = rule.update(scores[..., :filled], mass_cache, mass_new, positions[..., :filled],
+                                           step_pos[:, None, :].expand_as(target), pool, k)
+    scores[..., :filled] = cache_scores
+    scores.scatter_(2, target, new_scores)
     seen.copy_(seen_after)
     return out.transpose(1, 2).contiguous()

@@ -122,7 +122,7 @@ def _score_and_write(k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, value
         mass_cache[..., :held], mass_new = masses[..., :held], masses[..., held:]
     step_pos = new_positions(seen, key_valid)
     cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions,
-                                           step_pos[:, None, :].expand(batch, kv_heads, length), pool)
+                                           step_pos[:, None, :].expand(batch, kv_heads, length), pool, k)
     seen_after = seen + key_valid.long().sum(-1)
     evict_and_write(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after, sink,
                     recent)

@@ -254,7 +254,7 @@ def kv_cache_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     if mass_cache is None:
         mass_cache, mass_new = torch.zeros_like(scores), scores.new_zeros(batch, kv_heads, 1)
     cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions,
-                                           step_pos[:, None, :].expand(batch, kv_heads, 1), 1)
+                                           step_pos[:, None, :].expand(batch, kv_heads, 1), 1, k)
     seen_after = seen + key_valid.long().sum(-1)
     evict_and_write_one(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after,
                         sink, recent)

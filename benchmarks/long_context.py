@@ -209,14 +209,15 @@ def cache_part(model, tokenizer, heads, tails, held_out, rows_to_run, args) -> s
                          "perplexity": perplexity(model, held_out, configs)}
         print(records[name], flush=True)
         path.write_text(json.dumps({"title": "(rows so far)", "rows": list(records.values())}, indent=2))
-    order = [r[0] for r in settings(args.budgets)]
+    families = {r[0]: r[1] for r in settings(args.budgets)}  # row name -> plot family, in table order
+    order = list(families)
     data = sorted(records.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
     full = records["full cache"]["perplexity"] if "full cache" in records else None
     rows, curves = [], {}
     for record in data:
         ppl = f"{record['perplexity']:.2f}" + (f" ({record['perplexity'] / full - 1:+.1%})" if full else "")
         rows.append([record["row"], recall_cell(record["aware"]), recall_cell(record["agnostic"]), ppl])
-        family = next((r[1] for r in settings(args.budgets) if r[0] == record["row"]), None)
+        family = families.get(record["row"])
         if record.get("budget") is not None and family is not None:
             hits, count = map(int, recall_cell(record["aware"]).split("/"))
             curves.setdefault(family, []).append((record["budget"], hits / count))

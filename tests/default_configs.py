@@ -58,6 +58,22 @@ PAIRS = [(a, b) for i, a in enumerate(DEFAULTS) for b in DEFAULTS[i + 1:]
          and b.id in {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "kv-h2o", "exit-draft"}]
 
 
+NEW_TOKENS = 8  # greedy tokens a decoder entry generates in the cross-technique tests
+_models: dict = {}
+
+
+def ids(entries) -> list[str]:
+    """Test ids: an entry's id, or a pair's ids joined by "+"."""
+    return [e.id if isinstance(e, Default) else "+".join(x.id for x in e) for e in entries]
+
+
+def model(kind: str) -> torch.nn.Module:
+    """The encoder or decoder the entries run on, built once per test session."""
+    if kind not in _models:
+        _models[kind] = bert() if kind == "encoder" else llama()
+    return _models[kind]
+
+
 def bert() -> hf.BertForSequenceClassification:
     torch.manual_seed(0)
     config = hf.BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,

@@ -11,16 +11,7 @@ from dynasparse.config import BaseConfig
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
 from dynasparse.techniques import all_techniques
 
-from default_configs import DEFAULTS, PAIRS, Default, bert, decoder_prompts, encoder_inputs, llama
-
-NEW_TOKENS = 8
-_models: dict = {}
-
-
-def model(kind: str) -> torch.nn.Module:
-    if kind not in _models:
-        _models[kind] = bert() if kind == "encoder" else llama()
-    return _models[kind]
+from default_configs import DEFAULTS, NEW_TOKENS, PAIRS, decoder_prompts, encoder_inputs, ids, model
 
 
 def run(kind: str, configs: list[BaseConfig], row: int | None = None) -> torch.Tensor:
@@ -46,10 +37,6 @@ def same(kind: str, a: torch.Tensor, b: torch.Tensor) -> None:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     else:
         assert torch.equal(a, b)
-
-
-def ids(entries) -> list[str]:
-    return [e.id if isinstance(e, Default) else "+".join(x.id for x in e) for e in entries]
 
 
 @pytest.mark.parametrize("entry", DEFAULTS, ids=ids(DEFAULTS))

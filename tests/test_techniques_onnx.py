@@ -5,8 +5,7 @@ import torch
 
 import dynasparse
 
-from default_configs import DEFAULTS, decoder_prompts, encoder_inputs
-from test_techniques import NEW_TOKENS, ids, model
+from default_configs import DEFAULTS, NEW_TOKENS, decoder_prompts, encoder_inputs, ids, model
 
 EXPORTED = [entry for entry in DEFAULTS if entry.exports]
 

@@ -161,11 +161,11 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tenso
     groups, stride = q_heads // kv_heads, min(stride, block_size)
     per_block = block_size // stride
     nq, nk = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
-    # Row t of q_tiles holds queries t*S+S-1, ..., t*S (flipped), row u of k_tiles keys u*S, ..., u*S+S-1:
-    # their dot product is the antidiagonal sum of tile (t, u).
-    q_tiles = _pad_to_blocks(q.float(), 2, block_size).reshape(batch, kv_heads, groups, nq * per_block, stride, dim)
-    q_tiles = q_tiles.flip(4).flatten(4)
-    k_tiles = _pad_to_blocks(k.float(), 2, block_size).reshape(batch, kv_heads, nk * per_block, stride * dim)
+    # Row t of q_tiles holds queries t*S, ..., t*S+S-1, row u of k_tiles keys u*S+S-1, ..., u*S (flipped, and
+    # scaled so a sum of S products reads as one score): their dot product is the antidiagonal sum of tile (t, u).
+    q_tiles = _pad_to_blocks(q.float(), 2, block_size).reshape(batch, kv_heads, groups, nq * per_block, stride * dim)
+    k_tiles = _pad_to_blocks(k.float(), 2, block_size).reshape(batch, kv_heads, nk * per_block, stride, dim)
+    k_tiles = k_tiles.flip(3).reshape(batch, kv_heads, nk * per_block, stride * dim) * (scale / stride)
     keys = torch.ones(batch, kv_len, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
     tile_has_keys = _pad_to_blocks(keys, 1, block_size).view(batch, 1, 1, 1, -1, stride).any(-1)  # [B,1,1,1,NKT]
     query_tiles = torch.arange(nq * per_block, device=q.device)
@@ -176,11 +176,12 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tenso
     for start in range(0, nq * per_block, chunk):
         stop = min(start + chunk, nq * per_block)
         width = nk * per_block if not is_causal else min(nk * per_block, int(tile_last_key[stop - 1]) // stride + 1)
-        scores = (q_tiles[:, :, :, start:stop] @ k_tiles[:, :, None, :width].transpose(-1, -2)) * (scale / stride)
+        rows = q_tiles[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), stride * dim)
+        scores = (rows @ k_tiles[:, :, :width].transpose(-1, -2)).view(batch, kv_heads, groups, stop - start, width)
         hidden = ~tile_has_keys[..., :width]
         if is_causal:
             hidden = hidden | (torch.arange(width, device=q.device) * stride > tile_last_key[start:stop, None])
-        probs = scores.masked_fill(hidden, float("-inf")).softmax(-1).nan_to_num(0.0)
+        probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1).nan_to_num_(0.0)
         mass[:, :, start:stop, :width] = probs.sum(2) * tile_rows[start:stop, None]
     rows = tile_rows.view(nq, per_block).sum(-1)  # real query tiles per block
     mass = mass.view(batch, kv_heads, nq, per_block, nk, per_block).sum((3, 5))

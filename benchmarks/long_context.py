@@ -41,13 +41,14 @@ except ImportError:  # run as a file: put the repo root on the path
 import dynasparse
 from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig, zoo
 from dynasparse.config import BaseConfig
+from dynasparse.kernels.kv_cache import POLICIES as CACHE_POLICIES
 from dynasparse.plot import line_plot
 from dynasparse.runtime.generate import steps_for
 from dynasparse.runtime.steps import prefill
 from dynasparse.table import table
 
 OUT = Path("benchmarks") / "results"
-POLICIES = ("h2o", "h2o_mean", "tova", "snapkv", "streaming", "knorm")
+POLICIES = tuple(name for name in CACHE_POLICIES if name != "full")  # every eviction policy, as registered
 NEW_TOKENS = 16  # the number is four digit tokens after "The access code ... is"
 DECODE_TOKENS = 48  # decoding rows generate longer, so decode tokens/s is read over more than the answer
 READ = 32  # held-out tokens per step after the prompt, for perplexity

@@ -12,6 +12,7 @@ import transformers as hf
 
 from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig, TokenMergeConfig
 from dynasparse.config import BaseConfig
+from dynasparse.kernels.kv_cache import POLICIES
 
 VOCAB = 128
 
@@ -45,7 +46,7 @@ DEFAULTS = [
     Default("sparse-query-aware-decode", "decoder", _sparse(decode_keep=0.25), _sparse(keep_ratio=1.0),
             exports=False),
     *[Default(f"kv-{policy}", "decoder", _kv(policy, 32), _kv(policy, 10_000))
-      for policy in ("h2o", "h2o_mean", "tova", "snapkv", "streaming", "knorm")],
+      for policy in POLICIES if policy != "full"],  # every eviction policy, as registered
     Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),
             ExitGateConfig(after_blocks=(0,), mode="draft"),  # lossless by construction: no zero variant
             exports=False),  # the drafter and the verifier run in torch

@@ -176,16 +176,16 @@ def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tenso
     for start in range(0, nq * per_block, chunk):
         stop = min(start + chunk, nq * per_block)
         width = nk * per_block if not is_causal else min(nk * per_block, int(tile_last_key[stop - 1]) // stride + 1)
-        rows = q_tiles[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), stride * dim)
-        scores = (rows @ k_tiles[:, :, :width].transpose(-1, -2)).view(batch, kv_heads, groups, stop - start, width)
+        q_rows = q_tiles[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), stride * dim)
+        scores = (q_rows @ k_tiles[:, :, :width].transpose(-1, -2)).view(batch, kv_heads, groups, stop - start, width)
         hidden = ~tile_has_keys[..., :width]
         if is_causal:
             hidden = hidden | (torch.arange(width, device=q.device) * stride > tile_last_key[start:stop, None])
         probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1).nan_to_num_(0.0)
         mass[:, :, start:stop, :width] = probs.sum(2) * tile_rows[start:stop, None]
-    rows = tile_rows.view(nq, per_block).sum(-1)  # real query tiles per block
+    real_tiles = tile_rows.view(nq, per_block).sum(-1)  # real query tiles per block
     mass = mass.view(batch, kv_heads, nq, per_block, nk, per_block).sum((3, 5))
-    return (mass / (groups * rows[:, None])).clamp(min=1e-20).log()
+    return (mass / (groups * real_tiles[:, None])).clamp(min=1e-20).log()
 
 
 def _probe_mask(mask: torch.Tensor | None, is_causal: bool, window: int, kv_len: int,

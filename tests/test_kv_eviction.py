@@ -164,6 +164,21 @@ def test_h2o_mean_holds_the_h2o_mass_per_query_that_saw_each_token():
     torch.testing.assert_close((states["h2o_mean"]["scores"] * observers)[held], states["h2o"]["scores"][held])
 
 
+
+def test_expected_attention_from_one_query_is_its_attention_times_the_value_norms():
+    """With one observed query the fitted Gaussian has no spread: the expected attention is that query's
+    softmax (TOVA's mass, summed over the group's 2 query heads there, averaged here) times ||v||."""
+    torch.manual_seed(0)
+    states = {policy: empty_state(2, 2, 64, 8, 8, torch.float32) for policy in ("tova", "expected_attention")}
+    for step in range(2):  # a prompt chunk, then one decode step: every slot rescored by the one query
+        length = 6 if step == 0 else 1
+        q, k, v = torch.randn(2, 4, length, 8), torch.randn(2, 2, length, 8), torch.randn(2, 2, length, 8)
+        for policy, state in states.items():
+            kv_cache_step_reference(q, k, v, None, True, None, *state.values(), policy, 4, 4, 32, 5)
+    tova, expected = states["tova"], states["expected_attention"]
+    held = tova["positions"] >= 0
+    torch.testing.assert_close(expected["scores"][held], (tova["scores"] / 2 * tova["values"].norm(dim=-1))[held])
+
 def test_sampling_is_reproducible_and_stops_at_eos():
     model = lm("llama")
     ids, mask = prompts(batch=2)

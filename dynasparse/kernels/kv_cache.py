@@ -23,6 +23,7 @@ fused SDPA call over the filled slots; only steps that evict take the scoring pa
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import ClassVar
 
@@ -34,12 +35,33 @@ from dynasparse.kernels.attention import attention_sdpa, causal_mask, combined_m
 
 # --- policies: what each candidate is worth (kvpress-style, one small class each) -------------------------
 
+@dataclasses.dataclass
+class Candidates:
+    """One step's eviction candidates as a policy sees them: the cache's slots and the step's new tokens,
+    the attention masses the observed queries gave them (zeros for a policy that reads no attention), and
+    the step's queries. S is the number of slots the step considers, T its new tokens."""
+
+    scores: torch.Tensor  # [B, Hkv, S] the scores held for the slots
+    positions: torch.Tensor  # [B, Hkv, S] each slot's token position; -1: empty
+    keys: torch.Tensor  # [B, Hkv, S, D] the slots' keys
+    values: torch.Tensor  # [B, Hkv, S, Dv]
+    mass_cache: torch.Tensor  # [B, Hkv, S]
+    new_positions: torch.Tensor  # [B, Hkv, T]; -1: padding
+    new_keys: torch.Tensor  # [B, Hkv, T, D], in the order of ``new_positions``
+    new_values: torch.Tensor  # [B, Hkv, T, Dv]
+    mass_new: torch.Tensor  # [B, Hkv, T]
+    queries: torch.Tensor  # [B, Hq, T, D] the step's queries
+    observed: torch.Tensor  # [B, T] weights of the queries ``observe`` chose
+    scale: float  # the softmax scale of the site
+    pool: int  # SnapKV's pooling kernel
+
+
 class Policy:
-    """Scores cache candidates. ``observe`` says which queries' attention the score reads; ``update`` turns
-    the masses of a step into scores (accumulated, or afresh)."""
+    """Scores cache candidates. ``observe`` says which queries the score reads; ``update`` turns a step's
+    ``Candidates`` into scores (accumulated, or afresh)."""
 
     name: ClassVar[str]
-    uses_attention: ClassVar[bool] = True
+    uses_attention: ClassVar[bool] = True  # the step computes the observed queries' attention masses
 
     def observe(self, query_valid: torch.Tensor, window: int) -> torch.Tensor:
         """[B, T] weights of the new queries whose attention is observed (all real queries by default)."""
@@ -49,11 +71,8 @@ class Policy:
         """How many of ``length`` unpadded new queries ``observe`` weighs: always the last ones."""
         return length
 
-    def update(self, old: torch.Tensor, mass_cache: torch.Tensor, mass_new: torch.Tensor,
-               positions: torch.Tensor, step_positions: torch.Tensor, pool: int, new_keys: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores of the cached slots [B, Hkv, S], scores of the new tokens [B, Hkv, T]); ``new_keys``
-        [B, Hkv, T, D] are the step's keys in the order of ``step_positions``."""
+    def update(self, step: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores of the slots [B, Hkv, S], scores of the new tokens [B, Hkv, T])."""
         raise NotImplementedError
 
 
@@ -63,8 +82,8 @@ class FullPolicy(Policy):
     name = "full"
     uses_attention = False
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
-        return positions.float(), step_positions.float()
+    def update(self, step):
+        return step.positions.float(), step.new_positions.float()
 
 
 class StreamingPolicy(FullPolicy):
@@ -78,8 +97,8 @@ class H2OPolicy(Policy):
 
     name = "h2o"
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
-        return old + mass_cache, mass_new
+    def update(self, step):
+        return step.scores + step.mass_cache, step.mass_new
 
 
 class H2OMeanPolicy(Policy):
@@ -89,13 +108,13 @@ class H2OMeanPolicy(Policy):
 
     name = "h2o_mean"
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
-        arrived = (step_positions >= 0).sum(-1, keepdim=True)  # real new tokens: each query saw them all
-        seen_after = step_positions.amax(-1, keepdim=True) + 1
-        observers_before = (seen_after - arrived - positions).clamp(min=0)
-        mean = (old * observers_before + mass_cache) / (seen_after - positions).clamp(min=1)
-        return (torch.where(arrived > 0, mean, old),
-                mass_new / (seen_after - step_positions).clamp(min=1))
+    def update(self, step):
+        arrived = (step.new_positions >= 0).sum(-1, keepdim=True)  # real new tokens: each query saw them all
+        seen_after = step.new_positions.amax(-1, keepdim=True) + 1
+        observers_before = (seen_after - arrived - step.positions).clamp(min=0)
+        mean = (step.scores * observers_before + step.mass_cache) / (seen_after - step.positions).clamp(min=1)
+        return (torch.where(arrived > 0, mean, step.scores),
+                step.mass_new / (seen_after - step.new_positions).clamp(min=1))
 
 
 class TOVAPolicy(Policy):
@@ -109,8 +128,8 @@ class TOVAPolicy(Policy):
     def observed_tail(self, length, window):
         return 1
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
-        return mass_cache, mass_new
+    def update(self, step):
+        return step.mass_cache, step.mass_new
 
 
 class SnapKVPolicy(Policy):
@@ -125,13 +144,14 @@ class SnapKVPolicy(Policy):
     def observed_tail(self, length, window):
         return min(window, length)
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
-        if pool > 1:  # a single new key (a decode step) pools to itself
+    def update(self, step):
+        mass_new = step.mass_new
+        if step.pool > 1:  # a single new key (a decode step) pools to itself
             batch, heads, length = mass_new.shape
-            pooled = F.avg_pool1d(mass_new.reshape(batch * heads, 1, length), pool, stride=1,
-                                  padding=pool // 2, count_include_pad=False)
+            pooled = F.avg_pool1d(mass_new.reshape(batch * heads, 1, length), step.pool, stride=1,
+                                  padding=step.pool // 2, count_include_pad=False)
             mass_new = pooled[..., :length].reshape(batch, heads, length)
-        return mass_cache, mass_new
+        return step.mass_cache, mass_new
 
 
 class KNormPolicy(Policy):
@@ -141,12 +161,48 @@ class KNormPolicy(Policy):
     name = "knorm"
     uses_attention = False
 
-    def update(self, old, mass_cache, mass_new, positions, step_positions, pool, new_keys):
-        return old, -new_keys.float().norm(dim=-1)
+    def update(self, step):
+        return step.scores, -step.new_keys.float().norm(dim=-1)
+
+
+class ExpectedAttentionPolicy(SnapKVPolicy):
+    """Expected attention (Devoto et al. 2025, kvpress's ExpectedAttentionPress): the queries to come are
+    modelled as a Gaussian fitted to the last ``window`` queries of the step; a key is worth the attention
+    such a query pays it in expectation, exp(mu.k s + k'Sigma k s^2 / 2) normalised over the candidates,
+    averaged over the group's query heads and weighted by the norm of its value (what it adds to the
+    output). Every candidate is rescored each step, like SnapKV, but from a fit rather than the window's
+    own attention, and with no attention weights. The site's queries carry RoPE already: the window's
+    positions stand for the next ones (kvpress rotates pre-RoPE statistics forward instead)."""
+
+    name = "expected_attention"
+    uses_attention = False
+
+    def update(self, step):
+        batch, kv_heads, slots = step.positions.shape
+        q_heads, length, dim = step.queries.shape[1:]
+        queries = step.queries.float().view(batch, kv_heads, q_heads // kv_heads, length, dim)
+        weights = step.observed / step.observed.sum(-1, keepdim=True).clamp(min=1e-9)  # [B, T]
+        weights = weights[:, None, None, :, None]
+        mean = (queries * weights).sum(3)  # [B, Hkv, G, D]
+        centred = queries - mean[:, :, :, None]
+        covariance = (centred * weights).transpose(-2, -1) @ centred  # [B, Hkv, G, D, D]
+        keys = torch.cat([step.keys, step.new_keys], 2).float()[:, :, None]  # [B, Hkv, 1, S + T, D]
+        logits = (keys @ mean[..., None]).squeeze(-1) * step.scale
+        logits = logits + ((keys @ covariance) * keys).sum(-1) * (step.scale ** 2 / 2)  # [B, Hkv, G, S + T]
+        # one set of candidates whatever the path: slots holding this step's tokens (a step may have written
+        # them already) and padding stay out of the normalisation
+        first_new = torch.where(step.new_positions >= 0, step.new_positions,
+                                torch.iinfo(step.new_positions.dtype).max).amin(-1, keepdim=True)
+        held = (step.positions >= 0) & (step.positions < first_new)
+        candidate = torch.cat([held, step.new_positions >= 0], -1)[:, :, None]
+        expected = logits.masked_fill(~candidate, -math.inf).softmax(-1).nan_to_num(0.0).mean(2)
+        worth = expected * torch.cat([step.values, step.new_values], 2).float().norm(dim=-1)
+        return worth[..., :slots], worth[..., slots:]
 
 
 POLICIES: dict[str, Policy] = {p.name: p for p in (FullPolicy(), StreamingPolicy(), H2OPolicy(), H2OMeanPolicy(),
-                                                   TOVAPolicy(), SnapKVPolicy(), KNormPolicy())}
+                                                   TOVAPolicy(), SnapKVPolicy(), KNormPolicy(),
+                                                   ExpectedAttentionPolicy())}
 
 
 def _last_valid(query_valid: torch.Tensor, count: int) -> torch.Tensor:
@@ -325,14 +381,15 @@ def _attend_and_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     rule = POLICIES[policy]
     batch, _, length, _ = q.shape
     key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
-    observed = rule.observe(query_valid, window) if rule.uses_attention else None
+    observed = rule.observe(query_valid, window)
     out, mass_cache, mass_new = cache_attention_reference(q, k, v, mask, is_causal, scale, keys, values,
-                                                          positions, observed)
+                                                          positions, observed if rule.uses_attention else None)
     step_pos = new_positions(seen, key_valid)
     if mass_cache is None:
         mass_cache, mass_new = torch.zeros_like(scores), scores.new_zeros(batch, k.shape[1], length)
-    cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions, step_pos[:, None, :]
-                                           .expand(batch, k.shape[1], length), pool, k)
+    cache_scores, new_scores = rule.update(Candidates(
+        scores, positions, keys, values, mass_cache, step_pos[:, None, :].expand(batch, k.shape[1], length), k, v,
+        mass_new, q, observed, softmax_scale(scale, q.shape[-1]), pool))
     return out, step_pos, cache_scores, new_scores, seen + key_valid.long().sum(-1)
 
 
@@ -451,14 +508,17 @@ def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         out = _cached_then_causal(q, keys[:, :, :filled], values[:, :, :filled], k, v, scale)
     else:
         out = attention_sdpa(q, keys[:, :, :end], values[:, :, :end], visible, False, scale)
+    tail = rule.observed_tail(length, window)
     if rule.uses_attention:
-        tail = rule.observed_tail(length, window)
         masses = _slot_masses(q[:, :, length - tail:], keys[:, :, :end], None if visible is None else
                               visible[length - tail:], scale, q.new_ones(batch, tail, dtype=torch.float32))
     else:
         masses = scores.new_zeros(batch, k.shape[1], end)
-    cache_scores, new_scores = rule.update(scores[..., :filled], masses[..., :filled], masses[..., filled:],
-                                           positions[..., :filled], positions[..., filled:end], pool, k)
+    observed = (torch.arange(length, device=q.device) >= length - tail).float().expand(batch, length)
+    cache_scores, new_scores = rule.update(Candidates(
+        scores[..., :filled], positions[..., :filled], keys[:, :, :filled], values[:, :, :filled],
+        masses[..., :filled], positions[..., filled:end], k, v, masses[..., filled:], q, observed,
+        softmax_scale(scale, q.shape[-1]), pool))
     scores[..., :filled] = cache_scores
     scores[..., filled:end] = new_scores
     seen.add_(length)
@@ -481,8 +541,10 @@ def _evict_one_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     out = out.reshape(batch, q_heads, 1, -1).to(q.dtype)
     mass = probs.sum(2)
     step_pos = seen[:, None, None].expand(batch, kv_heads, 1)
-    cache_scores, new_score = rule.update(scores[..., :capacity], mass[..., :capacity], mass[..., capacity:],
-                                          positions[..., :capacity], step_pos, 1, k)
+    cache_scores, new_score = rule.update(Candidates(
+        scores[..., :capacity], positions[..., :capacity], keys[:, :, :capacity], values[:, :, :capacity],
+        mass[..., :capacity], step_pos, k, v, mass[..., capacity:], q, q.new_ones(batch, 1, dtype=torch.float32),
+        scale, 1))
     seen_after = seen + 1
     priority = priorities(cache_scores, positions[..., :capacity], seen_after, sink, recent)
     lowest, victim = priority.min(-1, keepdim=True)
@@ -545,8 +607,9 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         slot_keys = keys[:, :, :filled]
         out = attention_sdpa(q, slot_keys, values[:, :, :filled], visible, False, scale)
         out = out * visible.any(-1, keepdim=True).to(out.dtype)  # a query that sees nothing gives 0
+    observed = rule.observe(query_valid, window)
     if rule.uses_attention:
-        masses = _slot_masses(q, slot_keys, visible, scale, rule.observe(query_valid, window))
+        masses = _slot_masses(q, slot_keys, visible, scale, observed)
         where = torch.where(key_valid, step_pos, filled)[:, None, :].expand_as(target)
         if high == 0:  # the masses are the new keys', in token order
             mass_new, mass_cache = masses, masses.new_zeros(*masses.shape[:2], filled)
@@ -556,8 +619,10 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             mass_cache = masses.masked_fill(fresh, 0.0)
     else:
         mass_cache, mass_new = scores.new_zeros(batch, k.shape[1], filled), scores.new_zeros(target.shape)
-    cache_scores, new_scores = rule.update(scores[..., :filled], mass_cache, mass_new, positions[..., :filled],
-                                           step_pos[:, None, :].expand_as(target), pool, k)
+    cache_scores, new_scores = rule.update(Candidates(
+        scores[..., :filled], positions[..., :filled], keys[:, :, :filled], values[:, :, :filled], mass_cache,
+        step_pos[:, None, :].expand_as(target), k, v, mass_new, q, observed, softmax_scale(scale, q.shape[-1]),
+        pool))
     scores[..., :filled] = cache_scores
     scores.scatter_(2, target, new_scores)
     seen.copy_(seen_after)

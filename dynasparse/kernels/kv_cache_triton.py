@@ -25,7 +25,7 @@ from dynasparse.kernels.attention import softmax_scale
 import triton
 import triton.language as tl
 
-from dynasparse.kernels.kv_cache import POLICIES, new_positions, token_validity
+from dynasparse.kernels.kv_cache import POLICIES, Candidates, new_positions, token_validity
 
 
 # --- attention over the cache + the new token, with each key's attention mass ------------------------------
@@ -247,14 +247,16 @@ def kv_cache_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     key_valid, query_valid = token_validity(mask, is_causal, batch, 1, q.device)
-    observed = rule.observe(query_valid, 1)[:, 0] if rule.uses_attention else None
+    observed = rule.observe(query_valid, 1)
     out, mass_cache, mass_new = decode_attention_with_mass(q, k, v, _new_key_bias(mask, batch, q_heads, q.device),
-                                                           keys, values, positions, scale, observed)
+                                                           keys, values, positions, scale,
+                                                           observed[:, 0] if rule.uses_attention else None)
     step_pos = new_positions(seen, key_valid)  # [B, 1]
     if mass_cache is None:
         mass_cache, mass_new = torch.zeros_like(scores), scores.new_zeros(batch, kv_heads, 1)
-    cache_scores, new_scores = rule.update(scores, mass_cache, mass_new, positions,
-                                           step_pos[:, None, :].expand(batch, kv_heads, 1), 1, k)
+    cache_scores, new_scores = rule.update(Candidates(
+        scores, positions, keys, values, mass_cache, step_pos[:, None, :].expand(batch, kv_heads, 1), k, v, mass_new,
+        q, observed, softmax_scale(scale, q.shape[-1]), 1))
     seen_after = seen + key_valid.long().sum(-1)
     evict_and_write_one(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after,
                         sink, recent)

@@ -92,13 +92,15 @@ def _sparse_plan(node: torch.fx.Node) -> tuple:
 @config_type
 @dataclasses.dataclass
 class KVEvictionConfig(BaseConfig):
-    """A bounded KV cache for decoders, owned by the runtime (H2O / StreamingLLM / TOVA / SnapKV / KNorm).
+    """A bounded KV cache for decoders, owned by the runtime (H2O / StreamingLLM / TOVA / SnapKV / KNorm /
+    Expected Attention).
 
     ``policy``: ``"full"`` (no eviction: the reference), ``"streaming"`` (sinks + recent window),
     ``"h2o"`` (accumulated attention mass), ``"h2o_mean"`` (that mass per query that saw the token),
     ``"tova"`` (the newest query's attention), ``"snapkv"`` (the last ``window`` queries of each chunk,
-    pooled over ``pool`` neighbouring keys) or ``"knorm"`` (the keys with the largest L2 norm leave first:
-    no attention weights needed).
+    pooled over ``pool`` neighbouring keys), ``"knorm"`` (the keys with the largest L2 norm leave first:
+    no attention weights needed) or ``"expected_attention"`` (the attention a Gaussian fitted to the last
+    ``window`` queries pays each key in expectation, times its value's norm).
     ``budget``: cached tokens per layer, as an int, a share of the sequence (prompt + new tokens) as a
     float in (0, 1], or one value per layer. ``schedule="pyramid"`` spreads the same total as a linear
     ramp from 1.5x the budget at the first layer to 0.5x at the last (PyramidKV). ``sink`` first tokens

@@ -214,36 +214,38 @@ def test_fused_pooled_select_matches_the_reference(selector, amount, causal):
 
 @pytest.mark.parametrize("q_len, kv_len, causal, dtype", [(200, 200, True, torch.float32),
                                                           (96, 230, True, torch.float32),
+                                                          (130, 300, False, torch.float32),
                                                           (200, 200, False, torch.bfloat16)])
-def test_compiled_flex_path_matches_the_reference(q_len, kv_len, causal, dtype, monkeypatch):
-    """The CPU path for long prompts (lengths not a multiple of the block, grouped heads, chunk after a cache)."""
-    from dynasparse.kernels import sparse_attention_flex as sf
+def test_cpu_kernel_matches_the_reference(q_len, kv_len, causal, dtype):
+    """The C++ kernel that reads the listed blocks in place: lengths not a multiple of the block, grouped
+    heads, a chunk after a cache (causal offset), runs of adjacent blocks merged into one GEMM."""
+    from dynasparse.kernels import sparse_attention_cpu as sc
     from dynasparse.ir.ops import block_sparse_attention
 
-    monkeypatch.setattr(sf, "MIN_KEYS", 64)
     q, k, v = qkv(2, 4, 2, q_len, kv_len, 32, dtype)
-    counts, indices = sa.build_plan(q, k, None, causal, None, 16, "pooled", "keep_ratio", 0.5, 1, 1, 0, 16)
-    assert sf.usable(q, k, None, True, 16)
-    expected = sa.sparse_attention_reference(q.float(), k.float(), v.float(), None, causal, None, counts, indices, 16)
-    actual = block_sparse_attention(q, k, v, None, counts, indices, causal, None, 16, 0)
-    assert actual.dtype == dtype
-    torch.testing.assert_close(actual.transpose(1, 2).float(), expected, atol=1e-5 if dtype == torch.float32
-                               else 2e-2, rtol=0)
+    for keep in (0.5, 0.9):  # scattered blocks, then mostly adjacent runs
+        counts, indices = sa.build_plan(q, k, None, causal, None, 16, "pooled", "keep_ratio", keep, 1, 1, 0, 16)
+        assert sc.usable(q, k, None, causal, 16)
+        expected = sa.sparse_attention_reference(q.float(), k.float(), v.float(), None, causal, None, counts,
+                                                 indices, 16)
+        actual = block_sparse_attention(q, k, v, None, counts, indices, causal, None, 16, 0)
+        assert actual.dtype == dtype
+        torch.testing.assert_close(actual.transpose(1, 2).float(), expected, atol=1e-5 if dtype == torch.float32
+                                   else 2e-2, rtol=0)
 
 
-def test_a_causal_mask_tensor_takes_the_compiled_flex_path(monkeypatch):
+def test_a_causal_mask_tensor_takes_the_cpu_kernel():
     """Hugging Face passes its causal mask as a tensor: one that hides only the future is dropped for the
-    fused path (same result); one that also hides a padded key keeps the exact gather path."""
-    from dynasparse.kernels import sparse_attention_flex as sf
+    C++ kernel (same result); one that also hides a padded key keeps the exact gather path."""
+    from dynasparse.kernels import sparse_attention_cpu as sc
     from dynasparse.ir.ops import block_sparse_attention
 
-    monkeypatch.setattr(sf, "MIN_KEYS", 64)
     q, k, v = qkv(1, 4, 2, 200, 200, 32, torch.float32)
     causal = torch.ones(200, 200, dtype=torch.bool).tril()[None, None]
     padded = causal.clone()
     padded[..., 3] = False
-    assert sf.usable(q, k, causal, True, 16) and not sf.usable(q, k, padded, True, 16)
-    assert not sf.usable(q, k, causal, False, 16)
+    assert sc.usable(q, k, causal, True, 16) and not sc.usable(q, k, padded, True, 16)
+    assert not sc.usable(q, k, causal, False, 16)
     for mask in (causal, padded):
         counts, indices = sa.build_plan(q, k, mask, True, None, 16, "antidiagonal", "keep_ratio", 0.5, 1, 1, 0, 16)
         expected = sa.sparse_attention_reference(q, k, v, mask, True, None, counts, indices, 16)

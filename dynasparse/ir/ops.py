@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from dynasparse.kernels import (exit_gate, kv_cache, kv_cache_sparse, query_aware, sparse_attention,
-                               sparse_attention_flex, token_merge)
+                               sparse_attention_cpu, token_merge)
 from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
 from dynasparse.kernels.sparse_attention import num_blocks
 
@@ -193,8 +193,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     """Attention over the plan's blocks; sequence-major [B, Lq, Hq, Dv] like ``dynasparse::attention``.
 
     Keys shorter than ``min_seq_len``, and plans that keep every reachable block, run dense SDPA. Fewer
-    queries than a block (decoding) read the top ``decode_keep`` share of the keys (query-aware). Long
-    causal prompts without padding on CPU run compiled FlexAttention over the plan; the rest gathers the listed blocks.
+    queries than a block (decoding) read the top ``decode_keep`` share of the keys (query-aware). Prompts
+    without padding on CPU run the C++ kernel that reads the listed blocks in place; the rest gathers them.
     """
     if k.shape[2] < min_seq_len:
         return attention(q, k, v, mask, is_causal, scale)
@@ -204,8 +204,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
         return query_aware.query_aware_attention(q, k, v, visible, scale, keep)[0]
     if sparse_attention.keeps_every_block(counts, q.shape[2], k.shape[2], block_size, is_causal):
         return attention(q, k, v, mask, is_causal, scale)
-    if sparse_attention_flex.usable(q, k, mask, is_causal, block_size):
-        return sparse_attention_flex.sparse_attention_flex(q, k, v, is_causal, scale, counts, indices, block_size)
+    if sparse_attention_cpu.usable(q, k, mask, is_causal, block_size):
+        return sparse_attention_cpu.sparse_attention_cpu(q, k, v, is_causal, scale, counts, indices, block_size)
     return sparse_attention.sparse_attention_gather(q, k, v, mask, is_causal, scale, counts, indices, block_size)
 
 

@@ -8,7 +8,7 @@
 3. quality: held-out perplexity of the project's byte-level LM (``dynasparse.bytelm``, trained on stdlib
    text) at 1k-4k context, dense vs sparse settings.
 
-    python benchmarks/sparse_attention.py [--quick] [--parts attention prefill smollm2 quality]
+    python benchmarks/sparse_attention.py [--quick] [--parts attention prefill smollm2 quality] [--device cuda]
 """
 from __future__ import annotations
 
@@ -36,23 +36,34 @@ from dynasparse.kernels.sparse_attention import block_layout
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
 BLOCK = 64
+# SmolLM2 rows: (estimator, selector). keep_ratio: a fixed share of each row's blocks; mass: the fewest blocks
+# whose estimated attention mass reaches the share (FlexPrefill), so each head and row takes what it needs
+SMOLLM2_SETTINGS = (("pooled", {"keep_ratio": 0.1}), ("vertical_slash", {"keep_ratio": 0.25}),
+                    ("vertical_slash", {"keep_ratio": 0.1}), ("antidiagonal", {"keep_ratio": 0.25}),
+                    ("antidiagonal", {"keep_ratio": 0.1}), ("antidiagonal", {"mass": 0.9}),
+                    ("antidiagonal", {"mass": 0.95}))
 
 
 def _median_time(fn, repeats: int = 3) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     fn()
     samples = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
-def attention_part(lengths: list[int], repeats: int, heads: int = 8, head_dim: int = 64) -> str:
+def attention_part(lengths: list[int], repeats: int, device: str = "cpu", heads: int = 8, head_dim: int = 64) -> str:
+    """On CPU in fp32 against SDPA's flash kernel; on CUDA in bf16 against SDPA (FlashAttention there)."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
     markdown = ""
     for length in lengths:
         torch.manual_seed(0)
-        q, k, v = (torch.randn(1, heads, length, head_dim) for _ in range(3))
+        q, k, v = (torch.randn(1, heads, length, head_dim, device=device, dtype=dtype) for _ in range(3))
         with torch.inference_mode():
             dense = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         cases = []
@@ -76,9 +87,10 @@ def attention_part(lengths: list[int], repeats: int, heads: int = 8, head_dim: i
                        cases, warmup=1, repeats=repeats)
         meta = {"heads": heads, "head_dim": head_dim, "block": BLOCK, "estimator": "pooled",
                 "selector": "keep_ratio (sinks + diagonal included)", "inputs": "random normal q/k/v",
-                "repeats": repeats}
-        markdown += write_results(f"Sparse attention kernel vs causal SDPA, {length} tokens (CPU)", rows,
-                                  name=f"sparse_attention_kernel_{length}", meta=meta) + "\n"
+                "dtype": str(dtype), "repeats": repeats}
+        suffix = "" if device == "cpu" else f"_{device}"
+        markdown += write_results(f"Sparse attention kernel vs causal SDPA, {length} tokens ({device.upper()})", rows,
+                                  name=f"sparse_attention_kernel_{length}{suffix}", meta=meta) + "\n"
     return markdown
 
 
@@ -135,13 +147,13 @@ def smollm2_prefill_part(length: int, repeats: int) -> str:
     with torch.inference_mode():
         dense_ppl = _perplexity(lm_head, base(input_ids=ids).last_hidden_state, ids)
     cases = []
-    for estimator, ratio in (("pooled", 0.1), ("vertical_slash", 0.25), ("vertical_slash", 0.1),
-                             ("antidiagonal", 0.25), ("antidiagonal", 0.1)):
-        cfg = dynasparse.SparseAttentionConfig(keep_ratio=ratio, block_size=BLOCK, estimator=estimator)
+    for estimator, selector in SMOLLM2_SETTINGS:
+        cfg = dynasparse.SparseAttentionConfig(block_size=BLOCK, estimator=estimator, **selector)
         optimized = dynasparse.optimize(base, [cfg], example_kwargs={"input_ids": ids})
         with torch.inference_mode():
             ppl = _perplexity(lm_head, optimized(input_ids=ids).last_hidden_state, ids)
-        cases.append(Case(f"dynasparse {estimator} keep {ratio:g}", lambda m=optimized: forward(m),
+        label = " ".join(f"{'keep' if name == 'keep_ratio' else name} {value:g}" for name, value in selector.items())
+        cases.append(Case(f"dynasparse {estimator} {label}", lambda m=optimized: forward(m),
                           {"perplexity": ppl, "ppl change %": 100 * (ppl / dense_ppl - 1)}))
     with torch.inference_mode():  # one forward per repeat is ~30 s on 2 cores: no warmup, no memory pass
         rows = compare(Case("SmolLM2 (HF, SDPA)", lambda: forward(base), {"perplexity": dense_ppl}), cases,
@@ -189,12 +201,13 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="device of the attention part (cuda: Triton vs FlashAttention)")
     parser.add_argument("--quick", action="store_true", help="smoke run: short lengths, 1 repeat")
     args = parser.parse_args()
     if args.quick:
         args.lengths, args.prefill_length, args.contexts, args.tokens, args.repeats = [512], 512, [256], 1024, 1
     if "attention" in args.parts:
-        print(attention_part(args.lengths, args.repeats), flush=True)
+        print(attention_part(args.lengths, args.repeats, args.device), flush=True)
     if "prefill" in args.parts:
         print(prefill_part(args.prefill_length, args.repeats), flush=True)
     if "smollm2" in args.parts:

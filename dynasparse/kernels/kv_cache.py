@@ -184,11 +184,12 @@ class ExpectedAttentionPolicy(SnapKVPolicy):
         weights = step.observed / step.observed.sum(-1, keepdim=True).clamp(min=1e-9)  # [B, T]
         weights = weights[:, None, None, :, None]
         mean = (queries * weights).sum(3)  # [B, Hkv, G, D]
-        centred = queries - mean[:, :, :, None]
-        covariance = (centred * weights).transpose(-2, -1) @ centred  # [B, Hkv, G, D, D]
         keys = torch.cat([step.keys, step.new_keys], 2).float()[:, :, None]  # [B, Hkv, 1, S + T, D]
-        logits = (keys @ mean[..., None]).squeeze(-1) * step.scale
-        logits = logits + ((keys @ covariance) * keys).sum(-1) * (step.scale ** 2 / 2)  # [B, Hkv, G, S + T]
+        logits = (keys @ mean[..., None]).squeeze(-1) * step.scale  # [B, Hkv, G, S + T]
+        if length > 1:  # one query (a decode step) has no spread: skip the D x D term
+            centred = queries - mean[:, :, :, None]
+            covariance = (centred * weights).transpose(-2, -1) @ centred  # [B, Hkv, G, D, D]
+            logits = logits + ((keys @ covariance) * keys).sum(-1) * (step.scale ** 2 / 2)
         # one set of candidates whatever the path: slots holding this step's tokens (a step may have written
         # them already) and padding stay out of the normalisation
         first_new = torch.where(step.new_positions >= 0, step.new_positions,

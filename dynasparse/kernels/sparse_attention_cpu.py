@@ -14,13 +14,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from dynasparse.kernels.sparse_attention import softmax_scale
 
 SOURCE = Path(__file__).with_name("sparse_attention_cpu.cpp")
-_CHECK_ROWS = 256  # mask rows per step of ``only_causal``: a few MB at a time, in cache
-_VERDICTS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # mask tensor -> ((version, Lq, Lk), hides only the future)
 _CAPABILITY_FLAGS = {  # let ATen's vector type use the instructions PyTorch itself picked on this CPU
     "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
                "-mavx512dq", "-mfma"],
@@ -37,26 +34,8 @@ def usable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causa
 
 def only_causal(mask: torch.Tensor, is_causal: bool, q_len: int, kv_len: int) -> bool:
     """True when a boolean ``mask`` hides nothing that causality does not: Hugging Face models pass their
-    causal mask as a tensor even without padding, and then the kernel may drop it. Every layer passes the
-    same mask tensor, so the answer is kept per tensor (and its version: an in-place change asks again)."""
-    if not is_causal or mask.dtype != torch.bool:
-        return False
-    key = (mask._version, q_len, kv_len)
-    known = _VERDICTS.get(mask)
-    if known is None or known[0] != key:
-        known = _VERDICTS[mask] = (key, _hides_only_the_future(mask, q_len, kv_len))
-    return known[1]
-
-
-def _hides_only_the_future(mask: torch.Tensor, q_len: int, kv_len: int) -> bool:
-    """Reads only the part causality lets through, a few rows at a time."""
-    mask = mask.expand(*mask.shape[:-2], q_len, kv_len)
-    offset = kv_len - q_len
-    for start in range(0, q_len, _CHECK_ROWS):
-        stop = min(start + _CHECK_ROWS, q_len)
-        if mask[..., start:stop, :stop + offset].logical_not().tril(start + offset).any():
-            return False
-    return True
+    causal mask as a tensor even without padding, and then the kernel may drop it (one pass over it)."""
+    return is_causal and mask.dtype == torch.bool and not mask.logical_not().tril(kv_len - q_len).any()
 
 
 @functools.cache

@@ -30,7 +30,8 @@ except ImportError:  # run as a file: put the repo root on the path
 
 import dynasparse
 from benchmarks.kv_eviction import _save, _table
-from dynasparse import ExitGateConfig, bytelm
+from dynasparse import ExitGateConfig
+from dynasparse.harness import bytelm
 
 CACHE = Path("~/.cache/dynasparse/vit-digits-v1.pt").expanduser()
 

@@ -31,8 +31,9 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from dynasparse import KVEvictionConfig, zoo
-from dynasparse.bench import Case, compare, hf_generate_timed, write_results
+from dynasparse import KVEvictionConfig
+from dynasparse.harness import zoo
+from dynasparse.harness.bench import Case, compare, hf_generate_timed, write_results
 
 POLICIES = ("h2o", "tova", "snapkv", "streaming")
 MIB = 2**20

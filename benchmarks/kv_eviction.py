@@ -3,7 +3,7 @@
 1. decode: a Llama built from config, batch 8, caches holding 2k / 8k tokens, timed decode steps: Hugging
    Face's own cache (DynamicCache), dynasparse's full cache, and bounded caches of 1k tokens per policy; ms
    per step, speedup vs the full cache, tokens/s, cache bytes;
-2. quality: held-out perplexity of the project's byte-level LM (``dynasparse.bytelm``) read through the
+2. quality: held-out perplexity of the project's byte-level LM (``dynasparse.harness.bytelm``) read through the
    bounded cache in chunks, per policy at budgets of 10 / 20 / 50 % of the context;
 3. retrieval: a key stated at the start of a long code context, asked for at the end: greedy exact match,
    and the share of the key's bytes the bounded cache still holds when the question has been read.
@@ -31,7 +31,7 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from dynasparse import bytelm
+from dynasparse.harness import bytelm
 from dynasparse.runtime.steps import TorchSteps, decoder_for, prefill
 from dynasparse.table import table
 

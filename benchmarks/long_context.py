@@ -39,10 +39,11 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig, zoo
+from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig
 from dynasparse.config import BaseConfig
+from dynasparse.harness import zoo
+from dynasparse.harness.plot import line_plot
 from dynasparse.kernels.kv_cache import POLICIES as CACHE_POLICIES
-from dynasparse.plot import line_plot
 from dynasparse.runtime.generate import steps_for
 from dynasparse.runtime.steps import prefill
 from dynasparse.table import table

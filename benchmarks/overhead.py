@@ -24,8 +24,8 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from dynasparse.bench import Case, Row, compare, write_results
-from dynasparse import zoo
+from dynasparse.harness import zoo
+from dynasparse.harness.bench import Case, Row, compare, write_results
 from dynasparse.export.onnx import export_onnx
 from dynasparse.runtime.ort import ort_session
 

@@ -5,7 +5,7 @@
    sparse time and the output error vs dense;
 2. prefill of a Llama built from config at 8k tokens: the model vs ``dynasparse.optimize`` with sparse
    attention; the same for the real SmolLM2-135M on 8k tokens of help text, with perplexity per estimator;
-3. quality: held-out perplexity of the project's byte-level LM (``dynasparse.bytelm``, trained on stdlib
+3. quality: held-out perplexity of the project's byte-level LM (``dynasparse.harness.bytelm``, trained on stdlib
    text) at 1k-4k context, dense vs sparse settings.
 
     python benchmarks/sparse_attention.py [--quick] [--parts attention prefill smollm2 quality] [--device cuda]
@@ -29,8 +29,8 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from dynasparse import bytelm
-from dynasparse.bench import Case, compare, write_results
+from dynasparse.harness import bytelm
+from dynasparse.harness.bench import Case, compare, write_results
 from dynasparse.ir.ops import block_plan, block_sparse_attention
 from dynasparse.kernels.sparse_attention import block_layout
 
@@ -135,7 +135,7 @@ def _perplexity(lm_head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tenso
 def smollm2_prefill_part(length: int, repeats: int) -> str:
     """SmolLM2's prefill (the base model, no cache) at ``length`` tokens of help text: Hugging Face SDPA vs
     sparse attention per estimator and keep ratio, with the perplexity of the same tokens."""
-    from dynasparse import zoo
+    from dynasparse.harness import zoo
 
     entry = zoo.load("smollm2")
     base, lm_head = entry.model.model, entry.model.lm_head

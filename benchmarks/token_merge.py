@@ -23,9 +23,10 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from dynasparse.bench import Case, compare, format_table, write_results
-from dynasparse.cli import encoder_merge_config
-from dynasparse import TokenMergeConfig, zoo
+from dynasparse import TokenMergeConfig
+from dynasparse.harness import zoo
+from dynasparse.harness.bench import Case, compare, format_table, write_results
+from dynasparse.harness.demo import encoder_merge_config
 
 # the defaults: block 0 dense, inputs of up to 32 tokens whole (short queries stay exact), the hidden state as
 # the metric; `dynasparse demo` adds that calls with fewer than 128 tokens beyond those (batch × (length − 32))

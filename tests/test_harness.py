@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from dynasparse.bench import Case, Row, compare, format_table, write_results
+from dynasparse.harness.bench import Case, Row, compare, format_table, write_results
 
 
 def _sleep(seconds: float):

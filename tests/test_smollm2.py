@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import dynasparse
-from dynasparse import KVEvictionConfig, zoo
+from dynasparse import KVEvictionConfig
 from dynasparse.cli import main
+from dynasparse.harness import zoo
 from dynasparse.runtime.steps import decoder_for
 
 pytestmark = pytest.mark.slow

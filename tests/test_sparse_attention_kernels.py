@@ -8,6 +8,8 @@ import torch
 from dynasparse.kernels import sparse_attention as sa
 from dynasparse.kernels import sparse_attention_triton as st
 from dynasparse.kernels.attention import attention_reference
+from dynasparse.kernels.blocks import keys_per_block, num_blocks, pad_to_blocks
+from dynasparse.kernels.estimators import ESTIMATORS, EstimatorInputs, antidiagonal
 
 # (batch, q heads, kv heads, q len, kv len, block, head dim)
 SHAPES = [(2, 4, 2, 50, 50, 16, 16), (1, 2, 1, 7, 40, 16, 24), (2, 4, 4, 33, 70, 32, 32), (3, 6, 2, 64, 64, 8, 8)]
@@ -29,7 +31,7 @@ def masks(batch, q_heads, q_len, kv_len):
 
 def random_plan(batch, kv_heads, q_len, kv_len, block, keep=0.5):
     """Any plan: a random subset of blocks per row (possibly empty, possibly beyond the diagonal)."""
-    nq, nk = sa.num_blocks(q_len, block), sa.num_blocks(kv_len, block)
+    nq, nk = num_blocks(q_len, block), num_blocks(kv_len, block)
     chosen = torch.rand(batch, kv_heads, nq, nk) < keep
     counts = chosen.sum(-1).to(torch.int32)
     order = torch.where(chosen, torch.arange(nk), nk).sort(-1).values
@@ -59,14 +61,14 @@ def test_keep_all_plan_is_dense_attention(shape, causal):
     batch, q_heads, kv_heads, q_len, kv_len, block, head_dim = shape
     q, k, v = qkv(batch, q_heads, kv_heads, q_len, kv_len, head_dim)
     for mask in masks(batch, q_heads, q_len, kv_len):
-        for estimator in sa.ESTIMATORS:
+        for estimator in ESTIMATORS:
             counts, indices = sa.build_plan(q, k, mask, causal, None, block, estimator, "keep_ratio", 1.0, 1, 1, 0, 8)
             actual = sa.sparse_attention_gather(q, k, v, mask, causal, None, counts, indices, block)
             expected = attention_reference(q, k, v, mask, causal, None)
             torch.testing.assert_close(actual.transpose(1, 2), expected, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("estimator", sa.ESTIMATORS)
+@pytest.mark.parametrize("estimator", list(ESTIMATORS))
 @pytest.mark.parametrize("selector, amount", [("topk", 3), ("keep_ratio", 0.3), ("mass", 0.7)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_plans_are_well_formed(estimator, selector, amount, causal):
@@ -75,7 +77,7 @@ def test_plans_are_well_formed(estimator, selector, amount, causal):
     mask = torch.ones(batch, 1, 1, length, dtype=torch.bool)
     mask[1, ..., :40] = False  # left padding: the first 2 blocks of row 1 have no real key
     counts, indices = sa.build_plan(q, k, mask, causal, None, block, estimator, selector, amount, 1, 1, 0, 16)
-    nq = nk = sa.num_blocks(length, block)
+    nq = nk = num_blocks(length, block)
     assert counts.shape == (batch, kv_heads, nq) and indices.shape == (batch, kv_heads, nq, nk)
     valid, forced = sa.block_layout(length, length, block, causal, 1, 1, torch.device("cpu"))
     for b in range(batch):
@@ -117,17 +119,19 @@ def test_vertical_slash_estimator_finds_a_heavy_column():
 def test_antidiagonal_estimator_at_stride_one_is_the_true_block_mass(q_len, kv_len, monkeypatch):
     """With 1x1 tiles the antidiagonal sums are the scores themselves: the estimate must be each block's
     real attention mass (causal, bottom-right aligned, padded keys hidden), chunked or not."""
-    monkeypatch.setattr(sa, "_ANTIDIAGONAL_CHUNK", 32)
+    monkeypatch.setattr(antidiagonal, "_CHUNK", 32)
     q, k, v = qkv(2, 4, 2, q_len, kv_len, 16)
     key_valid = torch.ones(2, kv_len, dtype=torch.bool)
     key_valid[1, :5] = False  # left padding in the second row
-    estimate = sa.antidiagonal_scores(q, k, key_valid, True, 16, 0.25, stride=1).exp()
+    inputs = EstimatorInputs(q, k, mask=None, key_valid=key_valid, is_causal=True, block_size=16, scale=0.25,
+                             window=64)
+    estimate = antidiagonal.antidiagonal_scores(inputs, stride=1).exp()
     allowed = sa.causal_mask(q_len, kv_len, q.device) & key_valid[:, None, None, :]
     scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)  # all-padding rows: 0
-    nq, nk = sa.num_blocks(q_len, 16), sa.num_blocks(kv_len, 16)
-    probs = sa._pad_to_blocks(sa._pad_to_blocks(probs, 2, 16), 3, 16).view(2, 2, 2, nq, 16, nk, 16)
-    rows = sa._keys_per_block(None, 1, q_len, 16, q.device)[0]
+    nq, nk = num_blocks(q_len, 16), num_blocks(kv_len, 16)
+    probs = pad_to_blocks(pad_to_blocks(probs, 2, 16), 3, 16).view(2, 2, 2, nq, 16, nk, 16)
+    rows = keys_per_block(None, 1, q_len, 16, q.device)[0]
     truth = probs.sum((2, 4, 6)) / (2 * rows[:, None])
     torch.testing.assert_close(estimate.where(truth > 0, 0.0), truth, atol=1e-5, rtol=1e-4)
 

@@ -10,7 +10,8 @@ They spell the torch reference in ``dynasparse.kernels.sparse_attention`` step b
                           up to the widest row (``ReduceMax`` of the counts, read at run time), masked
                           softmax, ``MatMul``. Work scales with the kept blocks in ONNX Runtime too.
 
-The ``vertical_slash`` and ``antidiagonal`` estimators are not spelled; exporting them is a clear error.
+Estimators are spelled one by one in ``SPELLED_ESTIMATORS``; exporting any other of the kernels' ``ESTIMATORS``
+is a clear error.
 """
 from __future__ import annotations
 
@@ -61,8 +62,14 @@ def _layout(q_len, kv_len, nq, nk, block_size: int, is_causal: bool, sink_blocks
     return valid, forced, diagonal
 
 
-def _pooled_scores(q, k, key_valid, nq, nk, block_size: int, scale):
-    """``pooled_scores``: [B, Hkv, NQ, NK]; -inf for blocks without real keys. Also the keys per block."""
+def _keys_per_block(key_valid, batch, nk, block_size: int):
+    """``keys_per_block``: [B, NK] float, the real keys of each KV block."""
+    return op.ReduceSum(op.Reshape(_pad_axis(key_valid, 1, 2, block_size),
+                                   op.Concat(batch, nk, ints(block_size), axis=0)), ints(2), keepdims=0)
+
+
+def _pooled_scores(q, k, key_valid, keys, nq, nk, diagonal, block_size: int, scale):
+    """``pooled_scores``: [B, Hkv, NQ, NK]; -inf for blocks without real keys."""
     batch, q_heads, q_len, head_dim = dim(q, 0), dim(q, 1), dim(q, 2), dim(q, 3)
     kv_heads = dim(k, 1)
     groups = op.Div(q_heads, kv_heads)
@@ -76,32 +83,39 @@ def _pooled_scores(q, k, key_valid, nq, nk, block_size: int, scale):
     k_sums = op.ReduceSum(op.Reshape(_pad_axis(op.Mul(k, weights), 2, 4, block_size),
                                      op.Concat(batch, kv_heads, nk, ints(block_size), head_dim, axis=0)),
                           ints(3), keepdims=0)
-    keys = op.ReduceSum(op.Reshape(_pad_axis(key_valid, 1, 2, block_size),
-                                   op.Concat(batch, nk, ints(block_size), axis=0)), ints(2), keepdims=0)
     at_least_one = op.Max(keys, float_scalar(1.0))
     k_pooled = op.Div(k_sums, op.Unsqueeze(at_least_one, ints(1, 3)))
     scores = op.Add(op.Mul(op.MatMul(q_pooled, op.Transpose(k_pooled, perm=[0, 1, 3, 2])), scale),
                     op.Unsqueeze(op.Log(at_least_one), ints(1, 2)))
     empty = op.Unsqueeze(op.Equal(keys, float_scalar(0.0)), ints(1, 2))
-    return op.Where(empty, float_scalar(float("-inf")), scores), keys
+    return op.Where(empty, float_scalar(float("-inf")), scores)
+
+
+def _streaming_scores(q, k, key_valid, keys, nq, nk, diagonal, block_size: int, scale):
+    """``streaming_scores``: [NQ, NK], minus each block's distance from the row's diagonal block."""
+    ids = op.Range(int_scalar(0), op.Squeeze(nk), int_scalar(1))
+    distance = op.Abs(op.Sub(op.Unsqueeze(diagonal, ints(1)), op.Unsqueeze(ids, ints(0))))
+    return op.Neg(op.Cast(distance, to=FLOAT))
+
+
+# The estimators of ``dynasparse.kernels.estimators.ESTIMATORS`` that have an ONNX spelling, by name.
+SPELLED_ESTIMATORS = {"pooled": _pooled_scores, "streaming": _streaming_scores}
 
 
 def block_plan(q, k, mask=None, is_causal: bool = False, scale: float | None = None, block_size: int = 64,
                estimator: str = "pooled", selector: str = "keep_ratio", amount: float = 1.0, sink_blocks: int = 1,
                local_blocks: int = 1, min_seq_len: int = 0, window: int = 64):
-    if estimator not in ("pooled", "streaming"):
+    if estimator not in SPELLED_ESTIMATORS:
         raise DynasparseError(f"SparseAttentionConfig(estimator={estimator!r}) has no ONNX translation; export "
-                              "with estimator='pooled' or 'streaming'")
+                              f"with estimator={' or '.join(map(repr, SPELLED_ESTIMATORS))}")
     q, k = op.Cast(q, to=FLOAT), op.Cast(k, to=FLOAT)
     batch, q_len, kv_len = dim(q, 0), dim(q, 2), dim(k, 2)
     nq, nk = _blocks_of(q_len, block_size), _blocks_of(kv_len, block_size)
     valid, forced, diagonal = _layout(q_len, kv_len, nq, nk, block_size, is_causal, sink_blocks, local_blocks)
     key_valid = op.Cast(key_validity(mask, batch, kv_len), to=FLOAT)
-    scores, keys = _pooled_scores(q, k, key_valid, nq, nk, block_size, _scale(q, scale))
-    if estimator == "streaming":
-        ids = op.Range(int_scalar(0), op.Squeeze(nk), int_scalar(1))
-        distance = op.Abs(op.Sub(op.Unsqueeze(diagonal, ints(1)), op.Unsqueeze(ids, ints(0))))
-        scores = op.Expand(op.Neg(op.Cast(distance, to=FLOAT)), op.Shape(scores))
+    keys = _keys_per_block(key_valid, batch, nk, block_size)
+    scores = SPELLED_ESTIMATORS[estimator](q, k, key_valid, keys, nq, nk, diagonal, block_size, _scale(q, scale))
+    scores = op.Expand(scores, op.Concat(batch, dim(k, 1), nq, nk, axis=0))
     has_keys = op.Unsqueeze(op.Greater(keys, float_scalar(0.0)), ints(1, 2))  # [B, 1, 1, NK]
     valid = op.And(op.Unsqueeze(valid, ints(0, 1)), has_keys)
     forced = op.And(op.Unsqueeze(forced, ints(0, 1)), valid)

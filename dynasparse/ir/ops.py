@@ -13,7 +13,7 @@ import torch
 from dynasparse.kernels import (exit_gate, kv_cache, kv_cache_sparse, query_aware, sparse_attention,
                                sparse_attention_cpu, token_merge)
 from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
-from dynasparse.kernels.sparse_attention import num_blocks
+from dynasparse.kernels.blocks import num_blocks
 
 _LIBRARY = torch.library.Library("dynasparse", "DEF")
 

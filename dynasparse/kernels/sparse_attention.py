@@ -9,8 +9,9 @@ query heads of a grouped-query group share it, so K/V are never repeated. Conver
 
 **Building it** (the ``dynasparse::block_plan`` op) has two steps:
 
-- an *estimator* scores every (query block, KV block) pair with an estimate of the log of the attention
-  mass there: ``pooled`` (mean-pooled Q · mean-pooled K, SeerAttention/MInference block mode),
+- an *estimator* (one module each in ``dynasparse.kernels.estimators``, looked up by name in ``ESTIMATORS``)
+  scores every (query block, KV block) pair with an estimate of the log of the attention mass there:
+  ``pooled`` (mean-pooled Q · mean-pooled K, SeerAttention/MInference block mode),
   ``vertical_slash`` (the last queries' real attention summed into key columns and diagonals, MInference),
   ``antidiagonal`` (sums along the antidiagonals of small tiles of the real scores, XAttention), or
   ``streaming`` (no content: the blocks nearest the diagonal, StreamingLLM's A-shape);
@@ -29,27 +30,10 @@ from __future__ import annotations
 import torch
 
 from dynasparse.kernels.attention import attention_reference, causal_mask, key_validity, softmax_scale
+from dynasparse.kernels.blocks import keys_per_block, last_query_positions, num_blocks, pad_to_blocks
+from dynasparse.kernels.estimators import ESTIMATORS, EstimatorInputs
 
-ESTIMATORS = ("pooled", "vertical_slash", "antidiagonal", "streaming")
 SELECTORS = ("topk", "keep_ratio", "mass")
-
-
-def num_blocks(length: int, block_size: int) -> int:
-    return (length + block_size - 1) // block_size
-
-
-def _pad_to_blocks(x: torch.Tensor, dim: int, block_size: int) -> torch.Tensor:
-    extra = -x.shape[dim] % block_size
-    if not extra:
-        return x
-    pad = [0, 0] * (x.dim() - 1 - dim % x.dim()) + [0, extra]
-    return torch.nn.functional.pad(x, pad)
-
-
-def last_query_positions(q_len: int, kv_len: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """[NQ]: key-axis position of each query block's last query (bottom-right alignment)."""
-    ends = torch.arange(1, num_blocks(q_len, block_size) + 1, device=device) * block_size
-    return ends.clamp(max=q_len) - 1 + (kv_len - q_len)
 
 
 def block_layout(q_len: int, kv_len: int, block_size: int, is_causal: bool, sink_blocks: int,
@@ -66,148 +50,6 @@ def block_layout(q_len: int, kv_len: int, block_size: int, is_causal: bool, sink
     local = (ids[None, :] <= diagonal[:, None]) & (ids[None, :] > diagonal[:, None] - local_blocks)
     forced = (ids[None, :] < sink_blocks) | local
     return valid, forced & valid
-
-
-def _keys_per_block(key_valid: torch.Tensor | None, batch: int, kv_len: int, block_size: int,
-                    device: torch.device) -> torch.Tensor:
-    """[B, NK] float: real keys in each KV block (the last block may be short; padding does not count)."""
-    ones = torch.ones(batch, kv_len, device=device) if key_valid is None else key_valid.float()
-    return _pad_to_blocks(ones, 1, block_size).view(batch, -1, block_size).sum(-1)
-
-
-# --- estimators: [B, Hkv, NQ, NK] fp32 log-mass estimates --------------------------------------------------
-
-def pool_blocks(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, block_size: int
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean query of each query block (over its rows and the group's heads) [B, Hkv, NQ, D], mean real key
-    of each KV block [B, Hkv, NK, D], and the real keys per KV block [B, NK]."""
-    batch, q_heads, q_len, dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    rows = _keys_per_block(None, 1, q_len, block_size, q.device)[0]  # real query rows per block
-    q_blocks = _pad_to_blocks(q.float(), 2, block_size).view(batch, kv_heads, q_heads // kv_heads, -1,
-                                                              block_size, dim)
-    q_pooled = q_blocks.sum(dim=(2, 4)) / (rows[:, None] * (q_heads // kv_heads))
-    weights = torch.ones(batch, kv_len, device=k.device) if key_valid is None else key_valid.float()
-    k_weighted = k.float() * weights[:, None, :, None]
-    k_sums = _pad_to_blocks(k_weighted, 2, block_size).view(batch, kv_heads, -1, block_size, dim).sum(3)
-    counts = _keys_per_block(key_valid, batch, kv_len, block_size, k.device)
-    return q_pooled, k_sums / counts.clamp(min=1)[:, None, :, None], counts
-
-
-def pooled_scores(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, block_size: int,
-                  scale: float) -> torch.Tensor:
-    """Pooled query · pooled key, plus the log of the block's real keys: a block of n similar keys holds
-    about n times one key's mass. Blocks without real keys score -inf."""
-    q_pooled, k_pooled, counts = pool_blocks(q, k, key_valid, block_size)
-    scores = (q_pooled @ k_pooled.transpose(-1, -2)) * scale + counts.clamp(min=1).log()[:, None, None, :]
-    return scores.masked_fill(counts[:, None, None, :] == 0, float("-inf"))
-
-
-def vertical_slash_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                          block_size: int, scale: float, window: int) -> torch.Tensor:
-    """MInference's probe: the last ``window`` queries attend to every key for real; the probabilities,
-    summed over those queries and the group's heads, are read along key columns (vertical lines: keys every
-    query wants) and along diagonals (slash lines: keys at a fixed distance). A block's score is the mass
-    its columns carry plus the mass of the diagonals crossing it."""
-    batch, q_heads, q_len, _ = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    window = min(window, q_len)
-    probe_mask = None if mask is None else mask[..., -window:, :]
-    probs_mask = _probe_mask(probe_mask, is_causal, window, kv_len, q.device)
-    groups = q_heads // kv_heads
-    scores = (q[:, :, -window:].float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2)) * scale
-    if probs_mask is not None:
-        scores = scores + probs_mask
-    probs = scores.softmax(-1).nan_to_num(0.0)  # [B, Hq, W, Lk]
-    probs = probs.view(batch, kv_heads, groups, window, kv_len).sum(2)  # [B, Hkv, W, Lk]
-    vertical = _pad_to_blocks(probs.sum(2), 2, block_size).view(batch, kv_heads, -1, block_size).sum(-1)
-
-    # slash[d]: mass at distance d = query position - key position (d >= 0: the causal side).
-    positions = torch.arange(window, device=q.device) + (kv_len - window)  # key-axis position of probe rows
-    distance = torch.arange(kv_len, device=q.device)
-    key_index = positions[:, None] - distance[None, :]  # [W, Lk]
-    on_grid = key_index >= 0
-    gathered = probs.gather(-1, key_index.clamp(min=0).expand(batch, kv_heads, window, kv_len))
-    slash = (gathered * on_grid).sum(2)  # [B, Hkv, Lk]
-    prefix = torch.nn.functional.pad(slash.cumsum(-1), (1, 0))
-
-    nq, nk = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
-    last = last_query_positions(q_len, kv_len, block_size, q.device)
-    first = (last - block_size + 1).clamp(min=kv_len - q_len)
-    block_start = torch.arange(nk, device=q.device) * block_size
-    block_end = (block_start + block_size).clamp(max=kv_len) - 1
-    low = (first[:, None] - block_end[None, :]).clamp(0, kv_len)  # distances crossing block (r, j)
-    high = (last[:, None] - block_start[None, :] + 1).clamp(0, kv_len)
-    crossing = prefix[..., high.flatten()] - prefix[..., low.flatten()]
-    crossing = crossing.view(batch, kv_heads, nq, nk).clamp(min=0)
-    mass = (vertical[:, :, None, :] + 0.5 * crossing) / window
-    return mass.clamp(min=1e-20).log()
-
-
-ANTIDIAGONAL_STRIDE = 8  # tile side: 1/8 of dense QK^T; stride 16 halves that but lost quality on SmolLM2
-_ANTIDIAGONAL_CHUNK = 1024  # queries per step: bounds the tile scores' memory, skips tiles past the diagonal
-
-
-def antidiagonal_scores(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None, is_causal: bool,
-                        block_size: int, scale: float, stride: int = ANTIDIAGONAL_STRIDE) -> torch.Tensor:
-    """XAttention's estimate: cut the score matrix into ``stride`` x ``stride`` tiles and let the sum along
-    each tile's antidiagonal stand for the tile. Every query row and every key column enters each row of
-    tiles once, so a heavy key (a sink, a delimiter) is never averaged away as in pooling, and each query
-    block is scored from its own queries, unlike a probe at the end of the prompt. Softmax over a row of
-    tiles, summed into blocks and over the group's heads, estimates each block's share of the mass.
-    Costs ``1/stride`` of dense QK^T, computed as one matmul of strided, flipped queries against strided keys."""
-    batch, q_heads, q_len, dim = q.shape
-    kv_heads, kv_len = k.shape[1], k.shape[2]
-    groups, stride = q_heads // kv_heads, min(stride, block_size)
-    per_block = block_size // stride
-    nq, nk = num_blocks(q_len, block_size), num_blocks(kv_len, block_size)
-    # Row t of q_tiles holds queries t*S, ..., t*S+S-1, row u of k_tiles keys u*S+S-1, ..., u*S (flipped, and
-    # scaled so a sum of S products reads as one score): their dot product is the antidiagonal sum of tile (t, u).
-    q_tiles = _pad_to_blocks(q.float(), 2, block_size).reshape(batch, kv_heads, groups, nq * per_block, stride * dim)
-    k_tiles = _pad_to_blocks(k.float(), 2, block_size).reshape(batch, kv_heads, nk * per_block, stride, dim)
-    k_tiles = k_tiles.flip(3).reshape(batch, kv_heads, nk * per_block, stride * dim) * (scale / stride)
-    keys = torch.ones(batch, kv_len, dtype=torch.bool, device=q.device) if key_valid is None else key_valid
-    tile_has_keys = _pad_to_blocks(keys, 1, block_size).view(batch, 1, 1, 1, -1, stride).any(-1)  # [B,1,1,1,NKT]
-    query_tiles = torch.arange(nq * per_block, device=q.device)
-    tile_last_key = (query_tiles * stride + stride - 1).clamp(max=q_len - 1) + (kv_len - q_len)
-    tile_rows = ((query_tiles * stride) < q_len).float()  # tiles holding real queries
-    mass = torch.zeros(batch, kv_heads, nq * per_block, nk * per_block, device=q.device)
-    chunk = max(_ANTIDIAGONAL_CHUNK // stride, per_block)
-    for start in range(0, nq * per_block, chunk):
-        stop = min(start + chunk, nq * per_block)
-        width = nk * per_block if not is_causal else min(nk * per_block, int(tile_last_key[stop - 1]) // stride + 1)
-        q_rows = q_tiles[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), stride * dim)
-        scores = (q_rows @ k_tiles[:, :, :width].transpose(-1, -2)).view(batch, kv_heads, groups, stop - start, width)
-        hidden = ~tile_has_keys[..., :width]
-        if is_causal:
-            hidden = hidden | (torch.arange(width, device=q.device) * stride > tile_last_key[start:stop, None])
-        probs = scores.masked_fill_(hidden, float("-inf")).softmax(-1).nan_to_num_(0.0)
-        mass[:, :, start:stop, :width] = probs.sum(2) * tile_rows[start:stop, None]
-    real_tiles = tile_rows.view(nq, per_block).sum(-1)  # real query tiles per block
-    mass = mass.view(batch, kv_heads, nq, per_block, nk, per_block).sum((3, 5))
-    return (mass / (groups * real_tiles[:, None])).clamp(min=1e-20).log()
-
-
-def _probe_mask(mask: torch.Tensor | None, is_causal: bool, window: int, kv_len: int,
-                device: torch.device) -> torch.Tensor | None:
-    """Additive fp32 mask for the probe rows (the last ``window`` queries)."""
-    additive = None
-    if mask is not None:
-        additive = (torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
-                    if mask.dtype == torch.bool else mask.float())
-    if is_causal:
-        positions = torch.arange(window, device=device)[:, None] + (kv_len - window)
-        causal = torch.zeros(window, kv_len, device=device).masked_fill(
-            torch.arange(kv_len, device=device)[None, :] > positions, float("-inf"))
-        additive = causal if additive is None else additive + causal
-    return additive
-
-
-def streaming_scores(q_len: int, kv_len: int, block_size: int, device: torch.device) -> torch.Tensor:
-    """[NQ, NK]: no content, only distance: the nearer a block to the row's diagonal, the higher. With the
-    forced sinks this is StreamingLLM's A-shape, its window as wide as the selector's amount."""
-    diagonal = last_query_positions(q_len, kv_len, block_size, device) // block_size
-    return -(diagonal[:, None] - torch.arange(num_blocks(kv_len, block_size), device=device)).abs().float()
 
 
 # --- selectors ---------------------------------------------------------------------------------------------
@@ -258,21 +100,15 @@ def build_plan(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_c
         offset = torch.arange(valid.shape[1], device=q.device) - first_block[:, None]  # [B, NK]
         forced = local | ((offset >= 0) & (offset < sink_blocks))[:, None, None, :]
     key_valid = None if mask is None else key_validity(mask, batch, kv_len, q.device)
-    has_keys = _keys_per_block(key_valid, batch, kv_len, block_size, q.device) > 0  # [B, NK]
+    has_keys = keys_per_block(key_valid, batch, kv_len, block_size, q.device) > 0  # [B, NK]
     valid = valid[None, None] & has_keys[:, None, None, :]
     plan_shape = (batch, k.shape[1], *valid.shape[2:])
     if kv_len < min_seq_len:
         return select_blocks(torch.zeros(plan_shape, device=q.device), valid, forced, "keep_ratio", 1.0)
-    if estimator == "pooled":
-        scores = pooled_scores(q, k, key_valid, block_size, scale)
-    elif estimator == "vertical_slash":
-        scores = vertical_slash_scores(q, k, mask, is_causal, block_size, scale, window)
-    elif estimator == "antidiagonal":
-        scores = antidiagonal_scores(q, k, key_valid, is_causal, block_size, scale)
-    elif estimator == "streaming":
-        scores = streaming_scores(q.shape[2], kv_len, block_size, q.device).expand(plan_shape)
-    else:
-        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {tuple(ESTIMATORS)}")
+    inputs = EstimatorInputs(q, k, mask, key_valid, is_causal, block_size, scale, window)
+    scores = ESTIMATORS[estimator](inputs).expand(plan_shape)
     return select_blocks(scores, valid, forced, selector, amount)
 
 
@@ -357,9 +193,9 @@ def sparse_attention_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     nq, nk = num_blocks(q_len, bs), num_blocks(kv_len, bs)
     scale = softmax_scale(scale, dim)
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    q_blocks = (_pad_to_blocks(q, 2, bs).to(compute) * scale).view(batch, kv_heads, groups, nq, bs, dim)
-    k_flat = _pad_to_blocks(k, 2, bs).to(compute).reshape(batch * kv_heads * nk, bs, dim)
-    v_flat = _pad_to_blocks(v, 2, bs).to(compute).reshape(batch * kv_heads * nk, bs, dim_v)
+    q_blocks = (pad_to_blocks(q, 2, bs).to(compute) * scale).view(batch, kv_heads, groups, nq, bs, dim)
+    k_flat = pad_to_blocks(k, 2, bs).to(compute).reshape(batch * kv_heads * nk, bs, dim)
+    v_flat = pad_to_blocks(v, 2, bs).to(compute).reshape(batch * kv_heads * nk, bs, dim_v)
     user_mask = _mask_rows(mask, batch, q_heads, kv_heads, q_len, kv_len, bs)
     head_base = (torch.arange(batch * kv_heads, device=q.device) * nk).view(batch, kv_heads, 1, 1)
     within = torch.arange(bs, device=q.device)
@@ -425,7 +261,7 @@ def _mask_rows(mask: torch.Tensor | None, batch: int, q_heads: int, kv_heads: in
     while mask.dim() < 4:
         mask = mask.unsqueeze(0)
     mask = mask.expand(batch, mask.shape[1], q_len, kv_len)
-    mask = _pad_to_blocks(mask, 2, block_size)
+    mask = pad_to_blocks(mask, 2, block_size)
     if mask.shape[1] == 1:
         return mask[:, :, None].expand(batch, kv_heads, 1, *mask.shape[2:])
     return mask.view(batch, kv_heads, q_heads // kv_heads, *mask.shape[2:])

@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 
 from dynasparse.kernels.attention import key_validity, softmax_scale
-from dynasparse.kernels.sparse_attention import SELECTORS, num_blocks, pool_blocks
+from dynasparse.kernels.blocks import num_blocks
+from dynasparse.kernels.estimators.pooled import pool_blocks
+from dynasparse.kernels.sparse_attention import SELECTORS
 
 
 def _mask_strides(mask: torch.Tensor | None, shape: tuple[int, int, int, int]) -> tuple[torch.Tensor | None, ...]:

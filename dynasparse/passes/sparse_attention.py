@@ -19,9 +19,9 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_meta, propagate_fake_values
 from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION
+from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.sparse_attention import block_layout, select_blocks
 from dynasparse.passes.base import PassResult
-from dynasparse.kernels.sparse_attention import ESTIMATORS
 
 
 @config_type
@@ -70,7 +70,7 @@ class SparseAttentionConfig(BaseConfig):
         if self.mass is not None:
             self.check_range("mass", 0.0, 1.0, low_open=True)
         if self.estimator not in ESTIMATORS:
-            raise DynasparseError(f"{name}.estimator={self.estimator!r}; expected one of {ESTIMATORS}")
+            raise DynasparseError(f"{name}.estimator={self.estimator!r}; expected one of {tuple(ESTIMATORS)}")
         if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise DynasparseError(f"{name}.block_size={self.block_size!r}: blocks are kernel tiles, so the size "
                                   "must be a power of two >= 16 (64 or 128 are the usual choices)")

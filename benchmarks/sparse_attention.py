@@ -32,6 +32,7 @@ import dynasparse
 from dynasparse.harness import bytelm
 from dynasparse.harness.bench import Case, compare, write_results
 from dynasparse.ir.ops import block_plan, block_sparse_attention
+from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.sparse_attention import block_layout
 
 KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
@@ -167,10 +168,10 @@ def smollm2_prefill_part(length: int, repeats: int) -> str:
 def quality_part(contexts: list[int], tokens: int) -> str:
     model = bytelm.load_or_train("small")
     held_out = bytelm.heldout_tokens(tokens)
+    default = dynasparse.SparseAttentionConfig.estimator  # the estimator of the rows that name none
     settings = {"keep 0.5": dict(keep_ratio=0.5), "keep 0.25": dict(keep_ratio=0.25),
                 "keep 0.1": dict(keep_ratio=0.1), "mass 0.9": dict(mass=0.9),
-                "streaming keep 0.25": dict(keep_ratio=0.25, estimator="streaming"),
-                "vertical-slash keep 0.25": dict(keep_ratio=0.25, estimator="vertical_slash")}
+                **{f"{name} keep 0.25": dict(keep_ratio=0.25, estimator=name) for name in ESTIMATORS if name != default}}
     example = {"input_ids": held_out[None, :contexts[0]]}
     optimized = {name: dynasparse.optimize(model, [dynasparse.SparseAttentionConfig(
         block_size=BLOCK, min_seq_len=0, **kwargs)], example_kwargs=example) for name, kwargs in settings.items()}

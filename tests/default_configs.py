@@ -12,6 +12,7 @@ import transformers as hf
 
 from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig, TokenMergeConfig
 from dynasparse.config import BaseConfig
+from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.kv_cache import POLICIES
 
 VOCAB = 128
@@ -40,9 +41,9 @@ DEFAULTS = [
     Default("sparse-encoder", "encoder", _sparse(keep_ratio=0.5), _sparse(keep_ratio=1.0)),
     Default("exit-staged", "encoder", ExitGateConfig(threshold=0.3), ExitGateConfig(threshold=1.0)),
     # a decode step over a cache exports dense attention (sparse chunks) or refuses (query-aware decode)
-    Default("sparse-pooled", "decoder", _sparse(keep_ratio=0.5), _sparse(keep_ratio=1.0), exports=False),
-    Default("sparse-vertical-slash", "decoder", _sparse(keep_ratio=0.5, estimator="vertical_slash", window=16),
-            _sparse(keep_ratio=1.0, estimator="vertical_slash", window=16), exports=False),
+    *[Default(f"sparse-{name.replace('_', '-')}", "decoder", _sparse(keep_ratio=0.5, estimator=name, window=16),
+              _sparse(keep_ratio=1.0, estimator=name, window=16), exports=False)
+      for name in ESTIMATORS],  # every block estimator, as registered
     Default("sparse-query-aware-decode", "decoder", _sparse(decode_keep=0.25), _sparse(keep_ratio=1.0),
             exports=False),
     *[Default(f"kv-{policy}", "decoder", _kv(policy, 32), _kv(policy, 10_000))

@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench peers clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,5 +25,19 @@ test: install
 bench: install
 	$(PY) -m benchmarks.overhead
 
+# kvpress (benchmarks/peers/kvpress_run.py) pins its own transformers (<5.3), so it runs from a venv of its own;
+# dynasparse never imports it. kvpress accepts torch>=2.3.1: the local CPU torch, installed first and named again
+# beside kvpress, satisfies it, so pip pulls no CUDA build. The model folder it reads is dynasparse's converted one.
+PEERS := .venv-peers
+PEERS_STAMP := $(PEERS)/.installed-stamp
+
+$(PEERS_STAMP): Makefile
+	test -x $(PEERS)/bin/python || python3 -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q torch==2.13.0
+	$(PEERS)/bin/python -m pip install -q torch==2.13.0 kvpress==0.5.5 tqdm
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(PEERS) build *.egg-info .pytest_cache

@@ -3,9 +3,10 @@ from dynasparse.api import OptimizedModel, optimize
 from dynasparse.config import BaseConfig, CanonicalizeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.export.onnx import export_onnx
+from dynasparse.registry import all_techniques
 from dynasparse.runtime.generate import generate
 from dynasparse.runtime.ort import ort_session
-from dynasparse.techniques import all_techniques
+from dynasparse import techniques  # noqa: F401  (each record registers itself on import)
 
 # every technique's config (TokenMergeConfig, SparseAttentionConfig, KVEvictionConfig, ExitGateConfig, ...):
 # each is declared by its technique's record, so a new technique needs no line here

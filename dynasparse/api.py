@@ -12,7 +12,7 @@ from dynasparse.ir.capture import capture
 from dynasparse.ir.signature import CallLayout
 from dynasparse.passes.pipeline import build_passes, run_pipeline
 from dynasparse.passes.report import OptimizationReport
-from dynasparse.techniques import all_techniques
+from dynasparse.registry import all_techniques
 
 
 class OptimizedModel(torch.nn.Module):

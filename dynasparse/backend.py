@@ -22,7 +22,7 @@ from torch.fx.traceback import preserve_node_meta
 from dynasparse.errors import DynasparseError
 from dynasparse.passes.pipeline import build_passes, run_pipeline
 from dynasparse.passes.report import OptimizationReport
-from dynasparse.techniques import all_techniques
+from dynasparse.registry import all_techniques
 
 
 def _aten_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:

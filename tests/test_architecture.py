@@ -7,7 +7,7 @@ import pytest
 
 import dynasparse
 from dynasparse import plans
-from dynasparse.techniques import all_techniques
+from dynasparse.registry import all_techniques
 
 PACKAGE = Path(dynasparse.__file__).parent
 SHARED = ["api.py", "backend.py", "export/onnx.py", "runtime/ort.py", "runtime/generate.py"]

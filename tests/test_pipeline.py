@@ -5,7 +5,7 @@ import pytest
 
 import dynasparse
 from dynasparse.config import BaseConfig, config_type
-from dynasparse.passes.base import PassResult, register_pass
+from dynasparse.registry import PassResult, register_pass
 
 from conftest import load
 

@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_map
 import dynasparse
 from dynasparse.config import BaseConfig
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
-from dynasparse.techniques import all_techniques
+from dynasparse.registry import all_techniques
 
 from default_configs import DEFAULTS, NEW_TOKENS, PAIRS, decoder_prompts, encoder_inputs, ids, model
 

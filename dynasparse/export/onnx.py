@@ -15,7 +15,7 @@ import torch
 
 from dynasparse.api import OptimizedModel, optimize
 from dynasparse.export.program import onnx_program, writable
-from dynasparse.techniques import all_techniques
+from dynasparse.registry import all_techniques
 
 
 def export_onnx(model: torch.nn.Module, path: str | os.PathLike, *, example_inputs: tuple | torch.Tensor = (),

@@ -19,7 +19,7 @@ from dynasparse.errors import DynasparseError
 from dynasparse.export.translations import ATTENTION_TRANSLATIONS
 from dynasparse.ir.nodes import quiet_pytree_notice
 from dynasparse.ir.ops import implementation
-from dynasparse.techniques import all_techniques
+from dynasparse.registry import all_techniques
 
 
 def writable(path: str | os.PathLike) -> Path:

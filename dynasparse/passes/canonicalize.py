@@ -20,7 +20,7 @@ from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import aten, bound_args, copy_meta, fake, is_call, shape_of
 from dynasparse.ir.ops import ATTENTION
 from dynasparse.kernels.attention import softmax_scale
-from dynasparse.passes.base import PassResult
+from dynasparse.registry import PassResult
 
 _SOFTMAX = (aten.softmax.int, aten._softmax.default)
 _PASSTHROUGH = (aten.to.dtype, aten._to_copy.default, aten.clone.default, aten.contiguous.default,

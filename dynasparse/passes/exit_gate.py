@@ -22,9 +22,9 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import fake, propagate_fake_values
 from dynasparse.ir.ops import EXIT_CONFIDENCE
-from dynasparse.passes.base import PassResult
 from dynasparse.kernels.exit_gate import CRITERIA, DEFAULT_THRESHOLDS
 from dynasparse.plans import EXIT_META, STREAM_STATE, ExitPlan, Gate
+from dynasparse.registry import PassResult
 
 def output_nodes(gm: torch.fx.GraphModule) -> list[Node]:
     out = next(n for n in gm.graph.nodes if n.op == "output")

@@ -21,9 +21,9 @@ from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_graph, copy_meta, fake
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
-from dynasparse.passes.base import PassResult
 from dynasparse.kernels.kv_cache import POLICIES
 from dynasparse.plans import CACHE_META, CachePlan, CacheSite
+from dynasparse.registry import PassResult
 
 class KVEvictionPass:
     name = "kv_eviction"

@@ -14,9 +14,8 @@ import torch
 from dynasparse.config import BaseConfig, CanonicalizeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis, analyze
-from dynasparse.passes.base import Pass, PassResult
 from dynasparse.passes.canonicalize import CanonicalizePass
-from dynasparse.techniques import all_techniques, in_stage_order, technique_for
+from dynasparse.registry import Pass, PassResult, all_techniques, in_stage_order, technique_for
 
 
 @dataclass

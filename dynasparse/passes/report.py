@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from dynasparse.table import table
 from dynasparse.ir.analysis import AttentionSite, GraphAnalysis
-from dynasparse.passes.base import PassResult
+from dynasparse.registry import PassResult
 
 
 def _lengths(site: AttentionSite) -> str:

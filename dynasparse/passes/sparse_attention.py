@@ -21,7 +21,7 @@ from dynasparse.ir.nodes import bound_args, copy_meta, propagate_fake_values
 from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION
 from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.sparse_attention import block_layout, select_blocks
-from dynasparse.passes.base import PassResult
+from dynasparse.registry import PassResult
 
 
 @config_type

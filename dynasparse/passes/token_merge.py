@@ -24,8 +24,9 @@ from dynasparse.ir.analysis import Block, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, module_paths, propagate_fake_values
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
-from dynasparse.passes.base import PassResult, calibration_call
+from dynasparse.passes.base import calibration_call
 from dynasparse.plans import MERGE_GATE, STREAM_STATE, MergeGate, StreamState
+from dynasparse.registry import PassResult
 
 
 @config_type

@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
+from dynasparse.registry import first, technique_for
 from dynasparse.runtime.ort import OrtModel
 from dynasparse.runtime.steps import GenerateOutput, GenerateStats, TorchSteps, decoder_for, prefill
-from dynasparse.techniques import first, technique_for
 
 
 def steps_for(model, configs: Sequence[BaseConfig], batch: int, seq_len: int, device: torch.device,

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import torch
 
 from dynasparse.errors import DynasparseError
-from dynasparse.techniques import first
+from dynasparse.registry import first
 
 
 class OrtModel:

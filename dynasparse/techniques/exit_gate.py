@@ -14,11 +14,11 @@ from dynasparse.export.exit_gate import export_stages
 from dynasparse.ir.ops import EXIT_CONFIDENCE
 from dynasparse.passes.exit_gate import ExitGateConfig, ExitGatePass
 from dynasparse.plans import CACHE_META, EXIT_META, EXIT_METADATA
+from dynasparse.registry import Stage, Technique, register
 from dynasparse.runtime.ort import OrtModel, open_session
 from dynasparse.runtime.speculative import self_speculative
 from dynasparse.runtime.staged import OrtStagedModel, StagedModel
 from dynasparse.runtime.token_exit import TokenExitSteps
-from dynasparse.techniques import Stage, Technique, register
 
 
 def _staged(graph_module: torch.fx.GraphModule) -> bool:

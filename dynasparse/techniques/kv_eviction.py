@@ -12,8 +12,8 @@ from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL,
 from dynasparse.passes.kv_eviction import KVEvictionConfig, KVEvictionPass
 from dynasparse.passes.token_merge import TokenMergeConfig
 from dynasparse.plans import CACHE_META, KV_METADATA
+from dynasparse.registry import Stage, Technique, register
 from dynasparse.runtime.steps import OrtKVSteps
-from dynasparse.techniques import Stage, Technique, register
 
 
 @register

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dynasparse.export.sparse_attention import SPARSE_ATTENTION_TRANSLATIONS
 from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION
 from dynasparse.passes.sparse_attention import SparseAttentionConfig, SparseAttentionPass
-from dynasparse.techniques import Stage, Technique, register
+from dynasparse.registry import Stage, Technique, register
 
 
 @register

@@ -14,8 +14,8 @@ from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKE
 from dynasparse.passes.exit_gate import ExitGateConfig
 from dynasparse.passes.token_merge import TokenMergeConfig, TokenMergePass
 from dynasparse.plans import MERGE_GATE
+from dynasparse.registry import Stage, Technique, register
 from dynasparse.runtime.merge_gate import MergeGatedModel, dense_module
-from dynasparse.techniques import Stage, Technique, register
 
 
 @register

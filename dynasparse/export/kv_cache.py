@@ -3,7 +3,7 @@
 The cache step itself has no ONNX spelling of its own: ``kv_cache_attention_functional`` is exported by
 tracing its torch implementation (``kernels.kv_cache.kv_cache_step_functional``, out of place and free of
 step-length branches), so prefill chunks and decode steps share one graph. The exported decoder
-(``passes.kv_eviction.step_graph``) takes the cache as explicit inputs (``kv<i>_<field>``) and returns the
+(``runtime.step_graph``) takes the cache as explicit inputs (``kv<i>_<field>``) and returns the
 updated cache after the logits, so ONNX Runtime owns the state between steps.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dynasparse.export.program import onnx_program
 from dynasparse.ir.nodes import bound_args
 from dynasparse.ir.ops import KV_CACHE_SPARSE_ATTENTION
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
-from dynasparse.passes.kv_eviction import step_graph
 from dynasparse.plans import CACHE_META, KV_METADATA
+from dynasparse.runtime.step_graph import step_graph
 
 
 def export_decoder_step(model, path: Path, args: tuple, kwargs: dict, opset_version: int) -> Path:

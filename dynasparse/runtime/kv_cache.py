@@ -7,14 +7,16 @@ graph's ``kv_cache_attention`` nodes update them in place, step after step, with
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state, priorities
-from dynasparse.passes.kv_eviction import KVEvictionConfig
 from dynasparse.plans import CACHE_META, CachePlan, CacheSite
+
+if TYPE_CHECKING:  # annotations only: the config reaches the runtime through the CachePlan
+    from dynasparse.passes.kv_eviction import KVEvictionConfig
 
 
 def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:

@@ -16,14 +16,16 @@ the attention mass that rejected drafts' queries gave to earlier tokens.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
-from dynasparse.passes.exit_gate import ExitGateConfig
 from dynasparse.runtime.steps import GenerateOutput, GenerateStats, TorchSteps, decoder_for, prefill
+
+if TYPE_CHECKING:  # annotations only: the draft config comes from the exit-gate technique's record
+    from dynasparse.passes.exit_gate import ExitGateConfig
 
 
 def _check(draft: ExitGateConfig, temperature: float, model) -> None:

@@ -21,9 +21,9 @@ from dynasparse.api import OptimizedModel, optimize
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import STATE_FIELDS
-from dynasparse.passes.kv_eviction import KVEvictionConfig, step_graph
 from dynasparse.plans import CacheSite
 from dynasparse.runtime.kv_cache import KVCache, cache_plan
+from dynasparse.runtime.step_graph import step_graph
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -72,6 +72,8 @@ def decoder_for(model: torch.nn.Module, configs: BaseConfig | Sequence[BaseConfi
     optimized once per (model, configs) and remembered. Without a ``KVEvictionConfig`` the cache is full.
     A model that takes ``logits_to_keep`` (Hugging Face causal LMs) is captured with it, so a prefill chunk
     computes logits for its last position only."""
+    # deferred: runtime/ reads what passes leave (plans) and imports no pass module when it loads
+    from dynasparse.passes.kv_eviction import KVEvictionConfig
     configs = [configs] if isinstance(configs, BaseConfig) else [c for c in configs if c is not None]
     if isinstance(model, OptimizedModel):
         plan = cache_plan(model.graph_module)

@@ -44,6 +44,21 @@ def test_the_package_has_no_import_cycle():
     assert not cycles, f"import cycles: {cycles[:5]}"
 
 
+BELOW_THE_PASSES = ["config.py", "plans.py", "registry.py", "ir", "kernels", "runtime"]
+
+
+@pytest.mark.parametrize("layer", BELOW_THE_PASSES)
+def test_lower_layers_import_no_pass_and_no_technique_record(layer):
+    """The passes and the technique records tie these layers together, so none of them imports either at module
+    level: the runtime reads what the passes leave (``plans``), and every layer asks ``registry`` for a technique."""
+    modules = {_module_name(p) for p in PACKAGE.rglob("*.py")}
+    paths = [PACKAGE / layer] if layer.endswith(".py") else sorted((PACKAGE / layer).rglob("*.py"))
+    upward = sorted(f"{path.relative_to(PACKAGE)} -> {imported}" for path in paths
+                    for imported in _static_imports(path, modules)
+                    if ".".join(imported.split(".")[:2]) in ("dynasparse.passes", "dynasparse.techniques"))
+    assert not upward, f"imports that run back up: {upward}"
+
+
 def _code_words(path: Path) -> set[str]:
     """Identifiers, attribute names and string constants of a module, docstrings left out."""
     tree = ast.parse(path.read_text())

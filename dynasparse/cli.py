@@ -10,7 +10,7 @@ import torch
 
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
-from dynasparse.kernels.kv_cache import POLICIES
+from dynasparse.kernels.policies import POLICIES
 from dynasparse.passes.kv_eviction import KVEvictionConfig
 from dynasparse.table import table
 

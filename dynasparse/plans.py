@@ -29,6 +29,8 @@ class CacheSite:
     head_dim: int
     value_dim: int
     dtype: torch.dtype
+    role: str = "all"  # "all" the layer's KV heads, or its "retrieval" / "streaming" group (head_scores)
+    heads: tuple[int, ...] = ()  # with a role other than "all": the layer's KV heads this cache holds
 
     def buffer(self, field: str) -> str:
         return f"{self.prefix}_{field}"

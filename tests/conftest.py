@@ -25,6 +25,16 @@ EXPECTED_SITES = {"llama-tiny": 2, "qwen2-tiny": 2, "mistral-tiny": 2, "gpt2-tin
 _cache: dict[str, zoo.ZooModel] = {}
 
 
+def left_padded_prompts(vocab: int, batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of different lengths, left-padded as generation pads them (row r has 3r + 1 pads)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(1, batch):
+        mask[row, :3 * row + 1] = 0
+    return ids, mask
+
+
 def load(name: str) -> zoo.ZooModel:
     """Zoo models are built once per test session."""
     if name not in _cache:

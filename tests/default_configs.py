@@ -6,6 +6,7 @@ Each entry: (id, model kind, a config with sparsity, the same technique at zero 
 technique's ONNX export reproduces it: False where the export has no spelling of it yet).
 """
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import transformers as hf
@@ -13,7 +14,7 @@ import transformers as hf
 from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig, TokenMergeConfig
 from dynasparse.config import BaseConfig
 from dynasparse.kernels.estimators import ESTIMATORS
-from dynasparse.kernels.kv_cache import POLICIES
+from dynasparse.kernels.policies import POLICIES
 
 VOCAB = 128
 
@@ -31,8 +32,11 @@ def _sparse(**kwargs) -> SparseAttentionConfig:
     return SparseAttentionConfig(block_size=16, min_seq_len=32, **kwargs)
 
 
-def _kv(policy: str, budget) -> KVEvictionConfig:
-    return KVEvictionConfig(policy=policy, budget=budget, sink=2, recent=4, chunk_size=24)
+def _kv(policy: str, budget, **kwargs) -> KVEvictionConfig:
+    return KVEvictionConfig(policy=policy, budget=budget, sink=2, recent=4, chunk_size=24, **kwargs)
+
+
+HEAD_SCORES = str(Path(__file__).parent / "data" / "llama_tiny_heads.json")  # retrieval scores for llama()
 
 
 DEFAULTS = [
@@ -48,16 +52,19 @@ DEFAULTS = [
             exports=False),
     *[Default(f"kv-{policy}", "decoder", _kv(policy, 32), _kv(policy, 10_000))
       for policy in POLICIES if policy != "full"],  # every eviction policy, as registered
+    # half the KV heads keep a KVzip-scored budget, the others sinks + recent (every head keeps all at zero)
+    Default("kv-retrieval-heads", "decoder", _kv("kvzip", 32, head_scores=HEAD_SCORES, retrieval_heads=0.5),
+            _kv("kvzip", 10_000, head_scores=HEAD_SCORES, retrieval_heads=1.0)),
     Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),
             ExitGateConfig(after_blocks=(0,), mode="draft"),  # lossless by construction: no zero variant
             exports=False),  # the drafter and the verifier run in torch
 ]
 
 # every pair of techniques on the same kind of model (one entry per technique)
+PAIRED = {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "sparse-query-aware-decode", "kv-h2o",
+          "kv-kvzip", "kv-retrieval-heads", "exit-draft"}
 PAIRS = [(a, b) for i, a in enumerate(DEFAULTS) for b in DEFAULTS[i + 1:]
-         if a.kind == b.kind and type(a.sparse) is not type(b.sparse)
-         and a.id in {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "kv-h2o", "exit-draft"}
-         and b.id in {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "kv-h2o", "exit-draft"}]
+         if a.kind == b.kind and type(a.sparse) is not type(b.sparse) and a.id in PAIRED and b.id in PAIRED]
 
 
 NEW_TOKENS = 8  # greedy tokens a decoder entry generates in the cross-technique tests

@@ -12,6 +12,7 @@ import torch
 
 from dynasparse.kernels import kv_cache as kc
 from dynasparse.kernels import kv_cache_triton as kt
+from dynasparse.kernels.policies import POLICIES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -146,7 +147,10 @@ def test_evict_ties_drop_the_lowest_slot_and_keep_the_new_token():
 
 # --- the whole decode step, step after step --------------------------------------------------------------
 
-@pytest.mark.parametrize("policy", sorted(kc.POLICIES))
+SUMMED = sorted(name for name, rule in POLICIES.items() if rule.reduce == "sum")  # the Triton kernel sums masses
+
+
+@pytest.mark.parametrize("policy", SUMMED)
 def test_decode_step_matches_the_reference_step_after_step(policy):
     gen = torch.Generator().manual_seed(3)
     batch, q_heads, kv_heads, dim, capacity, prompt = 2, 4, 2, 16, 12, 10
@@ -168,6 +172,13 @@ def test_decode_step_matches_the_reference_step_after_step(policy):
         torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
         assert_same_contents(actual, expected, score_atol=1e-5)
     assert (expected["seen"] == torch.tensor([prompt + 20, prompt - 3 + 19], device=DEVICE)).all()
+
+
+def test_the_triton_decode_step_refuses_a_policy_that_takes_the_max():
+    q = torch.zeros(1, 2, 1, 8, device=DEVICE)
+    state = kc.empty_state(1, 1, 4, 8, 8, torch.float32, DEVICE)
+    with pytest.raises(ValueError, match="kv_cache_step"):
+        kt.kv_cache_decode_step(q, q[:, :1], q[:, :1], None, True, None, *state.values(), "kvzip", 1, 1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -205,7 +216,7 @@ def _chunk_mask(kind: str, key_valid: torch.Tensor) -> tuple[torch.Tensor | None
     return torch.zeros(allowed.shape, device=DEVICE).masked_fill(~allowed, torch.finfo(torch.float32).min), False
 
 
-@pytest.mark.parametrize("policy", sorted(kc.POLICIES))
+@pytest.mark.parametrize("policy", sorted(POLICIES))
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("kind", ["none", "bool", "additive"])
 def test_torch_step_matches_the_reference_through_fill_and_eviction(policy, padded, kind):

@@ -7,10 +7,11 @@ import transformers as hf
 import dynasparse
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.ops import KV_CACHE_ATTENTION
-from dynasparse.kernels.kv_cache import POLICIES, empty_state, kv_cache_step_reference
+from dynasparse.kernels.kv_cache import empty_state, kv_cache_step_reference
+from dynasparse.kernels.policies import POLICIES
 from dynasparse.runtime.generate import decoder_for
 
-from conftest import load
+from conftest import left_padded_prompts, load
 
 VOCAB = 512
 POLICY_NAMES = sorted(POLICIES)
@@ -40,13 +41,7 @@ def lm(name: str) -> torch.nn.Module:
 
 
 def prompts(batch: int = 3, length: int = 14, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompts of different lengths."""
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, VOCAB, (batch, length), generator=generator)
-    mask = torch.ones_like(ids)
-    for row in range(1, batch):
-        mask[row, :3 * row + 1] = 0
-    return ids, mask
+    return left_padded_prompts(VOCAB, batch, length, seed)
 
 
 def kv(policy="h2o", budget=16, **kwargs) -> dynasparse.KVEvictionConfig:
@@ -109,7 +104,9 @@ def test_compressing_after_prefill_evicts_as_one_chunk_holding_the_whole_prompt(
     one_chunk = dynasparse.generate(model, ids, mask, max_new_tokens=16,
                                     kv=kv(policy, budget=10, chunk_size=64, compress="every_chunk"))
     assert torch.equal(once.sequences, one_chunk.sequences)
-    assert once.stats.cache_prefill_bytes == 2 * once.stats.cache_allocated_bytes  # 20 prompt slots vs 10
+    # 20 prompt slots vs 10, each + the scratch slot; ``seen`` is the same
+    seen = len(once.stats.cache_capacity) * ids.shape[0] * 8  # one int64 per row and layer
+    assert (once.stats.cache_prefill_bytes - seen) * 11 == (once.stats.cache_allocated_bytes - seen) * 21
     assert once.stats.cache_allocated_bytes == one_chunk.stats.cache_allocated_bytes
 
 
@@ -122,7 +119,7 @@ def test_long_generation_keeps_cache_bytes_constant_once_full():
     assert out.sequences.shape == (1, 64 + 4096)
     first_full = used.index(max(used))
     assert first_full == 256 - 64  # full once 256 tokens are in
-    assert set(used[first_full:]) == {out.stats.cache_allocated_bytes}
+    assert len(set(used[first_full:])) == 1 and used[-1] < out.stats.cache_allocated_bytes  # + scratch slots
 
 
 def test_every_site_gets_a_cache_node_and_the_report_says_so():

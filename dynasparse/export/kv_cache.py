@@ -55,6 +55,7 @@ def export_decoder_step(model, path: Path, args: tuple, kwargs: dict, opset_vers
     program.model.metadata_props[KV_METADATA] = json.dumps({
         "config": plan.config.to_dict(),
         "sites": [{"policy": s.policy, "num_kv_heads": s.num_kv_heads, "head_dim": s.head_dim,
-                   "value_dim": s.value_dim, "dtype": str(s.dtype).removeprefix("torch.")} for s in plan.sites]})
+                   "value_dim": s.value_dim, "dtype": str(s.dtype).removeprefix("torch."), "role": s.role,
+                   "heads": list(s.heads)} for s in plan.sites]})
     program.save(str(path))
     return path

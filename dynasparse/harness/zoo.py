@@ -27,6 +27,7 @@ import torch
 from dynasparse.api import OptimizedModel, optimize
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
+from dynasparse.passes.retrieval_heads import planted_text
 
 VOCAB = 512
 
@@ -92,14 +93,7 @@ FACT_ANSWER = "4817"
 def planted_fact_context(tokenizer, tokens: int, depth: float, fact: str = FACT) -> str:
     """About ``tokens`` tokens of help-topic paragraphs with ``fact`` planted at ``depth`` (0 = first,
     1 = last): a needle-in-a-haystack context of real text the model was not tuned on."""
-    kept, count = [], 0
-    for paragraph in paragraphs():
-        count += len(tokenizer(paragraph).input_ids)
-        if count > tokens:
-            break
-        kept.append(paragraph)
-    kept.insert(round(len(kept) * depth), fact)
-    return "\n\n".join(kept)
+    return planted_text(tokenizer, paragraphs(), tokens, fact, depth)
 
 
 def sentence_embeddings(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from dynasparse.kernels import (exit_gate, kv_cache, kv_cache_sparse, query_awar
                                sparse_attention_cpu, token_merge)
 from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
 from dynasparse.kernels.blocks import num_blocks
+from dynasparse.kernels.policies import POLICIES
 
 _LIBRARY = torch.library.Library("dynasparse", "DEF")
 
@@ -248,7 +249,7 @@ def kv_cache_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 @cuda_kernel(kv_cache_attention)
 def _kv_cache_attention_cuda(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy, sink,
                              recent, window, pool):
-    if q.shape[2] == 1:  # a decode step: the fused Triton kernel
+    if q.shape[2] == 1 and POLICIES[policy].reduce == "sum":  # a decode step: the fused Triton kernel
         from dynasparse.kernels import kv_cache_triton
 
         return kv_cache_triton.kv_cache_decode_step(q, k, v, mask, is_causal, scale, keys, values, positions,

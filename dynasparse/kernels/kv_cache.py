@@ -23,193 +23,13 @@ fused SDPA call over the filled slots; only steps that evict take the scoring pa
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from dynasparse.kernels.attention import attention_sdpa, causal_mask, combined_mask, softmax_scale
-
-
-# --- policies: what each candidate is worth (kvpress-style, one small class each) -------------------------
-
-@dataclasses.dataclass
-class Candidates:
-    """One step's eviction candidates as a policy sees them: the cache's slots and the step's new tokens,
-    the attention masses the observed queries gave them (zeros for a policy that reads no attention), and
-    the step's queries. S is the number of slots the step considers, T its new tokens."""
-
-    scores: torch.Tensor  # [B, Hkv, S] the scores held for the slots
-    positions: torch.Tensor  # [B, Hkv, S] each slot's token position; -1: empty
-    keys: torch.Tensor  # [B, Hkv, S, D] the slots' keys
-    values: torch.Tensor  # [B, Hkv, S, Dv]
-    mass_cache: torch.Tensor  # [B, Hkv, S]
-    new_positions: torch.Tensor  # [B, Hkv, T]; -1: padding
-    new_keys: torch.Tensor  # [B, Hkv, T, D], in the order of ``new_positions``
-    new_values: torch.Tensor  # [B, Hkv, T, Dv]
-    mass_new: torch.Tensor  # [B, Hkv, T]
-    queries: torch.Tensor  # [B, Hq, T, D] the step's queries
-    observed: torch.Tensor  # [B, T] weights of the queries ``observe`` chose
-    scale: float  # the softmax scale of the site
-    pool: int  # SnapKV's pooling kernel
-
-
-class Policy:
-    """Scores cache candidates. ``observe`` says which queries the score reads; ``update`` turns a step's
-    ``Candidates`` into scores (accumulated, or afresh)."""
-
-    name: ClassVar[str]
-    uses_attention: ClassVar[bool] = True  # the step computes the observed queries' attention masses
-
-    def observe(self, query_valid: torch.Tensor, window: int) -> torch.Tensor:
-        """[B, T] weights of the new queries whose attention is observed (all real queries by default)."""
-        return query_valid.float()
-
-    def observed_tail(self, length: int, window: int) -> int:
-        """How many of ``length`` unpadded new queries ``observe`` weighs: always the last ones."""
-        return length
-
-    def update(self, step: Candidates) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores of the slots [B, Hkv, S], scores of the new tokens [B, Hkv, T])."""
-        raise NotImplementedError
-
-
-class FullPolicy(Policy):
-    """No eviction: the runtime sizes the cache to hold every token. The reference for the others."""
-
-    name = "full"
-    uses_attention = False
-
-    def update(self, step):
-        return step.positions.float(), step.new_positions.float()
-
-
-class StreamingPolicy(FullPolicy):
-    """StreamingLLM: sinks + the recent window; everything else leaves oldest first."""
-
-    name = "streaming"
-
-
-class H2OPolicy(Policy):
-    """Heavy hitters: attention mass accumulated over every query so far, plus the recent window."""
-
-    name = "h2o"
-
-    def update(self, step):
-        return step.scores + step.mass_cache, step.mass_new
-
-
-class H2OMeanPolicy(Policy):
-    """H2O with the accumulated mass divided by the number of queries that saw each token (kvpress's
-    ObservedAttention): a token is not worth more for having been seen longer, so early tokens lose
-    their head start. The score held is that mean."""
-
-    name = "h2o_mean"
-
-    def update(self, step):
-        arrived = (step.new_positions >= 0).sum(-1, keepdim=True)  # real new tokens: each query saw them all
-        seen_after = step.new_positions.amax(-1, keepdim=True) + 1
-        observers_before = (seen_after - arrived - step.positions).clamp(min=0)
-        mean = (step.scores * observers_before + step.mass_cache) / (seen_after - step.positions).clamp(min=1)
-        return (torch.where(arrived > 0, mean, step.scores),
-                step.mass_new / (seen_after - step.new_positions).clamp(min=1))
-
-
-class TOVAPolicy(Policy):
-    """TOVA: the attention of the newest query only; the lowest is dropped."""
-
-    name = "tova"
-
-    def observe(self, query_valid, window):
-        return _last_valid(query_valid, 1)
-
-    def observed_tail(self, length, window):
-        return 1
-
-    def update(self, step):
-        return step.mass_cache, step.mass_new
-
-
-class SnapKVPolicy(Policy):
-    """SnapKV: the attention of the last ``window`` queries of each chunk, pooled over neighbouring new
-    keys (kernel ``pool``) so whole phrases stay. In decode the window is the one new query."""
-
-    name = "snapkv"
-
-    def observe(self, query_valid, window):
-        return _last_valid(query_valid, window)
-
-    def observed_tail(self, length, window):
-        return min(window, length)
-
-    def update(self, step):
-        mass_new = step.mass_new
-        if step.pool > 1:  # a single new key (a decode step) pools to itself
-            batch, heads, length = mass_new.shape
-            pooled = F.avg_pool1d(mass_new.reshape(batch * heads, 1, length), step.pool, stride=1,
-                                  padding=step.pool // 2, count_include_pad=False)
-            mass_new = pooled[..., :length].reshape(batch, heads, length)
-        return step.mass_cache, mass_new
-
-
-class KNormPolicy(Policy):
-    """Key norm (Devoto et al. 2024, kvpress's KnormPress): keys with a small L2 norm draw the most
-    attention, so the largest-norm keys leave first. Needs no attention weights, so it runs with any kernel."""
-
-    name = "knorm"
-    uses_attention = False
-
-    def update(self, step):
-        return step.scores, -step.new_keys.float().norm(dim=-1)
-
-
-class ExpectedAttentionPolicy(SnapKVPolicy):
-    """Expected attention (Devoto et al. 2025, kvpress's ExpectedAttentionPress): the queries to come are
-    modelled as a Gaussian fitted to the last ``window`` queries of the step; a key is worth the attention
-    such a query pays it in expectation, exp(mu.k s + k'Sigma k s^2 / 2) normalised over the candidates,
-    averaged over the group's query heads and weighted by the norm of its value (what it adds to the
-    output). Every candidate is rescored each step, like SnapKV, but from a fit rather than the window's
-    own attention, and with no attention weights. The site's queries carry RoPE already: the window's
-    positions stand for the next ones (kvpress rotates pre-RoPE statistics forward instead)."""
-
-    name = "expected_attention"
-    uses_attention = False
-
-    def update(self, step):
-        batch, kv_heads, slots = step.positions.shape
-        q_heads, length, dim = step.queries.shape[1:]
-        queries = step.queries.float().view(batch, kv_heads, q_heads // kv_heads, length, dim)
-        weights = step.observed / step.observed.sum(-1, keepdim=True).clamp(min=1e-9)  # [B, T]
-        weights = weights[:, None, None, :, None]
-        mean = (queries * weights).sum(3)  # [B, Hkv, G, D]
-        keys = torch.cat([step.keys, step.new_keys], 2).float()[:, :, None]  # [B, Hkv, 1, S + T, D]
-        logits = (keys @ mean[..., None]).squeeze(-1) * step.scale  # [B, Hkv, G, S + T]
-        if length > 1:  # one query (a decode step) has no spread: skip the D x D term
-            centred = queries - mean[:, :, :, None]
-            covariance = (centred * weights).transpose(-2, -1) @ centred  # [B, Hkv, G, D, D]
-            logits = logits + ((keys @ covariance) * keys).sum(-1) * (step.scale ** 2 / 2)
-        # one set of candidates whatever the path: slots holding this step's tokens (a step may have written
-        # them already) and padding stay out of the normalisation
-        first_new = torch.where(step.new_positions >= 0, step.new_positions,
-                                torch.iinfo(step.new_positions.dtype).max).amin(-1, keepdim=True)
-        held = (step.positions >= 0) & (step.positions < first_new)
-        candidate = torch.cat([held, step.new_positions >= 0], -1)[:, :, None]
-        expected = logits.masked_fill(~candidate, -math.inf).softmax(-1).nan_to_num(0.0).mean(2)
-        worth = expected * torch.cat([step.values, step.new_values], 2).float().norm(dim=-1)
-        return worth[..., :slots], worth[..., slots:]
-
-
-POLICIES: dict[str, Policy] = {p.name: p for p in (FullPolicy(), StreamingPolicy(), H2OPolicy(), H2OMeanPolicy(),
-                                                   TOVAPolicy(), SnapKVPolicy(), KNormPolicy(),
-                                                   ExpectedAttentionPolicy())}
-
-
-def _last_valid(query_valid: torch.Tensor, count: int) -> torch.Tensor:
-    """[B, T] weights: 1 on each row's last ``count`` real queries."""
-    from_end = query_valid.flip(-1).long().cumsum(-1).flip(-1)  # 1 on the last real query, 2 before it...
-    return (query_valid & (from_end <= count)).float()
+from dynasparse.kernels.policies import POLICIES, Policy, step_candidates
 
 
 # --- the cache state ---------------------------------------------------------------------------------------
@@ -277,13 +97,13 @@ def priorities(scores: torch.Tensor, positions: torch.Tensor, seen_after: torch.
 
 def cache_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                               is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
-                              positions: torch.Tensor, observed: torch.Tensor | None
+                              positions: torch.Tensor, observed: torch.Tensor | None, rule: Policy = POLICIES["h2o"]
                               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Attention of the new queries over the valid slots plus the new keys, in fp32.
 
     Returns (out [B, T, Hq, Dv] sequence-major, mass of each slot [B, Hkv, S], mass of each new key
-    [B, Hkv, T]); masses are softmax probabilities summed over the group's query heads and weighted by
-    ``observed`` [B, T] (None: masses are not needed and not returned).
+    [B, Hkv, T]); masses are softmax probabilities weighted by ``observed`` [B, T] and pooled over the
+    group's query heads and the queries as ``rule`` pools them (None: masses are not needed and not returned).
     """
     batch, q_heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -308,7 +128,7 @@ def cache_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if observed is None:
         return out, None, None
     weights = observed.repeat(1, groups)[:, None, :, None]  # [B, 1, G*T, 1], same (g, t) order as qg
-    return out, (p_cache * weights).sum(2), (p_new * weights).sum(2)
+    return out, rule.masses(p_cache, weights), rule.masses(p_new, weights)
 
 
 def _placement(positions: torch.Tensor, new_pos: torch.Tensor, cache_scores: torch.Tensor,
@@ -384,13 +204,11 @@ def _attend_and_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
     observed = rule.observe(query_valid, window)
     out, mass_cache, mass_new = cache_attention_reference(q, k, v, mask, is_causal, scale, keys, values,
-                                                          positions, observed if rule.uses_attention else None)
+                                                          positions, observed if rule.uses_attention else None, rule)
     step_pos = new_positions(seen, key_valid)
-    if mass_cache is None:
-        mass_cache, mass_new = torch.zeros_like(scores), scores.new_zeros(batch, k.shape[1], length)
-    cache_scores, new_scores = rule.update(Candidates(
-        scores, positions, keys, values, mass_cache, step_pos[:, None, :].expand(batch, k.shape[1], length), k, v,
-        mass_new, q, observed, softmax_scale(scale, q.shape[-1]), pool))
+    masses = None if mass_cache is None else (mass_cache, mass_new)
+    cache_scores, new_scores = rule.update(step_candidates((keys, values, positions, scores), keys.shape[2], (q, k, v),
+                                                           step_pos, masses, observed, scale, pool))
     return out, step_pos, cache_scores, new_scores, seen + key_valid.long().sum(-1)
 
 
@@ -443,9 +261,9 @@ def _no_holes(positions: torch.Tensor, count: int) -> bool:
 
 
 def _slot_masses(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, scale: float | None,
-                 observed: torch.Tensor) -> torch.Tensor:
-    """[B, Hkv, filled]: softmax mass each slot gets from the ``observed`` [B, T] queries (summed over the
-    group's query heads), for policies whose scores accumulate."""
+                 observed: torch.Tensor, rule: Policy) -> torch.Tensor:
+    """[B, Hkv, filled]: softmax mass each slot gets from the ``observed`` [B, T] queries, pooled over them
+    and the group's query heads as ``rule`` pools them."""
     batch, q_heads, length, head_dim = q.shape
     kv_heads = keys.shape[1]
     groups = q_heads // kv_heads
@@ -455,7 +273,7 @@ def _slot_masses(q: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | No
         visible = visible.expand(batch, q_heads, length, visible.shape[-1])
         logits = logits.masked_fill(~visible.reshape(batch, kv_heads, groups * length, -1), -math.inf)
     weights = observed.repeat(1, groups)[:, None, :, None]
-    return (logits.softmax(-1).nan_to_num(0.0) * weights).sum(2)
+    return rule.masses(logits.softmax(-1).nan_to_num(0.0), weights)
 
 
 def _plain_causal(mask: torch.Tensor | None, is_causal: bool, batch: int, length: int, device: torch.device) -> bool:
@@ -512,14 +330,13 @@ def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     tail = rule.observed_tail(length, window)
     if rule.uses_attention:
         masses = _slot_masses(q[:, :, length - tail:], keys[:, :, :end], None if visible is None else
-                              visible[length - tail:], scale, q.new_ones(batch, tail, dtype=torch.float32))
+                              visible[length - tail:], scale, q.new_ones(batch, tail, dtype=torch.float32), rule)
     else:
         masses = scores.new_zeros(batch, k.shape[1], end)
     observed = (torch.arange(length, device=q.device) >= length - tail).float().expand(batch, length)
-    cache_scores, new_scores = rule.update(Candidates(
-        scores[..., :filled], positions[..., :filled], keys[:, :, :filled], values[:, :, :filled],
-        masses[..., :filled], positions[..., filled:end], k, v, masses[..., filled:], q, observed,
-        softmax_scale(scale, q.shape[-1]), pool))
+    cache_scores, new_scores = rule.update(step_candidates(
+        (keys, values, positions, scores), filled, (q, k, v), positions[..., filled:end],
+        (masses[..., :filled], masses[..., filled:]), observed, scale, pool))
     scores[..., :filled] = cache_scores
     scores[..., filled:end] = new_scores
     seen.add_(length)
@@ -540,12 +357,11 @@ def _evict_one_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     probs = (logits * scale).softmax(-1)  # [B, Hkv, G, capacity + 1]: the slots, then the new token
     out = probs[..., :capacity] @ values[:, :, :capacity].float() + probs[..., capacity:] @ v.float()
     out = out.reshape(batch, q_heads, 1, -1).to(q.dtype)
-    mass = probs.sum(2)
+    mass = rule.masses(probs, 1.0)
     step_pos = seen[:, None, None].expand(batch, kv_heads, 1)
-    cache_scores, new_score = rule.update(Candidates(
-        scores[..., :capacity], positions[..., :capacity], keys[:, :, :capacity], values[:, :, :capacity],
-        mass[..., :capacity], step_pos, k, v, mass[..., capacity:], q, q.new_ones(batch, 1, dtype=torch.float32),
-        scale, 1))
+    cache_scores, new_score = rule.update(step_candidates(
+        (keys, values, positions, scores), capacity, (q, k, v), step_pos, (mass[..., :capacity], mass[..., capacity:]),
+        q.new_ones(batch, 1, dtype=torch.float32), scale, 1))
     seen_after = seen + 1
     priority = priorities(cache_scores, positions[..., :capacity], seen_after, sink, recent)
     lowest, victim = priority.min(-1, keepdim=True)
@@ -610,7 +426,7 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         out = out * visible.any(-1, keepdim=True).to(out.dtype)  # a query that sees nothing gives 0
     observed = rule.observe(query_valid, window)
     if rule.uses_attention:
-        masses = _slot_masses(q, slot_keys, visible, scale, observed)
+        masses = _slot_masses(q, slot_keys, visible, scale, observed, rule)
         where = torch.where(key_valid, step_pos, filled)[:, None, :].expand_as(target)
         if high == 0:  # the masses are the new keys', in token order
             mass_new, mass_cache = masses, masses.new_zeros(*masses.shape[:2], filled)
@@ -619,11 +435,10 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             fresh = torch.arange(filled, device=q.device) >= seen[:, None, None]
             mass_cache = masses.masked_fill(fresh, 0.0)
     else:
-        mass_cache, mass_new = scores.new_zeros(batch, k.shape[1], filled), scores.new_zeros(target.shape)
-    cache_scores, new_scores = rule.update(Candidates(
-        scores[..., :filled], positions[..., :filled], keys[:, :, :filled], values[:, :, :filled], mass_cache,
-        step_pos[:, None, :].expand_as(target), k, v, mass_new, q, observed, softmax_scale(scale, q.shape[-1]),
-        pool))
+        mass_cache = mass_new = None
+    cache_scores, new_scores = rule.update(step_candidates(
+        (keys, values, positions, scores), filled, (q, k, v), step_pos,
+        None if mass_cache is None else (mass_cache, mass_new), observed, scale, pool))
     scores[..., :filled] = cache_scores
     scores.scatter_(2, target, new_scores)
     seen.copy_(seen_after)

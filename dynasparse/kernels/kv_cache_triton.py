@@ -25,7 +25,8 @@ from dynasparse.kernels.attention import softmax_scale
 import triton
 import triton.language as tl
 
-from dynasparse.kernels.kv_cache import POLICIES, Candidates, new_positions, token_validity
+from dynasparse.kernels.kv_cache import new_positions, token_validity
+from dynasparse.kernels.policies import POLICIES, step_candidates
 
 
 # --- attention over the cache + the new token, with each key's attention mass ------------------------------
@@ -241,9 +242,13 @@ def kv_cache_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     write; the cache is updated in place, returns out [B, 1, Hq, Dv].
 
     With one query the observation window (any window >= 1) is that query and SnapKV's pooling is a no-op,
-    so ``window`` and ``pool`` are not needed.
+    so ``window`` and ``pool`` are not needed. The kernel sums the group's masses: a policy that pools them
+    another way (``reduce="max"``) runs ``kv_cache_step``.
     """
     rule = POLICIES[policy]
+    if rule.uses_attention and rule.reduce != "sum":
+        raise ValueError(f"the Triton decode step sums attention masses; policy {policy!r} takes their "
+                         f"{rule.reduce}: run kv_cache_step")
     batch, q_heads = q.shape[:2]
     kv_heads = k.shape[1]
     key_valid, query_valid = token_validity(mask, is_causal, batch, 1, q.device)
@@ -252,11 +257,9 @@ def kv_cache_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
                                                            keys, values, positions, scale,
                                                            observed[:, 0] if rule.uses_attention else None)
     step_pos = new_positions(seen, key_valid)  # [B, 1]
-    if mass_cache is None:
-        mass_cache, mass_new = torch.zeros_like(scores), scores.new_zeros(batch, kv_heads, 1)
-    cache_scores, new_scores = rule.update(Candidates(
-        scores, positions, keys, values, mass_cache, step_pos[:, None, :].expand(batch, kv_heads, 1), k, v, mass_new,
-        q, observed, softmax_scale(scale, q.shape[-1]), 1))
+    masses = None if mass_cache is None else (mass_cache, mass_new)
+    cache_scores, new_scores = rule.update(step_candidates((keys, values, positions, scores), keys.shape[2], (q, k, v),
+                                                           step_pos, masses, observed, scale, 1))
     seen_after = seen + key_valid.long().sum(-1)
     evict_and_write_one(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after,
                         sink, recent)

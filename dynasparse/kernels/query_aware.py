@@ -9,6 +9,7 @@ share of keys whose values are read and mixed; scoring still takes one dot produ
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -16,13 +17,15 @@ from dynasparse.kernels.attention import softmax_scale
 
 
 def query_aware_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor,
-                          scale: float | None, keep: torch.Tensor, observed: torch.Tensor | None = None
+                          scale: float | None, keep: torch.Tensor, observed: torch.Tensor | None = None,
+                          pool: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of ``q`` [B, Hq, T, D] over the top keys of ``k`` / ``v`` [B, Hkv, N, D], in fp32.
 
     ``visible`` [B, 1 or Hq, T, N] bool: what each query may read. ``keep`` [B]: the share of each row's
     readable keys a KV head reads (1.0: all of them, exactly dense attention). ``observed`` [B, T]:
-    weights of the queries whose attention masses a cache policy wants. Returns (out [B, T, Hq, Dv],
+    weights of the queries whose attention masses a cache policy wants, pooled over the queries and the
+    group's heads by ``pool(probs, weights)`` (None: summed). Returns (out [B, T, Hq, Dv],
     masses [B, Hkv, N] of the read keys, or None)."""
     batch, q_heads, length, dim = q.shape
     kv_heads, n = k.shape[1], k.shape[2]
@@ -44,5 +47,6 @@ def query_aware_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, vis
     if observed is None:
         return out, None
     weights = observed.repeat(1, groups)[:, None, :, None]  # [B, 1, G*T, 1], the (g, t) order of the rows
-    masses = probs.new_zeros(batch, kv_heads, n).scatter_add_(-1, chosen, (probs * weights).sum(2))
+    pooled = (probs * weights).sum(2) if pool is None else pool(probs, weights)
+    masses = probs.new_zeros(batch, kv_heads, n).scatter_add_(-1, chosen, pooled)
     return out, masses

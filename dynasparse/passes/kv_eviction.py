@@ -20,7 +20,8 @@ from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_meta, fake
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_SPARSE_ATTENTION
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
-from dynasparse.kernels.kv_cache import POLICIES
+from dynasparse.kernels.policies import POLICIES
+from dynasparse.passes.retrieval_heads import HeadScores
 from dynasparse.plans import CACHE_META, CachePlan, CacheSite
 from dynasparse.registry import PassResult
 
@@ -43,40 +44,107 @@ class KVEvictionPass:
         if not chosen:
             raise DynasparseError(f"KVEvictionConfig.layers={c.layers} matches no attention layer; the model has "
                                   f"layers {sorted(s.layer for s in analysis.sites)}")
+        retrieval = _retrieval_heads(c, analysis)
         result = PassResult(self.name)
         sites = []
         for site in analysis.sites:
-            # decide: the configured policy on chosen layers, the full cache elsewhere
+            # decide: the configured policy on chosen layers (per head group with head scores), full elsewhere
             policy = c.policy if site in chosen else "full"
             k, v = fake(site.k), fake(site.v)
             cache = CacheSite(site.layer, f"kv_cache_{site.index}", policy, site.num_kv_heads, site.head_dim,
                               int(v.shape[-1]), k.dtype)
+            groups = [(cache, ())]
+            if retrieval is not None and policy != "full":
+                kept = tuple(h for h in range(site.num_kv_heads) if (site.layer, h) in retrieval)
+                local = tuple(h for h in range(site.num_kv_heads) if h not in kept)
+                groups = [(dataclasses.replace(cache, prefix=f"{cache.prefix}_{role}", num_kv_heads=len(heads),
+                                               policy=c.policy if role == "retrieval" else "streaming", role=role,
+                                               heads=heads), heads)
+                          for role, heads in (("retrieval", kept), ("streaming", local)) if heads]
+                if len(groups) == 1:  # every head of the layer in one group: no split
+                    groups = [(dataclasses.replace(groups[0][0], heads=()), ())]
             # rewrite: the cache state enters as buffers (sized by the runtime), the op updates it in place
-            for field, tensor in empty_state(1, cache.num_kv_heads, 1, cache.head_dim, cache.value_dim,
-                                             cache.dtype, k.device).items():
-                gm.register_buffer(cache.buffer(field), tensor, persistent=False)
             args = bound_args(site.node)
             plan_nodes = [args["counts"], args["indices"], args["counts"].args[0]] if site.sparse else []
-            plan_args = _sparse_plan(site.node) if site.sparse else ()
+            op = KV_CACHE_SPARSE_ATTENTION if site.sparse else KV_CACHE_ATTENTION
+            settings = (c.sink, c.recent, c.window, c.pool, *(_sparse_plan(site.node) if site.sparse else ()))
             with gm.graph.inserting_before(site.node):
-                state = [gm.graph.get_attr(cache.buffer(field)) for field in STATE_FIELDS]
-                node = gm.graph.call_function(KV_CACHE_SPARSE_ATTENTION if site.sparse else KV_CACHE_ATTENTION, (
-                    args["q"], args["k"], args["v"], args["mask"], args["is_causal"], args["scale"], *state,
-                    policy, c.sink, c.recent, c.window, c.pool, *plan_args))
+                node = _cached_attention(gm, site, args, groups, op, settings)
             copy_meta(site.node, node)
             site.node.replace_all_uses_with(node)
             gm.graph.erase_node(site.node)
             for plan_node in plan_nodes:  # the sparse site's own plan: the cache step plans over cache + chunk
                 if not plan_node.users:
                     gm.graph.erase_node(plan_node)
-            sites.append(cache)
+            sites += [group for group, _ in groups]
             result.num_matches += 1
-            budget = "every token" if policy == "full" else f"budget {c.budget!r} ({c.schedule})"
             prefill = ", block-sparse prefill" if site.sparse else ""
-            result.applied.append(f"layer {site.layer}: {policy} cache, {budget}, sink {c.sink}, "
-                                  f"recent {c.recent}, {site.num_kv_heads} KV heads{prefill}")
+            for group, heads in groups:
+                budget = "every token" if group.policy == "full" else f"budget {c.budget!r} ({c.schedule})"
+                if group.role == "streaming":
+                    budget = "sinks + recent window"
+                who = f"KV heads {list(heads)}" if heads else f"{site.num_kv_heads} KV heads"
+                role = "" if group.role == "all" else f" ({group.role} heads)"
+                result.applied.append(f"layer {site.layer}: {group.policy} cache{role}, {budget}, sink {c.sink}, "
+                                      f"recent {c.recent}, {who}{prefill}")
         gm.meta[CACHE_META] = CachePlan(c, tuple(sites))
         return result
+
+
+def _retrieval_heads(config: KVEvictionConfig, analysis: GraphAnalysis) -> set[tuple[int, int]] | None:
+    """(layer, KV head) pairs that keep the budget, from the config's head scores (None: no head groups)."""
+    if config.head_scores is None:
+        return None
+    scores = HeadScores.load(config.head_scores)
+    shape = [len(row) for row in scores.scores]
+    for site in analysis.sites:  # a drafter's graph holds the first layers only: match by layer index
+        if site.layer is None or site.layer >= len(shape) or shape[site.layer] != site.num_kv_heads:
+            raise DynasparseError(
+                f"the head scores in {config.head_scores} ({scores.model or 'unnamed'}) cover {len(shape)} layers "
+                f"of {shape[:1] or [0]} KV heads; this model's layer {site.layer} has {site.num_kv_heads} KV heads: "
+                "calibrate this model's heads (calibrate_retrieval_heads)")
+    return scores.retrieval(config.retrieval_heads)
+
+
+def _cached_attention(gm: torch.fx.GraphModule, site, args: dict, groups: list, op, settings: tuple
+                      ) -> torch.fx.Node:
+    """One cache op per head group (each over its own buffers); a split site gathers its groups' heads
+    of q / k / v (and of a per-head mask), and puts the outputs back in head order."""
+    graph = gm.graph
+    outputs, order = [], []
+    ratio = site.num_heads // site.num_kv_heads  # query head j reads KV head j // ratio
+    device = fake(site.k).device
+    for cache, heads in groups:
+        for field, tensor in empty_state(1, cache.num_kv_heads, 1, cache.head_dim, cache.value_dim, cache.dtype,
+                                         device).items():
+            gm.register_buffer(cache.buffer(field), tensor, persistent=False)
+        q, k, v, mask = args["q"], args["k"], args["v"], args["mask"]
+        if heads:
+            query_heads = [h * ratio + g for h in heads for g in range(ratio)]
+            q = _select_heads(gm, q, f"{cache.prefix}_query_heads", query_heads, device)
+            k = _select_heads(gm, k, f"{cache.prefix}_heads", list(heads), device)
+            v = _select_heads(gm, v, f"{cache.prefix}_heads", list(heads), device)
+            if isinstance(mask, torch.fx.Node) and fake(mask) is not None and fake(mask).dim() == 4 \
+                    and fake(mask).shape[1] > 1:
+                mask = _select_heads(gm, mask, f"{cache.prefix}_query_heads", query_heads, device)
+            order += query_heads
+        state = [graph.get_attr(cache.buffer(field)) for field in STATE_FIELDS]
+        outputs.append(graph.call_function(op, (q, k, v, mask, args["is_causal"], args["scale"], *state,
+                                                cache.policy, *settings)))
+    if len(outputs) == 1:
+        return outputs[0]
+    joined = graph.call_function(torch.ops.aten.cat.default, (outputs, 2))  # sequence-major: [B, T, Hq, Dv]
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return _select_heads(gm, joined, f"{groups[0][0].prefix.rsplit('_', 1)[0]}_head_order", inverse, device, dim=2)
+
+
+def _select_heads(gm: torch.fx.GraphModule, node: torch.fx.Node, name: str, heads: list[int], device: torch.device,
+                  dim: int = 1) -> torch.fx.Node:
+    """``node`` with only ``heads`` along ``dim``, in that order (the index is a buffer of the graph)."""
+    if not hasattr(gm, name):
+        gm.register_buffer(name, torch.tensor(heads, dtype=torch.long, device=device), persistent=False)
+    index = gm.graph.get_attr(name)
+    return gm.graph.call_function(torch.ops.aten.index_select.default, (node, dim, index))
 
 
 def _sparse_plan(node: torch.fx.Node) -> tuple:
@@ -109,6 +177,15 @@ class KVEvictionConfig(BaseConfig):
     and kvpress do this): prefill holds the prompt's full cache, decode the budget. ``"every_chunk"``
     evicts after each chunk, so prefill memory stays at budget + chunk, but early chunks leave before
     the question is read. ``layers``: layers that evict (the others keep a full cache).
+    ``unit="bytes"``: a float budget is a share of the full cache's bytes (its keys and values for the
+    whole sequence, in the model's dtype) and counts every byte the bounded cache holds per slot (key,
+    value, position and score), so a 0.25 cache really holds a quarter of the memory.
+    ``policy="kvzip"`` scores tokens by re-reading the prompt after it (``compress="after_prefill"``:
+    about one more prefill); with ``"every_chunk"`` it keeps the most attention any query paid each token.
+    ``head_scores``: a JSON file of per-KV-head retrieval scores (``calibrate_retrieval_heads``; computed
+    once per model). The top ``retrieval_heads`` share of KV heads then keep the budget under ``policy``,
+    the others only the sinks and the recent window (StreamingLLM), each group in caches of its own size,
+    so the bytes really shrink; a byte budget is spread over the retrieval heads after the others' share.
     """
 
     policy: str = "h2o"
@@ -120,6 +197,9 @@ class KVEvictionConfig(BaseConfig):
     pool: int = 5
     chunk_size: int = 512
     compress: str = "after_prefill"
+    unit: str = "tokens"
+    head_scores: str | None = None
+    retrieval_heads: float = 0.25
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +210,12 @@ class KVEvictionConfig(BaseConfig):
         if self.compress not in ("after_prefill", "every_chunk"):
             raise DynasparseError(f"{name}.compress={self.compress!r}; expected 'after_prefill' (evict once the "
                                   "prompt is read) or 'every_chunk' (evict after each prefill chunk)")
+        if self.unit not in ("tokens", "bytes"):
+            raise DynasparseError(f"{name}.unit={self.unit!r}; expected 'tokens' (budget counts cached tokens) or "
+                                  "'bytes' (a float budget is a share of the full cache's bytes)")
+        if self.unit == "bytes" and not all(isinstance(b, float) for b in as_tuple(self.budget)):
+            raise DynasparseError(f"{name}.budget={self.budget!r} with unit='bytes': give a share of the full "
+                                  "cache's bytes as a float in (0, 1] (or one per layer)")
         if self.schedule not in ("uniform", "pyramid"):
             raise DynasparseError(f"{name}.schedule={self.schedule!r}; expected 'uniform' or 'pyramid'")
         for field_name, low in (("sink", 0), ("recent", 0), ("window", 1), ("pool", 1), ("chunk_size", 1)):
@@ -148,17 +234,28 @@ class KVEvictionConfig(BaseConfig):
                     f"{name}.budget={value} tokens is below sink + recent + 1 = {self.sink + self.recent + 1}: "
                     "the sinks and the recent window are never evicted, so the cache must hold them and one "
                     "more token; raise the budget or lower sink / recent")
+        self.check_range("retrieval_heads", 0.0, 1.0, low_open=True)
+        if self.head_scores is not None and (self.schedule != "uniform" or isinstance(self.budget, tuple)
+                                             or self.policy == "full"):
+            raise DynasparseError(f"{name}: head_scores splits each layer's KV heads into retrieval and streaming "
+                                  "groups under one budget; use it with schedule='uniform', one budget and an "
+                                  "evicting policy")
         if self.schedule == "pyramid" and isinstance(self.budget, tuple):
             raise DynasparseError(f"{name}: schedule='pyramid' spreads one budget over the layers; "
                                   "give budget as one int or float, or give per-layer budgets without it")
 
-    def capacities(self, num_layers: int, seq_len: int) -> list[int]:
-        """Cache slots per layer for a sequence of ``seq_len`` tokens (never more than it needs)."""
+    def capacities(self, num_layers: int, seq_len: int, slot: tuple[int, int] = (1, 1)) -> list[int]:
+        """Cache slots per layer for a sequence of ``seq_len`` tokens (never more than it needs).
+        ``slot``: (bytes a slot of the bounded cache holds, bytes a token takes in the full cache), per row;
+        with ``unit="bytes"`` the scratch slot and the row's token counter (8 bytes) are paid for too."""
         budgets = list(self.budget) if isinstance(self.budget, tuple) else [self.budget] * num_layers
         if len(budgets) != num_layers:
             raise DynasparseError(f"{type(self).__name__}.budget has {len(budgets)} values for a model with "
                                   f"{num_layers} attention layers; give one per layer")
-        tokens = [math.ceil(b * seq_len) if isinstance(b, float) else b for b in budgets]
+        if self.unit == "bytes":
+            tokens = [math.floor((b * seq_len * slot[1] - 8) / slot[0]) - 1 for b in budgets]
+        else:
+            tokens = [math.ceil(b * seq_len) if isinstance(b, float) else b for b in budgets]
         if self.schedule == "pyramid" and num_layers > 1:
             tokens = [round(t * (1.5 - i / (num_layers - 1))) for i, t in enumerate(tokens)]
         if self.policy == "full":

@@ -13,10 +13,54 @@ import torch
 
 from dynasparse.errors import DynasparseError
 from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state, priorities
+from dynasparse.kernels.policies import POLICIES
 from dynasparse.plans import CACHE_META, CachePlan, CacheSite
 
 if TYPE_CHECKING:  # annotations only: the config reaches the runtime through the CachePlan
     from dynasparse.passes.kv_eviction import KVEvictionConfig
+
+
+def token_bytes(site: CacheSite) -> int:
+    """Bytes one token takes in a full (unbounded) cache: its key and value per KV head."""
+    return site.num_kv_heads * (site.head_dim + site.value_dim) * site.dtype.itemsize
+
+
+def slot_bytes(site: CacheSite) -> int:
+    """Bytes one slot of the bounded cache holds: key and value, and the position (int64) and score
+    (fp32) that eviction keeps beside them."""
+    return token_bytes(site) + site.num_kv_heads * (8 + 4)
+
+
+def site_capacities(sites: Sequence[CacheSite], config: KVEvictionConfig, seq_len: int) -> list[int]:
+    """Slots per cache site for a sequence of ``seq_len`` tokens.
+
+    Without head groups every evicting layer gets the config's budget. With them (``head_scores``),
+    streaming groups hold the sinks and the recent window, and retrieval groups the budget: in tokens, or,
+    with ``unit="bytes"``, whatever the byte budget leaves once the streaming groups (and any full layers)
+    are paid for, spread evenly over the retrieval heads."""
+    if all(s.role == "all" for s in sites):
+        evicting = [s for s in sites if s.policy != "full"]
+        slot = max(((slot_bytes(s), token_bytes(s)) for s in evicting), default=(1, 1))
+        budgets = iter(config.capacities(len(evicting), seq_len, slot) if evicting else [])
+        return [next(budgets) if s.policy != "full" else seq_len for s in sites]
+    floor = min(config.sink + config.recent + 1, seq_len)
+    fixed = {s.prefix: seq_len if s.policy == "full" else floor for s in sites if s.role != "retrieval"}
+    retrieval = [s for s in sites if s.role == "retrieval"]
+    if config.unit == "bytes" and retrieval:  # per row; every site also holds a scratch slot and a counter
+        full = config.budget * seq_len * sum(token_bytes(s) for s in sites)
+        paid = sum(slot_bytes(s) * (fixed[s.prefix] + 1) + 8 for s in sites if s.prefix in fixed)
+        per_token = sum(slot_bytes(s) for s in retrieval)
+        tokens = math.floor((full - paid - per_token - 8 * len(retrieval)) / per_token)
+        if tokens < floor:
+            least = (paid + (floor + 1) * per_token + 8 * len(retrieval)) / (seq_len * sum(map(token_bytes, sites)))
+            raise DynasparseError(
+                f"{type(config).__name__}.budget={config.budget} of the bytes is too small for "
+                f"{len(retrieval)} retrieval head groups over {seq_len} tokens: the streaming heads' sinks and recent "
+                f"windows take {paid / full:.0%} of it and each retrieval head needs sink + recent + 1 = {floor} "
+                f"slots; give budget >= {least:.3f}, fewer retrieval_heads, or a smaller sink / recent")
+    else:
+        tokens = config.capacities(1, seq_len)[0]
+    return [fixed[s.prefix] if s.prefix in fixed else min(tokens, seq_len) for s in sites]
 
 
 def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:
@@ -38,12 +82,12 @@ class KVCache:
                  device: torch.device | str = "cpu", reserve: int = 0, prompt_len: int = 0):
         self.sites = tuple(sites)
         self.config, self.seq_len, self.reserve = config, seq_len, reserve
-        evicting = [s for s in self.sites if s.policy != "full"]
-        budgets = iter(config.capacities(len(evicting), seq_len) if evicting else [])
-        self.capacities = [next(budgets) if s.policy != "full" else seq_len for s in self.sites]
+        self.capacities = site_capacities(self.sites, config, seq_len)
         # ``reserve`` extra slots hold tokens that may be rolled back (drafts) until ``shrink`` evicts;
-        # with ``compress="after_prefill"`` the prompt fits whole until ``compress`` evicts once
-        held = prompt_len if config.compress == "after_prefill" else 0
+        # with ``compress="after_prefill"`` the prompt fits whole until ``compress`` evicts once, and a
+        # policy that re-reads the prompt first (KVzip) gets a chunk's slots for the re-read
+        self.rereads = config.compress == "after_prefill" and POLICIES[config.policy].rereads_prompt
+        held = prompt_len + (config.chunk_size if self.rereads else 0) if config.compress == "after_prefill" else 0
         self.states = [empty_state(batch, s.num_kv_heads, max(capacity, held) + reserve, s.head_dim, s.value_dim,
                                    s.dtype, device) for s, capacity in zip(self.sites, self.capacities)]
 
@@ -112,8 +156,9 @@ class KVCache:
 
     @property
     def allocated_bytes(self) -> int:
-        """Bytes of K/V slots held (fixed for the whole generation)."""
-        return sum(s["keys"][..., :-1, :].nbytes + s["values"][..., :-1, :].nbytes for s in self.states)
+        """Every byte the cache holds while decoding (fixed for the whole generation): each layer's keys,
+        values, positions and scores, the scratch slot included."""
+        return sum(tensor.nbytes for state in self.states for tensor in state.values())
 
     def held_bytes(self) -> int:
         """Bytes of K/V in slots that hold a token now (counted on the device: one sync)."""
@@ -130,12 +175,8 @@ class KVCache:
         return sum((s["keys"][..., :1, :].nbytes + s["values"][..., :1, :].nbytes) * self.seq_len for s in self.states)
 
     def used_bytes(self, real_tokens: list[int]) -> int:
-        """Bytes of K/V in slots holding a token, for rows that have taken in ``real_tokens`` tokens each:
-        grows until a layer's cache is full, then stays. Computed on the host (no device sync)."""
-        total = 0
-        for state, capacity in zip(self.states, self.capacities):
-            keys, values = state["keys"], state["values"]
-            per_head = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
-            per_token = keys.shape[1] * per_head
-            total += sum(min(capacity, n) for n in real_tokens) * per_token
-        return total
+        """Bytes of the slots holding a token (key, value, position, score), for rows that have taken in
+        ``real_tokens`` tokens each: grows until a layer's cache is full, then stays. Computed on the host
+        (no device sync)."""
+        return sum(sum(min(capacity, n) for n in real_tokens) * slot_bytes(site)
+                   for site, capacity in zip(self.sites, self.capacities))

@@ -24,6 +24,7 @@ from dynasparse.kernels.kv_cache import STATE_FIELDS
 from dynasparse.plans import CacheSite
 from dynasparse.runtime.kv_cache import KVCache, cache_plan
 from dynasparse.runtime.step_graph import step_graph
+from dynasparse.runtime.reread import reread_prompt
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -37,7 +38,7 @@ class GenerateStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     cache_capacity: list[int] = field(default_factory=list)
-    cache_allocated_bytes: int = 0  # K/V slots held while decoding
+    cache_allocated_bytes: int = 0  # every byte the cache holds while decoding (K/V, positions, scores)
     cache_prefill_bytes: int = 0  # held while the prompt is read (all of it with compress="after_prefill")
     cache_full_bytes: int = 0  # what the full cache would allocate for the same batch and length
     cache_used_bytes: list[int] = field(default_factory=list)  # after prefill, then after each step
@@ -173,8 +174,12 @@ class CacheSteps:
     def bind(self) -> None:
         """Hand the cache's current tensors to whatever runs the step (nothing to do where each call feeds them)."""
 
-    def finish_prompt(self) -> None:
-        """The prompt is in: a cache that held all of it evicts down to its budget now."""
+    def finish_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+        """The prompt is in: a policy that scores by re-reading it (KVzip) does so, then a cache that held
+        all of it evicts down to its budget."""
+        if self.cache.rereads:
+            reread_prompt(self, self.cache.states, self.cache.rollback, input_ids, attention_mask,
+                          prompt_positions(attention_mask), self.config.chunk_size)
         if self.cache.compress():
             self.bind()
 
@@ -234,7 +239,8 @@ class OrtKVSteps(CacheSteps):
             raise DynasparseError(f"this ONNX file was exported with {self.config}; generate() got kv={kv}. "
                                   "Export again with that config, or leave kv out.")
         sites = [CacheSite(i, f"kv{i}", s["policy"], s["num_kv_heads"], s["head_dim"], s["value_dim"],
-                           getattr(torch, s["dtype"])) for i, s in enumerate(layout["sites"])]
+                           getattr(torch, s["dtype"]), s.get("role", "all"), tuple(s.get("heads", ())))
+                 for i, s in enumerate(layout["sites"])]
         self.model = model
         self.cache = KVCache(sites, self.config, batch, seq_len, prompt_len=prompt_len)
 
@@ -274,5 +280,5 @@ def prefill(step: Callable[..., torch.Tensor], input_ids: torch.Tensor, attentio
         if on_logits is not None:
             on_logits(start, logits)
         last = logits[:, -1]
-    step.finish_prompt()
+    step.finish_prompt(input_ids, attention_mask)
     return last

@@ -1,0 +1,41 @@
+"""KVzip's scoring pass: the model reads its prompt a second time, and the cache keeps what that re-read used.
+
+A question asked later may need any part of the context; a model that can reproduce the whole context from
+the tokens it kept has kept what such a question needs. So after the prompt is in, each prompt chunk is fed
+again (teacher-forced, at the positions right after the prompt: every token sits one prompt length after its
+first copy) while the policy records, per cached token, the most attention any re-read query paid it. The
+re-read tokens are rolled back after each chunk (their slots empty again, as rejected drafts are), so each
+chunk reads the prompt's cache alone and the pass costs about one more prefill of the prompt.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def reread_prompt(step: Callable[..., torch.Tensor], states: list[dict[str, torch.Tensor]],
+                  rollback: Callable[[torch.Tensor], None], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  positions: torch.Tensor, chunk_size: int) -> None:
+    """Score every cached prompt token by a chunked re-read of ``input_ids`` [B, L] (left-padded as for
+    prefill; ``positions`` their position ids). ``states``: the cache layers, whose scores start at zero;
+    ``rollback(keep)`` forgets all but each row's first ``keep`` tokens."""
+    seen = states[0]["seen"].clone()
+    for state in states:
+        state["scores"].zero_()
+    offset = positions.amax(-1, keepdim=True) + 1  # each row's real prompt length
+    length = input_ids.shape[1]
+    # chunks end at the prompt's end, as prefill's do: with left padding a row's chunks then hold the same
+    # real tokens as when it runs alone
+    for stop in range(length - (length - 1) // chunk_size * chunk_size, length + 1, chunk_size):
+        start = max(stop - chunk_size, 0)
+        mask = attention_mask[:, start:stop]
+        if not bool(mask.any()):
+            continue  # padding only
+        # every chunk is chunk_size columns wide (the first one left-padded), so a step that decides on its
+        # width (query-aware reads for steps shorter than a block) decides alike for a row alone and batched
+        width = (chunk_size - (stop - start), 0)
+        step(F.pad(input_ids[:, start:stop], width), F.pad(mask, width), F.pad(positions[:, start:stop] + offset, width,
+                                                                             value=1), last_only=True)
+        rollback(seen)

@@ -1,0 +1,167 @@
+"""A cache bounded in bytes: KVzip's re-read scores, retrieval-head groups, byte budgets."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as hf
+
+import dynasparse
+from dynasparse.errors import DynasparseError
+from dynasparse.passes.retrieval_heads import HeadScores, calibrate_retrieval_heads
+from dynasparse.runtime.generate import decoder_for
+
+from conftest import left_padded_prompts
+
+VOCAB = 512
+
+
+def llama(vocab: int = VOCAB) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = hf.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            intermediate_size=128, vocab_size=vocab)
+    return hf.LlamaForCausalLM(config).eval()
+
+
+def prompts(batch: int = 3, length: int = 24) -> tuple[torch.Tensor, torch.Tensor]:
+    return left_padded_prompts(VOCAB, batch, length)
+
+
+def kv(policy: str = "kvzip", budget: int | float = 12, **kwargs) -> dynasparse.KVEvictionConfig:
+    kwargs = {"sink": 2, "recent": 4, "chunk_size": 8, **kwargs}
+    return dynasparse.KVEvictionConfig(policy=policy, budget=budget, **kwargs)
+
+
+@pytest.fixture
+def head_scores(tmp_path) -> str:
+    """Layer 0: KV head 1 retrieves; layer 1: KV head 0."""
+    return str(HeadScores("llama-tiny", [[0.1, 0.9], [0.8, 0.2]], 4, 256).save(tmp_path / "heads.json"))
+
+
+def generate(model, config, ids=None, mask=None, new_tokens: int = 10):
+    if ids is None:
+        ids, mask = prompts()
+    return dynasparse.generate(model, ids, mask, max_new_tokens=new_tokens, kv=config)
+
+
+# --- identity: a budget that holds every token is the full cache ---------------------------------------------
+
+def test_kvzip_with_room_for_everything_equals_the_full_cache():
+    model = llama()
+    full = generate(model, None)
+    assert torch.equal(generate(model, kv(budget=64)).sequences, full.sequences)
+
+
+def test_head_groups_with_room_for_everything_equal_the_full_cache(head_scores):
+    model = llama()
+    full = generate(model, None)
+    grouped = generate(model, kv(budget=64, head_scores=head_scores, retrieval_heads=0.5, recent=32))
+    assert torch.equal(grouped.sequences, full.sequences)
+
+
+# --- batched == alone ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_batched_rows_equal_rows_alone(grouped, head_scores):
+    model = llama()
+    config = kv(budget=10, head_scores=head_scores if grouped else None, retrieval_heads=0.5)
+    ids, mask = prompts()
+    batched = generate(model, config, ids, mask)
+    for row in range(ids.shape[0]):
+        real = mask[row].bool()
+        alone = generate(model, config, ids[row:row + 1, real], mask[row:row + 1, real])
+        assert torch.equal(batched.sequences[row, -10:], alone.sequences[0, -10:])
+
+
+# --- KVzip's re-read -------------------------------------------------------------------------------------------
+
+def test_the_reread_scores_the_prompt_and_leaves_no_trace():
+    """After the re-read the cache holds the prompt alone (the re-read tokens rolled back), and its scores are
+    the most attention a re-read query paid each token (every prompt token was looked at)."""
+    from dynasparse.runtime.generate import steps_for
+    from dynasparse.runtime.steps import prefill
+
+    model = llama()
+    ids, mask = prompts(batch=1)
+    config = kv(budget=64)  # no eviction: the scores are visible after the prompt
+    step = steps_for(model, [config], 1, ids.shape[1] + 4, ids.device, 4)
+    prefill(step, ids, mask, config.chunk_size)
+    for state in step.cache.states:
+        held = state["positions"][state["positions"] >= 0]
+        assert sorted(held.unique().tolist()) == list(range(ids.shape[1]))
+        assert int(state["seen"][0]) == ids.shape[1]
+        scores = state["scores"][state["positions"] >= 0]
+        assert bool((scores > 0).all()) and bool((scores <= 1).all())
+
+
+# --- head groups ---------------------------------------------------------------------------------------------
+
+def test_head_groups_store_each_group_in_caches_of_its_own_size(head_scores):
+    model = llama()
+    config = kv("h2o", budget=0.5, unit="bytes", head_scores=head_scores, retrieval_heads=0.5)
+    out = generate(model, config)
+    decoder = decoder_for(model, [config])
+    roles = [site.role for site in decoder.graph_module.meta["dynasparse_kv_cache"].sites]
+    assert roles == ["retrieval", "streaming", "retrieval", "streaming"]
+    streaming = config.sink + config.recent + 1
+    assert out.stats.cache_capacity[1] == out.stats.cache_capacity[3] == streaming
+    assert out.stats.cache_capacity[0] > streaming
+    assert out.stats.cache_allocated_bytes <= 0.5 * out.stats.cache_full_bytes  # scratch slots and counters too
+
+
+def test_a_byte_budget_counts_every_byte_held():
+    model = llama()
+    out = generate(model, kv("h2o", budget=0.5, unit="bytes"), new_tokens=16)
+    assert 0.45 * out.stats.cache_full_bytes < out.stats.cache_allocated_bytes <= 0.5 * out.stats.cache_full_bytes
+
+
+def test_the_report_names_each_group(head_scores):
+    model = llama()
+    optimized = dynasparse.optimize(model, [kv(head_scores=head_scores, retrieval_heads=0.5)],
+                                    example_kwargs={"input_ids": torch.zeros(1, 8, dtype=torch.long)})
+    text = str(optimized.report)
+    assert "retrieval heads" in text and "streaming heads" in text and "KV heads [1]" in text
+
+
+def test_calibration_ranks_heads_and_round_trips(tmp_path):
+    from dynasparse.passes.retrieval_heads import calibration_paragraphs
+
+    tokenizer = _tokenizer()
+    model = llama(len(tokenizer))
+    scores = calibrate_retrieval_heads(model, tokenizer, samples=2, context_tokens=256,
+                                       paragraphs=calibration_paragraphs()[:40])
+    assert len(scores.scores) == 2 and all(len(row) == 2 for row in scores.scores)
+    assert all(s >= 0 for row in scores.scores for s in row)
+    assert HeadScores.load(scores.save(tmp_path / "h.json")) == scores
+    assert len(scores.retrieval(0.25)) == 1
+
+
+def _tokenizer():
+    from dynasparse.harness import zoo
+
+    return zoo.load("smollm2").tokenizer
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+def test_bad_input_fails_clearly(tmp_path, head_scores):
+    model = llama()
+    with pytest.raises(DynasparseError, match="no head scores"):
+        generate(model, kv(head_scores=str(tmp_path / "missing.json")))
+    wrong = HeadScores("other", [[0.1, 0.2, 0.3]] * 3, 1, 256).save(tmp_path / "wrong.json")
+    with pytest.raises(DynasparseError, match="cover 3 layers"):
+        generate(model, kv(head_scores=str(wrong)))
+    with pytest.raises(DynasparseError, match="too small for"):
+        generate(model, kv("h2o", budget=0.05, unit="bytes", head_scores=head_scores, retrieval_heads=0.5))
+    with pytest.raises(DynasparseError, match="unit='bytes'"):
+        kv(budget=12, unit="bytes")
+    with pytest.raises(DynasparseError, match="retrieval_heads"):
+        kv(retrieval_heads=0.0)
+    with pytest.raises(DynasparseError, match="at least 256"):
+        calibrate_retrieval_heads(model, object(), context_tokens=64)
+    with pytest.raises(DynasparseError, match="tokenizer"):
+        calibrate_retrieval_heads(model, None)
+
+
+def test_configs_round_trip_through_json(head_scores):
+    config = kv(budget=0.25, unit="bytes", head_scores=head_scores, retrieval_heads=0.3)
+    assert dynasparse.KVEvictionConfig.from_json(config.to_json()) == config

@@ -1,7 +1,16 @@
-"""``dynasparse inspect | optimize | export | generate | demo`` (also ``python -m dynasparse``)."""
+"""dynasparse: dynamic-sparsity compiler passes for transformers, from the command line.
+
+MODEL is one of the zoo names (smollm2, minilm, llama-tiny, ...), a Hugging Face model directory (a folder
+with config.json), a .gguf file, or module:attr naming a torch.nn.Module. Everything runs offline.
+
+  dynasparse generate smollm2 --chat --prompt "..." --kv kvzip:0.25 --kv-unit bytes
+  dynasparse optimize llama-tiny --config configs.json
+  dynasparse demo
+"""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -30,7 +39,13 @@ def cmd_inspect(args) -> None:
 def _load_configs(path: str | None) -> list[BaseConfig]:
     if path is None:
         return []
-    data = json.loads(Path(path).read_text())
+    if not Path(path).is_file():
+        raise DynasparseError(f"--config {path}: no such file; give a JSON file holding one config or a list of "
+                              "them (what BaseConfig.to_json writes)")
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise DynasparseError(f"--config {path} is not JSON ({err})") from None
     return [BaseConfig.from_dict(item) for item in (data if isinstance(data, list) else [data])]
 
 
@@ -53,11 +68,17 @@ def cmd_export(args) -> None:
     print(onnx_parity_table(entry, optimized, path, args.batch, args.seq_len))
 
 
-def parse_kv(text: str) -> KVEvictionConfig:
+KV_HELP = (f"POLICY:BUDGET or full (default). POLICY: {', '.join(p for p in sorted(POLICIES) if p != 'full')}. "
+           "BUDGET: a share of the sequence (prompt + new tokens), e.g. 0.25, or a number of tokens, e.g. 1024; "
+           "a share s keeps what kvpress calls compression_ratio = 1 - s. kvzip re-reads the prompt to score it "
+           "(about one more prefill) and keeps facts best")
+
+
+def parse_kv(text: str, unit: str = "tokens", head_scores: str | None = None,
+             retrieval_heads: float = 0.25) -> KVEvictionConfig:
     """``POLICY:BUDGET`` (``h2o:0.25`` a share of the sequence, ``streaming:1024`` tokens) or ``full``."""
     policy, sep, budget = text.partition(":")
-    usage = (f"--kv {text!r}: give POLICY:BUDGET, e.g. h2o:0.25 (a share of the sequence) or streaming:1024 "
-             f"(tokens), or full; policies: {', '.join(sorted(POLICIES))}")
+    usage = f"--kv {text!r}: give POLICY:BUDGET, e.g. kvzip:0.25 or streaming:1024, or full. {KV_HELP}"
     if policy not in POLICIES or (policy != "full") != bool(sep):
         raise DynasparseError(usage)
     if policy == "full":
@@ -66,7 +87,8 @@ def parse_kv(text: str) -> KVEvictionConfig:
         value = float(budget) if "." in budget else int(budget)
     except ValueError:
         raise DynasparseError(usage) from None
-    return KVEvictionConfig(policy=policy, budget=value)
+    return KVEvictionConfig(policy=policy, budget=value, unit=unit, head_scores=head_scores,
+                            retrieval_heads=retrieval_heads)
 
 
 def _prompt_text(args) -> str:
@@ -100,9 +122,22 @@ def cmd_generate(args) -> None:
     from dynasparse.harness import zoo
     from dynasparse.runtime.generate import generate
 
-    kv = parse_kv(args.kv)
+    auto_heads = args.head_scores == "auto"
+    kv = parse_kv(args.kv, args.kv_unit, None if auto_heads else args.head_scores, args.retrieval_heads)
     text = _prompt_text(args)
+    configs = _load_configs(args.config)
     entry = zoo.load(args.model, dtype=getattr(torch, args.dtype))
+    entry.model.to(args.device)
+    if auto_heads and kv.policy != "full":
+        from dynasparse.passes.retrieval_heads import cached_head_scores
+
+        folder = zoo.cache_dir() / Path(args.model).stem
+        kv = dataclasses.replace(kv, head_scores=str(cached_head_scores(entry.model, entry.tokenizer, folder)))
+    if any(isinstance(c, KVEvictionConfig) for c in configs):
+        if args.kv != "full":
+            raise DynasparseError("--config holds a KVEvictionConfig and --kv gives another: give one of them")
+        kv = next(c for c in configs if isinstance(c, KVEvictionConfig))
+    configs = [c for c in configs if not isinstance(c, KVEvictionConfig)]
     tokenizer = entry.tokenizer
     if tokenizer is None:
         raise DynasparseError(f"{args.model} has no tokenizer; generate needs a pretrained causal LM: smollm2, a "
@@ -114,9 +149,11 @@ def cmd_generate(args) -> None:
                                             return_tensors="pt", return_dict=True)["input_ids"]
     else:
         ids = tokenizer(text, return_tensors="pt").input_ids
+    ids = ids.to(args.device)
     stream = TextStream(tokenizer)
     generator = torch.Generator().manual_seed(args.seed)
-    out = generate(entry.model, ids, max_new_tokens=args.max_new_tokens, kv=kv, temperature=args.temperature,
+    out = generate(entry.model, ids, max_new_tokens=args.max_new_tokens, kv=kv, configs=configs,
+                   temperature=args.temperature,
                    top_p=args.top_p, eos_token_id=tokenizer.eos_token_id, stream=stream, progress=True,
                    generator=generator, compile=args.compile)
     stats = out.stats
@@ -124,10 +161,12 @@ def cmd_generate(args) -> None:
     rows = [["prompt tokens", stats.prompt_tokens], ["new tokens", stats.new_tokens],
             ["prefill seconds", f"{stats.prefill_seconds:.2f}"],
             ["decode tokens/s", f"{stats.decode_tokens_per_second:.1f}"],
-            ["KV cache MiB", f"{stats.cache_allocated_bytes / 2**20:.1f} (full cache: "
-                             f"{stats.cache_full_bytes / 2**20:.1f})"],
+            ["KV cache MiB (every byte held)", f"{stats.cache_allocated_bytes / 2**20:.2f}"],
+            ["full cache MiB (K/V, same dtype)", f"{stats.cache_full_bytes / 2**20:.2f}"],
+            ["KV cache share of the full cache", f"{stats.cache_allocated_bytes / stats.cache_full_bytes:.1%}"],
             ["KV cache MiB during prefill", f"{stats.cache_prefill_bytes / 2**20:.1f}"]]
-    print("\n" + table([f"{args.model}, {kv.policy} cache" + (", compiled" if args.compile else ""), ""], rows),
+    title = f"{args.model}, {kv.policy} cache" + ("" if kv.head_scores is None else " (retrieval heads)")
+    print("\n" + table([title + (", compiled" if args.compile else ""), ""], rows),
           file=sys.stderr)
 
 
@@ -140,7 +179,8 @@ def cmd_demo(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     from dynasparse.harness.zoo import NAMES
 
-    parser = argparse.ArgumentParser(prog="dynasparse", description=__doc__)
+    parser = argparse.ArgumentParser(prog="dynasparse", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     model_help = f"one of {', '.join(NAMES)}, a Hugging Face model directory, a .gguf file, or module:attr"
     for name, fn, text in [("inspect", cmd_inspect, "attention sites and blocks of a model"),
@@ -156,12 +196,21 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("output", help="path of the .onnx file to write")
         cmd.set_defaults(fn=fn)
     gen = sub.add_parser("generate", help="generate text with a bounded KV cache, streamed to stdout")
-    gen.add_argument("model", help="smollm2, a Hugging Face model directory or a .gguf file")
+    gen.add_argument("model", help="MODEL: smollm2, a Hugging Face model directory or a .gguf file")
     gen.add_argument("--prompt", help="the prompt text")
     gen.add_argument("--prompt-file", help="read the prompt from this file")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--kv", default="full", help="POLICY:BUDGET, e.g. h2o:0.25 or streaming:1024 (default: full)")
+    gen.add_argument("--kv", default="full", help=KV_HELP)
+    gen.add_argument("--kv-unit", default="tokens", choices=["tokens", "bytes"],
+                     help="bytes: a share BUDGET is of the full cache's bytes, counting every byte the bounded "
+                          "cache holds (keys, values, positions, scores)")
+    gen.add_argument("--head-scores", metavar="JSON|auto",
+                     help="retrieval-head scores (calibrate_retrieval_heads); auto: compute once and cache. The "
+                          "top --retrieval-heads share of KV heads keep BUDGET, the rest sinks + a recent window")
+    gen.add_argument("--retrieval-heads", type=float, default=0.25, help="share of KV heads that keep the budget")
+    gen.add_argument("--config", help="JSON file: more configs (sparse attention, exit gates, a KV config)")
+    gen.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     gen.add_argument("--compile", action="store_true", help="compile the prefill and decode graphs first")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -178,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         args.fn(args)
     except DynasparseError as err:
         print(f"dynasparse: error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        if err.name not in ("transformers", "gguf", "accelerate"):
+            raise
+        print(f"dynasparse: error: this command needs the package {err.name}: pip install 'dynasparse[smollm]' "
+              "(transformers, gguf, accelerate)", file=sys.stderr)
         return 2
     return 0
 

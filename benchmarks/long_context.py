@@ -261,6 +261,7 @@ def decoding(model, tokenizer, task: Task) -> tuple[list[list[str]], list[dict]]
 
 PEERS_PYTHON = Path(".venv-peers") / "bin" / "python"  # `make peers`: kvpress pins its own transformers
 PRESSES = ("kvzip", "duo_attention", "snapkv", "expected_attention", "observed_attention", "streaming")
+MASKING = ("kvzip", "duo_attention")  # kvpress hides these presses' pruned entries: the full K/V stays allocated
 
 
 def run_kvpress(task: Task, args) -> None:
@@ -302,8 +303,9 @@ def kvpress_rows(task: Task, context: int) -> list[dict]:
         errors, prefill_s, decode = record.pop("errors"), record.pop("prefill"), record.pop("decode")
         if errors:
             record["aware"] = record["agnostic"] = f"error: {errors[0]}"
-        elif prefill_s:  # one prompt at a time; the kept share of K/V (kvpress holds no scores)
-            record.update(bytes_share=record["budget"], bytes_share_bf16=record["budget"] / 2,
+        elif prefill_s:  # one prompt at a time; the kept share of K/V (kvpress holds no scores), or all of it
+            held = 1.0 if record["row"].split()[1] in MASKING else record["budget"]
+            record.update(bytes_share=held, bytes_share_bf16=held * 2,  # fp32 K/V over a bf16 full cache
                           prefill_s=sum(prefill_s), decode_tokens_per_s=sum(decode) / len(decode))
     return list(records.values())
 

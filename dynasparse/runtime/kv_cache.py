@@ -161,13 +161,10 @@ class KVCache:
         return sum(tensor.nbytes for state in self.states for tensor in state.values())
 
     def held_bytes(self) -> int:
-        """Bytes of K/V in slots that hold a token now (counted on the device: one sync)."""
-        total = 0
-        for state in self.states:
-            keys, values = state["keys"], state["values"]
-            per_slot = keys.shape[-1] * keys.element_size() + values.shape[-1] * values.element_size()
-            total += int((state["positions"] >= 0).sum()) * per_slot
-        return total
+        """Bytes of the slots holding a token now (key, value, position, score; as ``used_bytes`` counts them,
+        but counted on the device: one sync)."""
+        return sum(int((state["positions"] >= 0).sum()) * slot_bytes(site) // site.num_kv_heads
+                   for site, state in zip(self.sites, self.states))
 
     @property
     def full_bytes(self) -> int:

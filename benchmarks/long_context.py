@@ -192,6 +192,17 @@ def settings(budgets: list[float], min_seq_len: int = 1024, head_scores: str | N
         rows += [(f"retrieval heads {share:.0%} + kvzip {b:.0%} of bytes", f"retrieval heads {share:.0%} + kvzip", b,
                   [KVEvictionConfig(policy="kvzip", budget=b, recent=64, unit="bytes", head_scores=head_scores,
                                     retrieval_heads=share)]) for b in budgets]
+    for policy, bits in (("kvzip", 4), ("kvzip", 2), ("snapkv", 4)):  # what leaves the cache is kept quantized
+        rows += [(f"{policy} {b:.0%} of bytes + int{bits} tier", f"{policy} + int{bits} tier", b,
+                  [KVEvictionConfig(policy=policy, budget=b, recent=64, unit="bytes", tier_bits=bits)])
+                 for b in budgets]
+    rows += [(f"kvzip {b:.0%} of bytes + int4 tier, read 25%", "kvzip + int4 tier, read 25%", b,
+              [KVEvictionConfig(policy="kvzip", budget=b, recent=64, unit="bytes", tier_bits=4, tier_read=0.25)])
+             for b in budgets]
+    if head_scores:
+        rows += [(f"retrieval heads 25% + kvzip {b:.0%} of bytes + int4 tier", "retrieval heads 25% + kvzip + int4",
+                  b, [KVEvictionConfig(policy="kvzip", budget=b, recent=64, unit="bytes", head_scores=head_scores,
+                                       retrieval_heads=0.25, tier_bits=4)]) for b in budgets]
     small = [b for b in budgets if b <= 0.25] or budgets
     for policy in ("h2o", "snapkv"):  # eviction after every prefill chunk: bounded prefill memory
         rows += [(f"{policy} {b:.0%} every chunk", f"{policy} every chunk", b,
@@ -404,16 +415,19 @@ RECIPE_TOKENS = 128  # new tokens of the end-to-end row
 def recipe_part(model, tokenizer, args) -> str:
     """The long-context recipe end to end on one 8k prompt (the fact planted mid-way, question-aware), beside
     Hugging Face ``generate`` in the same run: sparse prefill at the setting that held quality (antidiagonal
-    estimator, ``mass=0.95``), the bytes-bounded cache (retrieval heads + KVzip at 25% of the bytes) and
-    ``compile=True`` (a first generation compiles the graphs and is not timed)."""
+    estimator, ``mass=0.95``), the bytes-bounded cache (KVzip at 25% of the bytes with an int4 tier) and
+    ``compile=True``, beside dynasparse's full cache compiled (a first generation compiles the graphs and is
+    not timed)."""
     from dynasparse.harness.bench import hf_generate_timed
 
     task = fact_task(tokenizer, args.recipe_context, 3)
     ids = torch.tensor([task.heads[1] + task.tails[1]])
     mask = torch.ones_like(ids)
-    configs = [SparseAttentionConfig(estimator="antidiagonal", mass=0.95, min_seq_len=1024),
-               KVEvictionConfig(policy="kvzip", budget=0.25, recent=64, unit="bytes", head_scores=args.head_scores,
-                                retrieval_heads=0.25)]
+    sparse = SparseAttentionConfig(estimator="antidiagonal", mass=0.95, min_seq_len=1024)
+    bounded = KVEvictionConfig(policy="kvzip", budget=0.25, recent=64, unit="bytes", tier_bits=4)
+    runs = [("dynasparse: full cache, compiled", []),
+            ("dynasparse: sparse prefill (antidiagonal, mass 0.95) + kvzip 25% of bytes + int4 tier, compiled",
+             [sparse, bounded])]
     rows, data = [], []
     start = time.perf_counter()
     new, hf = hf_generate_timed(model, ids, mask, RECIPE_TOKENS, pad_token_id=tokenizer.eos_token_id)
@@ -422,16 +436,16 @@ def recipe_part(model, tokenizer, args) -> str:
     hit = recalled(tokenizer, new[:, :NEW_TOKENS], task.answers[1:2])[0]
     data.append({"row": "Hugging Face generate (DynamicCache)", "total_s": total, "prefill_s": hf["prefill ms"] / 1e3,
                  "decode_tokens_per_s": hf["decode tok/s"], "cache_bytes": full_bytes, "recalled": hit})
-    dynasparse.generate(model, ids[:, :1100], max_new_tokens=4, configs=configs, compile=True)  # compile once
-    start = time.perf_counter()
-    out = dynasparse.generate(model, ids, mask, max_new_tokens=RECIPE_TOKENS, configs=configs, compile=True)
-    total = time.perf_counter() - start
-    stats = out.stats
-    hit = recalled(tokenizer, out.sequences[:, ids.shape[1]:][:, :NEW_TOKENS], task.answers[1:2])[0]
-    data.append({"row": "dynasparse: sparse prefill (antidiagonal, mass 0.95) + retrieval heads 25% + kvzip, 25% "
-                        "of bytes, compiled", "total_s": total, "prefill_s": stats.prefill_seconds,
-                 "decode_tokens_per_s": stats.decode_tokens_per_second, "cache_bytes": stats.cache_allocated_bytes,
-                 "recalled": hit})
+    for name, configs in runs:
+        dynasparse.generate(model, ids[:, :1100], max_new_tokens=4, configs=configs, compile=True)  # compile once
+        start = time.perf_counter()
+        out = dynasparse.generate(model, ids, mask, max_new_tokens=RECIPE_TOKENS, configs=configs, compile=True)
+        total = time.perf_counter() - start
+        stats = out.stats
+        hit = recalled(tokenizer, out.sequences[:, ids.shape[1]:][:, :NEW_TOKENS], task.answers[1:2])[0]
+        data.append({"row": name, "total_s": total, "prefill_s": stats.prefill_seconds,
+                     "decode_tokens_per_s": stats.decode_tokens_per_second,
+                     "cache_bytes": stats.cache_allocated_bytes, "recalled": hit})
     for record in data:
         rows.append([record["row"], f"{record['total_s']:.1f}", f"{record['prefill_s']:.1f}",
                      f"{record['decode_tokens_per_s']:.1f}",

@@ -4,6 +4,7 @@ MODEL is one of the zoo names (smollm2, minilm, llama-tiny, ...), a Hugging Face
 with config.json), a .gguf file, or module:attr naming a torch.nn.Module. Everything runs offline.
 
   dynasparse generate smollm2 --chat --prompt "..." --kv kvzip:0.25 --kv-unit bytes
+  dynasparse generate smollm2 --chat --prompt "..." --kv kvzip:0.25 --kv-unit bytes --tier-bits 4
   dynasparse optimize llama-tiny --config configs.json
   dynasparse demo
 """
@@ -75,7 +76,7 @@ KV_HELP = (f"POLICY:BUDGET or full (default). POLICY: {', '.join(p for p in sort
 
 
 def parse_kv(text: str, unit: str = "tokens", head_scores: str | None = None,
-             retrieval_heads: float = 0.25) -> KVEvictionConfig:
+             retrieval_heads: float = 0.25, tier_bits: int | None = None) -> KVEvictionConfig:
     """``POLICY:BUDGET`` (``h2o:0.25`` a share of the sequence, ``streaming:1024`` tokens) or ``full``."""
     policy, sep, budget = text.partition(":")
     usage = f"--kv {text!r}: give POLICY:BUDGET, e.g. kvzip:0.25 or streaming:1024, or full. {KV_HELP}"
@@ -88,7 +89,7 @@ def parse_kv(text: str, unit: str = "tokens", head_scores: str | None = None,
     except ValueError:
         raise DynasparseError(usage) from None
     return KVEvictionConfig(policy=policy, budget=value, unit=unit, head_scores=head_scores,
-                            retrieval_heads=retrieval_heads)
+                            retrieval_heads=retrieval_heads, tier_bits=tier_bits)
 
 
 def _prompt_text(args) -> str:
@@ -123,7 +124,8 @@ def cmd_generate(args) -> None:
     from dynasparse.runtime.generate import generate
 
     auto_heads = args.head_scores == "auto"
-    kv = parse_kv(args.kv, args.kv_unit, None if auto_heads else args.head_scores, args.retrieval_heads)
+    kv = parse_kv(args.kv, args.kv_unit, None if auto_heads else args.head_scores, args.retrieval_heads,
+                  args.tier_bits)
     text = _prompt_text(args)
     configs = _load_configs(args.config)
     entry = zoo.load(args.model, dtype=getattr(torch, args.dtype))
@@ -209,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="retrieval-head scores (calibrate_retrieval_heads); auto: compute once and cache. The "
                           "top --retrieval-heads share of KV heads keep BUDGET, the rest sinks + a recent window")
     gen.add_argument("--retrieval-heads", type=float, default=0.25, help="share of KV heads that keep the budget")
+    gen.add_argument("--tier-bits", type=int, choices=[2, 4, 8],
+                     help="keep what leaves the cache quantized to this many bits (KIVI), inside the same BUDGET")
     gen.add_argument("--config", help="JSON file: more configs (sparse attention, exit gates, a KV config)")
     gen.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     gen.add_argument("--compile", action="store_true", help="compile the prefill and decode graphs first")

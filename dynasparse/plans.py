@@ -9,6 +9,8 @@ import torch
 
 from dynasparse.config import BaseConfig
 from dynasparse.ir.nodes import hint
+from dynasparse.kernels.kv_cache import STATE_FIELDS
+from dynasparse.kernels.kv_tier import TIER_FIELDS
 
 CACHE_META = "dynasparse_kv_cache"  # a CachePlan: the KV pass gave every attention site a bounded cache
 EXIT_META = "dynasparse_exit"  # an ExitPlan: exit gates after blocks
@@ -31,6 +33,13 @@ class CacheSite:
     dtype: torch.dtype
     role: str = "all"  # "all" the layer's KV heads, or its "retrieval" / "streaming" group (head_scores)
     heads: tuple[int, ...] = ()  # with a role other than "all": the layer's KV heads this cache holds
+    tier_bits: int = 0  # > 0: tokens leaving the cache are kept in a tier quantized to this many bits
+    tier_group: int = 32  # the tier's block of tokens (keys) and group of channels (values)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The names of this cache's state tensors, in the order its op takes them."""
+        return STATE_FIELDS + (TIER_FIELDS if self.tier_bits else ())
 
     def buffer(self, field: str) -> str:
         return f"{self.prefix}_{field}"

@@ -55,6 +55,9 @@ DEFAULTS = [
     # half the KV heads keep a KVzip-scored budget, the others sinks + recent (every head keeps all at zero)
     Default("kv-retrieval-heads", "decoder", _kv("kvzip", 32, head_scores=HEAD_SCORES, retrieval_heads=0.5),
             _kv("kvzip", 10_000, head_scores=HEAD_SCORES, retrieval_heads=1.0)),
+    # what leaves the cache is kept in an int4 tier (at zero: a budget that holds the sequence needs no tier)
+    Default("kv-int4-tier", "decoder", _kv("kvzip", 32, tier_bits=4, tier_group=8, tier_read=0.5),
+            _kv("kvzip", 10_000, tier_bits=4, tier_group=8), exports=False),
     Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),
             ExitGateConfig(after_blocks=(0,), mode="draft"),  # lossless by construction: no zero variant
             exports=False),  # the drafter and the verifier run in torch
@@ -62,7 +65,7 @@ DEFAULTS = [
 
 # every pair of techniques on the same kind of model (one entry per technique)
 PAIRED = {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "sparse-query-aware-decode", "kv-h2o",
-          "kv-kvzip", "kv-retrieval-heads", "exit-draft"}
+          "kv-kvzip", "kv-retrieval-heads", "kv-int4-tier", "exit-draft"}
 # query-aware decode reads the top keys on steps narrower than a block, decided on the step's width: a draft
 # round's verify step is narrower alone than in a padded batch, so that pair is not yet batch-invariant
 KNOWN_APART = {("sparse-query-aware-decode", "exit-draft")}

@@ -46,6 +46,7 @@ def test_kv_spellings():
     assert parse_kv("full").policy == "full"
     assert parse_kv("kvzip:0.25", "bytes", "heads.json", 0.2) == KVEvictionConfig(
         policy="kvzip", budget=0.25, unit="bytes", head_scores="heads.json", retrieval_heads=0.2)
+    assert parse_kv("kvzip:0.1", "bytes", tier_bits=4).tier_bits == 4
 
 
 def test_help_names_model_forms_and_policies(capsys):

@@ -101,6 +101,7 @@ def recorded_calls() -> dict:
             by_id = {entry.id: entry.sparse for entry in DEFAULTS}  # sparse prefill over a bounded cache:
             run("decoder", [by_id["sparse-pooled"], by_id["kv-h2o"]])
             run("decoder", [by_id["sparse-query-aware-decode"], by_id["kv-h2o"]])  # and query-aware decode
+            run("decoder", [by_id["sparse-pooled"], by_id["kv-int4-tier"]])  # and with a compressed tier
         _recorded.update(recorder.calls)
     return _recorded
 

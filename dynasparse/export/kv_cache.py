@@ -30,6 +30,10 @@ def export_decoder_step(model, path: Path, args: tuple, kwargs: dict, opset_vers
     metadata, so ``dynasparse.generate`` can drive the ONNX Runtime session with its own cache.
     """
     plan = model.graph_module.meta[CACHE_META]
+    if any(site.tier_bits for site in plan.sites):
+        raise DynasparseError(f"{plan.config}: the compressed tier (tier_bits) has no ONNX spelling yet (a step "
+                              "decides on the host when a block leaves the full-precision slots); export the "
+                              "decoder without tier_bits, or run it in torch")
     sparse = [node for node in model.graph_module.graph.nodes if node.target is KV_CACHE_SPARSE_ATTENTION]
     for node in sparse:
         if bound_args(node)["decode_keep"] < 1.0:

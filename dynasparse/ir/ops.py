@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from dynasparse.kernels import (exit_gate, kv_cache, kv_cache_sparse, query_aware, sparse_attention,
+from dynasparse.kernels import (exit_gate, kv_cache, kv_cache_sparse, kv_tier, query_aware, sparse_attention,
                                sparse_attention_cpu, token_merge)
 from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
 from dynasparse.kernels.blocks import num_blocks
@@ -305,9 +305,59 @@ def _kv_cache_sparse_attention_fake(q, k, v, mask, is_causal, scale, keys, value
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
+TIER_STATE = kv_cache.STATE_FIELDS + kv_tier.TIER_FIELDS
+
+
+@dynasparse_op("kv_tiered_attention", mutates_args=TIER_STATE)
+def kv_tiered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                        is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
+                        positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, cold_keys: torch.Tensor,
+                        cold_key_scale: torch.Tensor, cold_key_min: torch.Tensor, cold_values: torch.Tensor,
+                        cold_value_scale: torch.Tensor, cold_value_min: torch.Tensor, cold_positions: torch.Tensor,
+                        cold_scores: torch.Tensor, policy: str, sink: int, recent: int, window: int, pool: int,
+                        bits: int, read: float) -> torch.Tensor:
+    """``kv_cache_attention`` over a cache with a compressed tier: tokens that leave the hot slots are kept
+    quantized and read back by a query-aware block selection (``dynasparse.kernels.kv_tier``)."""
+    return kv_tier.tiered_step(kv_cache_attention, q, k, v, mask, is_causal, scale,
+                               [keys, values, positions, scores, seen],
+                               [cold_keys, cold_key_scale, cold_key_min, cold_values, cold_value_scale, cold_value_min,
+                                cold_positions, cold_scores], policy, sink, recent, window, pool, bits, read)
+
+
+@torch.library.register_fake(kv_tiered_attention)
+def _kv_tiered_attention_fake(q, k, v, *rest):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
+@dynasparse_op("kv_tiered_sparse_attention", mutates_args=TIER_STATE)
+def kv_tiered_sparse_attention(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+        scale: float | None, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor,
+        seen: torch.Tensor, cold_keys: torch.Tensor, cold_key_scale: torch.Tensor, cold_key_min: torch.Tensor,
+        cold_values: torch.Tensor, cold_value_scale: torch.Tensor, cold_value_min: torch.Tensor,
+        cold_positions: torch.Tensor, cold_scores: torch.Tensor, policy: str, sink: int, recent: int, window: int,
+        pool: int, bits: int, read: float, block_size: int, estimator: str, selector: str, amount: float,
+        sink_blocks: int, local_blocks: int, min_seq_len: int, plan_window: int, decode_keep: float) -> torch.Tensor:
+    """``kv_tiered_attention`` at a block-sparse site: the prompt is read block-sparse into the hot slots
+    (``kv_cache_sparse_attention``) before anything leaves them."""
+    return kv_tier.tiered_step(kv_cache_sparse_attention, q, k, v, mask, is_causal, scale,
+                               [keys, values, positions, scores, seen],
+                               [cold_keys, cold_key_scale, cold_key_min, cold_values, cold_value_scale, cold_value_min,
+                                cold_positions, cold_scores], policy, sink, recent, window, pool, bits, read,
+                               (block_size, estimator, selector, amount, sink_blocks, local_blocks, min_seq_len,
+                                plan_window, decode_keep))
+
+
+@torch.library.register_fake(kv_tiered_sparse_attention)
+def _kv_tiered_sparse_attention_fake(q, k, v, *rest):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
 KV_CACHE_ATTENTION = torch.ops.dynasparse.kv_cache_attention.default
 KV_CACHE_ATTENTION_FUNCTIONAL = torch.ops.dynasparse.kv_cache_attention_functional.default
 KV_CACHE_SPARSE_ATTENTION = torch.ops.dynasparse.kv_cache_sparse_attention.default
+KV_TIERED_ATTENTION = torch.ops.dynasparse.kv_tiered_attention.default
+KV_TIERED_SPARSE_ATTENTION = torch.ops.dynasparse.kv_tiered_sparse_attention.default
 
 
 # --- exit gates (dynasparse.kernels.exit_gate has the semantics) -------------------------------------------------

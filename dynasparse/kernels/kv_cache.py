@@ -194,6 +194,24 @@ def evict_and_write(keys: torch.Tensor, values: torch.Tensor, positions: torch.T
     positions[..., -1] = -1
 
 
+def score_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, key_valid: torch.Tensor,
+                    rule: Policy, masses: torch.Tensor | None, observed: torch.Tensor, held: int, sink: int,
+                    recent: int, scale: float | None, pool: int) -> None:
+    """The policy's update from the ``masses`` [B, Hkv, held + T] of what the step read (None: no masses)
+    and the ``observed`` [B, T] queries, then eviction and the write of the new tokens, as in the dense step."""
+    if masses is not None:
+        mass_cache = torch.zeros_like(scores)
+        mass_cache[..., :held], masses = masses[..., :held], (mass_cache, masses[..., held:])
+    step_pos = new_positions(seen, key_valid)
+    cache_scores, new_scores = rule.update(step_candidates((keys, values, positions, scores), keys.shape[2], (q, k, v),
+                                                           step_pos, masses, observed, scale, pool))
+    seen_after = seen + key_valid.long().sum(-1)
+    evict_and_write(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after, sink,
+                    recent)
+    seen.copy_(seen_after)
+
+
 def _attend_and_score(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                       is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
                       positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, policy: str, window: int,

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from dynasparse.kernels.attention import causal_mask, softmax_scale
-from dynasparse.kernels.kv_cache import (_slot_masses, allowed_new, evict_and_write,
-                                         kv_cache_step, new_positions, token_validity)
-from dynasparse.kernels.policies import POLICIES, step_candidates
+from dynasparse.kernels.kv_cache import (_slot_masses, allowed_new, kv_cache_step, score_and_write,
+                                         token_validity)
+from dynasparse.kernels.policies import POLICIES
 from dynasparse.kernels.query_aware import query_aware_attention
 from dynasparse.kernels.sparse_attention import build_plan, plan_token_mask, sparse_attention_gather
 
@@ -108,27 +108,9 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
         by_key = _slot_masses(q_al, keys_al, read, scale, torch.nn.functional.pad(observed, (pad_q, 0)), rule)
         # [B, Hkv, L], back to slots and new tokens:
         masses = by_key.new_zeros(batch, kv_heads, held + length + 1).scatter_add_(-1, source, by_key)[..., :-1]
-    _score_and_write(q, k, v, keys, values, positions, scores, seen, key_valid, rule, masses, observed, held, sink,
-                     recent, scale, pool)
+    score_and_write(q, k, v, keys, values, positions, scores, seen, key_valid, rule, masses, observed, held, sink,
+                    recent, scale, pool)
     return out
-
-
-def _score_and_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, key_valid: torch.Tensor,
-                     rule, masses: torch.Tensor | None, observed: torch.Tensor, held: int, sink: int, recent: int,
-                     scale: float | None, pool: int) -> None:
-    """The policy's update from the ``masses`` [B, Hkv, held + T] of what the step read (None: no masses)
-    and the ``observed`` [B, T] queries, then eviction and the write of the new tokens, as in the dense step."""
-    if masses is not None:
-        mass_cache = torch.zeros_like(scores)
-        mass_cache[..., :held], masses = masses[..., :held], (mass_cache, masses[..., held:])
-    step_pos = new_positions(seen, key_valid)
-    cache_scores, new_scores = rule.update(step_candidates((keys, values, positions, scores), keys.shape[2], (q, k, v),
-                                                           step_pos, masses, observed, scale, pool))
-    seen_after = seen + key_valid.long().sum(-1)
-    evict_and_write(keys, values, positions, scores, k, v, step_pos, cache_scores, new_scores, seen_after, sink,
-                    recent)
-    seen.copy_(seen_after)
 
 
 def _query_aware_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -153,6 +135,6 @@ def _query_aware_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     out, masses = query_aware_attention(q, torch.cat([keys[:, :, :held], k.to(keys.dtype)], 2),
                                         torch.cat([values[:, :, :held], v.to(values.dtype)], 2), visible, scale,
                                         keep, observed if rule.uses_attention else None, rule.masses)
-    _score_and_write(q, k, v, keys, values, positions, scores, seen, key_valid, rule, masses, observed, held, sink,
-                     recent, scale, pool)
+    score_and_write(q, k, v, keys, values, positions, scores, seen, key_valid, rule, masses, observed, held, sink,
+                    recent, scale, pool)
     return out

@@ -18,8 +18,11 @@ from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_meta, fake
-from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_SPARSE_ATTENTION
-from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state
+from dynasparse.ir.ops import (KV_CACHE_ATTENTION, KV_CACHE_SPARSE_ATTENTION, KV_TIERED_ATTENTION,
+                               KV_TIERED_SPARSE_ATTENTION)
+from dynasparse.kernels.kv_cache import empty_state
+from dynasparse.kernels.kv_tier import empty_tier
+from dynasparse.kernels.quantize import check as check_quantization
 from dynasparse.kernels.policies import POLICIES
 from dynasparse.passes.retrieval_heads import HeadScores
 from dynasparse.plans import CACHE_META, CachePlan, CacheSite
@@ -63,13 +66,14 @@ class KVEvictionPass:
                           for role, heads in (("retrieval", kept), ("streaming", local)) if heads]
                 if len(groups) == 1:  # every head of the layer in one group: no split
                     groups = [(dataclasses.replace(groups[0][0], heads=()), ())]
+            if c.tier_bits:  # what the budgeted (not streaming) caches evict is kept quantized
+                groups = [(_tiered(group, c) if group.policy not in ("full", "streaming") else group, heads)
+                          for group, heads in groups]
             # rewrite: the cache state enters as buffers (sized by the runtime), the op updates it in place
             args = bound_args(site.node)
             plan_nodes = [args["counts"], args["indices"], args["counts"].args[0]] if site.sparse else []
-            op = KV_CACHE_SPARSE_ATTENTION if site.sparse else KV_CACHE_ATTENTION
-            settings = (c.sink, c.recent, c.window, c.pool, *(_sparse_plan(site.node) if site.sparse else ()))
             with gm.graph.inserting_before(site.node):
-                node = _cached_attention(gm, site, args, groups, op, settings)
+                node = _cached_attention(gm, site, args, groups, c)
             copy_meta(site.node, node)
             site.node.replace_all_uses_with(node)
             gm.graph.erase_node(site.node)
@@ -85,7 +89,8 @@ class KVEvictionPass:
                     budget = "sinks + recent window"
                 who = f"KV heads {list(heads)}" if heads else f"{site.num_kv_heads} KV heads"
                 role = "" if group.role == "all" else f" ({group.role} heads)"
-                result.applied.append(f"layer {site.layer}: {group.policy} cache{role}, {budget}, sink {c.sink}, "
+                tier = f", int{c.tier_bits} tier" if group.tier_bits else ""
+                result.applied.append(f"layer {site.layer}: {group.policy} cache{role}, {budget}{tier}, sink {c.sink}, "
                                       f"recent {c.recent}, {who}{prefill}")
         gm.meta[CACHE_META] = CachePlan(c, tuple(sites))
         return result
@@ -106,7 +111,17 @@ def _retrieval_heads(config: KVEvictionConfig, analysis: GraphAnalysis) -> set[t
     return scores.retrieval(config.retrieval_heads)
 
 
-def _cached_attention(gm: torch.fx.GraphModule, site, args: dict, groups: list, op, settings: tuple
+def _tiered(cache: CacheSite, config: KVEvictionConfig) -> CacheSite:
+    """``cache`` with a compressed tier; the tier's group must divide the head dimensions."""
+    try:
+        check_quantization(config.tier_bits, config.tier_group, cache.head_dim, cache.value_dim)
+    except ValueError as error:
+        raise DynasparseError(f"{type(config).__name__}.tier_bits / tier_group at layer {cache.layer}: {error}") \
+            from None
+    return dataclasses.replace(cache, tier_bits=config.tier_bits, tier_group=config.tier_group)
+
+
+def _cached_attention(gm: torch.fx.GraphModule, site, args: dict, groups: list, c: KVEvictionConfig
                       ) -> torch.fx.Node:
     """One cache op per head group (each over its own buffers); a split site gathers its groups' heads
     of q / k / v (and of a per-head mask), and puts the outputs back in head order."""
@@ -114,9 +129,18 @@ def _cached_attention(gm: torch.fx.GraphModule, site, args: dict, groups: list, 
     outputs, order = [], []
     ratio = site.num_heads // site.num_kv_heads  # query head j reads KV head j // ratio
     device = fake(site.k).device
+    plan = _sparse_plan(site.node) if site.sparse else ()
     for cache, heads in groups:
-        for field, tensor in empty_state(1, cache.num_kv_heads, 1, cache.head_dim, cache.value_dim, cache.dtype,
-                                         device).items():
+        state = empty_state(1, cache.num_kv_heads, 1, cache.head_dim, cache.value_dim, cache.dtype, device)
+        if cache.tier_bits:
+            state |= empty_tier(1, cache.num_kv_heads, 1, cache.head_dim, cache.value_dim, cache.tier_bits,
+                                cache.tier_group, device)
+            op = KV_TIERED_SPARSE_ATTENTION if site.sparse else KV_TIERED_ATTENTION
+            settings = (c.sink, c.recent, c.window, c.pool, c.tier_bits, c.tier_read, *plan)
+        else:
+            op = KV_CACHE_SPARSE_ATTENTION if site.sparse else KV_CACHE_ATTENTION
+            settings = (c.sink, c.recent, c.window, c.pool, *plan)
+        for field, tensor in state.items():
             gm.register_buffer(cache.buffer(field), tensor, persistent=False)
         q, k, v, mask = args["q"], args["k"], args["v"], args["mask"]
         if heads:
@@ -128,7 +152,7 @@ def _cached_attention(gm: torch.fx.GraphModule, site, args: dict, groups: list, 
                     and fake(mask).shape[1] > 1:
                 mask = _select_heads(gm, mask, f"{cache.prefix}_query_heads", query_heads, device)
             order += query_heads
-        state = [graph.get_attr(cache.buffer(field)) for field in STATE_FIELDS]
+        state = [graph.get_attr(cache.buffer(field)) for field in cache.fields]
         outputs.append(graph.call_function(op, (q, k, v, mask, args["is_causal"], args["scale"], *state,
                                                 cache.policy, *settings)))
     if len(outputs) == 1:
@@ -186,6 +210,13 @@ class KVEvictionConfig(BaseConfig):
     once per model). The top ``retrieval_heads`` share of KV heads then keep the budget under ``policy``,
     the others only the sinks and the recent window (StreamingLLM), each group in caches of its own size,
     so the bytes really shrink; a byte budget is spread over the retrieval heads after the others' share.
+    ``tier_bits`` (2, 4 or 8): a compressed tier (KIVI). When the budget cannot hold the whole sequence in
+    the model's dtype, the cache keeps the sinks and the recent window in full precision and every older
+    token, a block of ``tier_group`` tokens at a time, quantized (keys per channel over the block, values
+    per token over ``tier_group`` channels, fp16 scales); the budget then counts both tiers and everything
+    beside them, and drops the lowest-scored blocks only when even the quantized tokens do not fit. Decode
+    steps read the top ``tier_read`` share of the blocks per KV head (by a bound of each block's logit),
+    dequantizing only those. A budget that holds the whole sequence keeps it in full precision (no tier).
     """
 
     policy: str = "h2o"
@@ -200,6 +231,9 @@ class KVEvictionConfig(BaseConfig):
     unit: str = "tokens"
     head_scores: str | None = None
     retrieval_heads: float = 0.25
+    tier_bits: int | None = None
+    tier_group: int = 32
+    tier_read: float = 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -240,6 +274,17 @@ class KVEvictionConfig(BaseConfig):
             raise DynasparseError(f"{name}: head_scores splits each layer's KV heads into retrieval and streaming "
                                   "groups under one budget; use it with schedule='uniform', one budget and an "
                                   "evicting policy")
+        if self.tier_bits is not None:
+            try:
+                check_quantization(self.tier_bits, self.tier_group)
+            except ValueError as error:
+                raise DynasparseError(f"{name}.tier_bits / tier_group: {error}") from None
+            self.check_range("tier_read", 0.0, 1.0, low_open=True)
+            if self.policy == "full" or self.compress != "after_prefill" or self.schedule != "uniform" \
+                    or isinstance(self.budget, tuple):
+                raise DynasparseError(f"{name}: tier_bits keeps what a bounded cache evicts after the prompt; use it "
+                                      "with an evicting policy, compress='after_prefill', schedule='uniform' and one "
+                                      "budget")
         if self.schedule == "pyramid" and isinstance(self.budget, tuple):
             raise DynasparseError(f"{name}: schedule='pyramid' spreads one budget over the layers; "
                                   "give budget as one int or float, or give per-layer budgets without it")

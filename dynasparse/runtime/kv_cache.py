@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 
 from dynasparse.errors import DynasparseError
-from dynasparse.kernels.kv_cache import STATE_FIELDS, empty_state, priorities
+from dynasparse.kernels import kv_tier
+from dynasparse.kernels.kv_cache import empty_state, priorities
+from dynasparse.kernels.kv_tier import block_bytes, empty_tier
 from dynasparse.kernels.policies import POLICIES
 from dynasparse.plans import CACHE_META, CachePlan, CacheSite
 
@@ -31,27 +33,72 @@ def slot_bytes(site: CacheSite) -> int:
     return token_bytes(site) + site.num_kv_heads * (8 + 4)
 
 
-def site_capacities(sites: Sequence[CacheSite], config: KVEvictionConfig, seq_len: int) -> list[int]:
-    """Slots per cache site for a sequence of ``seq_len`` tokens.
+def tier_bytes(site: CacheSite) -> int:
+    """Bytes one cold block of a tiered site takes per row."""
+    return block_bytes(site.num_kv_heads, site.head_dim, site.value_dim, site.tier_bits, site.tier_group)
+
+
+def _tier_size(site: CacheSite, config: KVEvictionConfig, seq_len: int, tokens: int, budget: float | None
+               ) -> tuple[int, int]:
+    """(hot slots, cold blocks) of a tiered site that may hold ``tokens`` in full precision, or, with a byte
+    ``budget`` per row, whatever fits in it. No tier when the full-precision cache holds the sequence."""
+    if tokens >= seq_len:
+        return seq_len, 0
+    group = site.tier_group
+    hot = min(config.sink + config.recent + group, seq_len)
+    most = math.ceil(max(seq_len - config.sink - config.recent, 0) / group)
+    hot_bytes = slot_bytes(site) * (hot + 1) + 8
+    if budget is None:
+        blocks = (tokens - hot) // group
+        least = f"{hot + group} tokens"
+    else:
+        blocks = math.floor((budget - hot_bytes) / tier_bytes(site))
+        least = f"{(hot_bytes + tier_bytes(site)) / (seq_len * token_bytes(site)):.3f} of the bytes"
+    if blocks < 1:
+        raise DynasparseError(
+            f"{type(config).__name__}.budget={config.budget} is too small for a compressed tier over {seq_len} "
+            f"tokens at layer {site.layer}: the full-precision sinks, recent window and one block of "
+            f"{group} tokens ({hot} slots) and one cold block need at least {least}; raise the budget, or lower "
+            "sink / recent / tier_group")
+    return hot, min(blocks, most)
+
+
+def _share(site: CacheSite, config: KVEvictionConfig, seq_len: int) -> tuple[int, float | None]:
+    """(tokens the budget holds in full precision, its bytes per row with ``unit="bytes"``) for one site."""
+    if config.unit == "bytes":
+        budget = config.budget * seq_len * token_bytes(site)
+        return math.floor((budget - 8) / slot_bytes(site)) - 1, budget
+    return (math.ceil(config.budget * seq_len) if isinstance(config.budget, float) else config.budget), None
+
+
+def site_sizes(sites: Sequence[CacheSite], config: KVEvictionConfig, seq_len: int) -> list[tuple[int, int]]:
+    """(slots, cold blocks) per cache site for a sequence of ``seq_len`` tokens.
 
     Without head groups every evicting layer gets the config's budget. With them (``head_scores``),
     streaming groups hold the sinks and the recent window, and retrieval groups the budget: in tokens, or,
     with ``unit="bytes"``, whatever the byte budget leaves once the streaming groups (and any full layers)
-    are paid for, spread evenly over the retrieval heads."""
+    are paid for, spread evenly over the retrieval heads. A tiered site (``tier_bits``) turns its share into
+    full-precision sinks + recent window and cold blocks (``_tier_size``)."""
     if all(s.role == "all" for s in sites):
+        if config.tier_bits:  # every evicting site is tiered
+            return [_tier_size(site, config, seq_len, *_share(site, config, seq_len)) if site.tier_bits
+                    else (seq_len, 0) for site in sites]
         evicting = [s for s in sites if s.policy != "full"]
         slot = max(((slot_bytes(s), token_bytes(s)) for s in evicting), default=(1, 1))
         budgets = iter(config.capacities(len(evicting), seq_len, slot) if evicting else [])
-        return [next(budgets) if s.policy != "full" else seq_len for s in sites]
+        return [(next(budgets), 0) if site.policy != "full" else (seq_len, 0) for site in sites]
     floor = min(config.sink + config.recent + 1, seq_len)
     fixed = {s.prefix: seq_len if s.policy == "full" else floor for s in sites if s.role != "retrieval"}
     retrieval = [s for s in sites if s.role == "retrieval"]
+    budgets: dict[str, float | None] = {s.prefix: None for s in retrieval}
     if config.unit == "bytes" and retrieval:  # per row; every site also holds a scratch slot and a counter
         full = config.budget * seq_len * sum(token_bytes(s) for s in sites)
         paid = sum(slot_bytes(s) * (fixed[s.prefix] + 1) + 8 for s in sites if s.prefix in fixed)
         per_token = sum(slot_bytes(s) for s in retrieval)
         tokens = math.floor((full - paid - per_token - 8 * len(retrieval)) / per_token)
-        if tokens < floor:
+        heads = sum(s.num_kv_heads for s in retrieval)
+        budgets = {s.prefix: (full - paid) * s.num_kv_heads / heads for s in retrieval}
+        if tokens < floor and not any(s.tier_bits for s in retrieval):
             least = (paid + (floor + 1) * per_token + 8 * len(retrieval)) / (seq_len * sum(map(token_bytes, sites)))
             raise DynasparseError(
                 f"{type(config).__name__}.budget={config.budget} of the bytes is too small for "
@@ -60,7 +107,15 @@ def site_capacities(sites: Sequence[CacheSite], config: KVEvictionConfig, seq_le
                 f"slots; give budget >= {least:.3f}, fewer retrieval_heads, or a smaller sink / recent")
     else:
         tokens = config.capacities(1, seq_len)[0]
-    return [fixed[s.prefix] if s.prefix in fixed else min(tokens, seq_len) for s in sites]
+    sizes = []
+    for site in sites:
+        if site.prefix in fixed:
+            sizes.append((fixed[site.prefix], 0))
+        elif site.tier_bits:
+            sizes.append(_tier_size(site, config, seq_len, min(tokens, seq_len), budgets[site.prefix]))
+        else:
+            sizes.append((min(tokens, seq_len), 0))
+    return sizes
 
 
 def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:
@@ -82,14 +137,19 @@ class KVCache:
                  device: torch.device | str = "cpu", reserve: int = 0, prompt_len: int = 0):
         self.sites = tuple(sites)
         self.config, self.seq_len, self.reserve = config, seq_len, reserve
-        self.capacities = site_capacities(self.sites, config, seq_len)
+        sizes = site_sizes(self.sites, config, seq_len)
+        self.capacities = [slots for slots, _ in sizes]
+        self.tier_blocks = [blocks for _, blocks in sizes]
         # ``reserve`` extra slots hold tokens that may be rolled back (drafts) until ``shrink`` evicts;
         # with ``compress="after_prefill"`` the prompt fits whole until ``compress`` evicts once, and a
         # policy that re-reads the prompt first (KVzip) gets a chunk's slots for the re-read
         self.rereads = config.compress == "after_prefill" and POLICIES[config.policy].rereads_prompt
         held = prompt_len + (config.chunk_size if self.rereads else 0) if config.compress == "after_prefill" else 0
         self.states = [empty_state(batch, s.num_kv_heads, max(capacity, held) + reserve, s.head_dim, s.value_dim,
-                                   s.dtype, device) for s, capacity in zip(self.sites, self.capacities)]
+                                   s.dtype, device)
+                       | (empty_tier(batch, s.num_kv_heads, blocks, s.head_dim, s.value_dim, s.tier_bits, s.tier_group,
+                                     device) if s.tier_bits else {})
+                       for s, capacity, blocks in zip(self.sites, self.capacities, self.tier_blocks)]
 
     @classmethod
     def for_graph(cls, graph_module: torch.fx.GraphModule, batch: int, seq_len: int,
@@ -103,8 +163,8 @@ class KVCache:
     def bind(self, graph_module: torch.fx.GraphModule) -> None:
         """Make these tensors the graph's cache buffers (the graph reads them by name on every call)."""
         for site, state in zip(self.sites, self.states):
-            for field in STATE_FIELDS:
-                setattr(graph_module, site.buffer(field), state[field])
+            for field, tensor in state.items():
+                setattr(graph_module, site.buffer(field), tensor)
 
     def rollback(self, keep: torch.Tensor) -> None:
         """Forget all but the first ``keep[b]`` tokens of each row b (drafts the full model rejected).
@@ -114,32 +174,38 @@ class KVCache:
         for state in self.states:
             state["positions"].masked_fill_(state["positions"] >= keep[:, None, None], -1)
             state["seen"].copy_(keep)
+            if "cold_positions" in state:
+                kv_tier.rollback(state, keep)
 
     def shrink(self) -> None:
         """Evict down to each layer's capacity, lowest priority first (the policy's scores; sinks and the
         recent window stay): run once the tokens in the reserve slots are final (verified drafts)."""
-        for state, capacity in zip(self.states, self.capacities):
-            self._shrink_one(state, capacity)
+        for state, capacity, blocks in zip(self.states, self.capacities, self.tier_blocks):
+            if not blocks:  # a tiered cache spills to its tier when a step needs room instead
+                self._shrink_one(state, capacity)
 
     def compress(self) -> bool:
         """Evict down to each layer's budget once (``shrink``) and move what stays into caches of budget
         slots, kept slots first in their order; True when a layer was resized (rebind the new tensors).
         Run after the prompt with ``compress="after_prefill"``: the scores have read all of it."""
         resized = False
-        for i, (state, capacity) in enumerate(zip(self.states, self.capacities)):
+        for i, (site, state, capacity) in enumerate(zip(self.sites, self.states, self.capacities)):
             slots = capacity + self.reserve
             if state["keys"].shape[2] == slots + 1:
                 continue
+            if self.tier_blocks[i]:  # every full block past the sinks and the recent window goes to the tier
+                kv_tier.spill(state, state, site.tier_bits, self.config.sink, self.config.recent, state["seen"])
             self._shrink_one(state, capacity)
             order = (state["positions"] < 0).long().argsort(dim=-1, stable=True)[..., :slots]
-            compact = {"seen": state["seen"]}
+            compact = {name: tensor for name, tensor in state.items() if name not in ("keys", "values", "positions",
+                                                                                         "scores")}
             for name in ("keys", "values", "positions", "scores"):
                 tensor = state[name]
                 index = order if tensor.dim() == 3 else order[..., None].expand(*order.shape, tensor.shape[-1])
                 kept = tensor.gather(2, index)
                 scratch = torch.full_like(kept[:, :, :1], -1) if name == "positions" else torch.zeros_like(kept[:, :, :1])
                 compact[name] = torch.cat([kept, scratch], dim=2)
-            self.states[i] = compact
+            self.states[i] = {name: compact[name] for name in state}  # the op's order
             resized = True
         return resized
 
@@ -163,8 +229,11 @@ class KVCache:
     def held_bytes(self) -> int:
         """Bytes of the slots holding a token now (key, value, position, score; as ``used_bytes`` counts them,
         but counted on the device: one sync)."""
-        return sum(int((state["positions"] >= 0).sum()) * slot_bytes(site) // site.num_kv_heads
-                   for site, state in zip(self.sites, self.states))
+        hot = sum(int((state["positions"] >= 0).sum()) * slot_bytes(site) // site.num_kv_heads
+                  for site, state in zip(self.sites, self.states))
+        cold = sum(int((state["cold_positions"] >= 0).any(-1).sum()) * tier_bytes(site) // site.num_kv_heads
+                   for site, state in zip(self.sites, self.states) if "cold_positions" in state)
+        return hot + cold
 
     @property
     def full_bytes(self) -> int:
@@ -175,5 +244,12 @@ class KVCache:
         """Bytes of the slots holding a token (key, value, position, score), for rows that have taken in
         ``real_tokens`` tokens each: grows until a layer's cache is full, then stays. Computed on the host
         (no device sync)."""
-        return sum(sum(min(capacity, n) for n in real_tokens) * slot_bytes(site)
-                   for site, capacity in zip(self.sites, self.capacities))
+        total = 0
+        for site, capacity, blocks in zip(self.sites, self.capacities, self.tier_blocks):
+            for n in real_tokens:
+                if blocks and n > capacity:  # whole blocks past the sinks and the recent window left for the tier
+                    left = (n - self.config.sink - self.config.recent) // site.tier_group
+                    total += (n - left * site.tier_group) * slot_bytes(site) + min(blocks, left) * tier_bytes(site)
+                else:
+                    total += min(capacity, n) * slot_bytes(site)
+        return total

@@ -9,7 +9,6 @@ import torch
 
 from dynasparse.ir.nodes import copy_graph
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION
-from dynasparse.kernels.kv_cache import STATE_FIELDS
 from dynasparse.plans import CachePlan
 
 
@@ -29,7 +28,7 @@ def step_graph(graph_module: torch.fx.GraphModule, plan: CachePlan, functional: 
     inputs: dict[str, torch.fx.Node] = {}
     with graph.inserting_after(placeholders[-1]):
         for i, site in reversed(list(enumerate(plan.sites))):
-            for field in reversed(STATE_FIELDS):
+            for field in reversed(site.fields):
                 node = graph.placeholder(f"kv{i}_{field}")
                 node.meta["val"] = getattr(gm, site.buffer(field))
                 inputs[site.buffer(field)] = node
@@ -51,11 +50,11 @@ def step_graph(graph_module: torch.fx.GraphModule, plan: CachePlan, functional: 
     flat = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
     output.args = (tuple(flat) + tuple(new_state),) if functional else (flat[0],)
     for site in plan.sites:
-        for field in STATE_FIELDS:
+        for field in site.fields:
             delattr(gm, site.buffer(field))
     graph.eliminate_dead_code()
     gm.recompile()
-    input_names = [n.name for n in placeholders] + [f"kv{i}_{f}" for i in range(len(plan.sites)) for f in STATE_FIELDS]
+    input_names = [n.name for n in placeholders] + [f"kv{i}_{f}" for i, s in enumerate(plan.sites) for f in s.fields]
     output_names = [f"output_{j}" for j in range(len(flat))] + [
-        f"kv{i}_{f}_out" for i in range(len(plan.sites)) for f in STATE_FIELDS]
+        f"kv{i}_{f}_out" for i, s in enumerate(plan.sites) for f in s.fields]
     return gm, input_names, output_names

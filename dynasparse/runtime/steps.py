@@ -20,7 +20,6 @@ from torch.fx._pytree import tree_flatten_spec
 from dynasparse.api import OptimizedModel, optimize
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
-from dynasparse.kernels.kv_cache import STATE_FIELDS
 from dynasparse.plans import CacheSite
 from dynasparse.runtime.kv_cache import KVCache, cache_plan
 from dynasparse.runtime.step_graph import step_graph
@@ -208,7 +207,7 @@ class TorchSteps(CacheSteps):
         """Hand the cache's tensors to the graph (eager) or to the compiled step's inputs."""
         self.cache.bind(self.decoder.graph_module)
         if self.compiled is not None:
-            self.flat_cache = [state[f] for state in self.cache.states for f in STATE_FIELDS]
+            self.flat_cache = [tensor for state in self.cache.states for tensor in state.values()]
             for tensor in self.flat_cache:
                 if tensor.dim() >= 3:
                     torch._dynamo.mark_dynamic(tensor, 2)  # slots: one graph for every cache size

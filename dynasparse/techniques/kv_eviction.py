@@ -8,7 +8,8 @@ from typing import Any, Sequence
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.export.kv_cache import export_decoder_step
-from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION
+from dynasparse.ir.ops import (KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION,
+                               KV_TIERED_ATTENTION, KV_TIERED_SPARSE_ATTENTION)
 from dynasparse.passes.kv_eviction import KVEvictionConfig, KVEvictionPass
 from dynasparse.passes.token_merge import TokenMergeConfig
 from dynasparse.plans import CACHE_META, KV_METADATA
@@ -22,7 +23,8 @@ class KVEviction(Technique):
     config = KVEvictionConfig
     pass_class = KVEvictionPass
     stage = Stage.CACHE
-    ops = (KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION)
+    ops = (KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL, KV_CACHE_SPARSE_ATTENTION, KV_TIERED_ATTENTION,
+           KV_TIERED_SPARSE_ATTENTION)
     onnx_lowered = (KV_CACHE_ATTENTION_FUNCTIONAL,)
 
     def check_composition(self, config: BaseConfig, others: Sequence[BaseConfig]) -> None:

@@ -1,0 +1,206 @@
+"""The compressed tier of the KV cache: what leaves the full-precision cache is kept quantized (KIVI) and
+read back per step by a query-aware block selection (Quest / ArkVale).
+
+A tiered cache site has two parts:
+
+* the **hot** cache, the usual slots (``kernels.kv_cache``) in the model's dtype: the sinks, the recent
+  window and up to one block of older tokens waiting to be coded;
+* the **cold** tier, ``blocks`` blocks of ``group`` tokens each, per (row, KV head): keys coded per channel
+  over the block, values per token over groups of channels (``kernels.quantize``), positions (int32) and
+  one score per block (the highest score a token of it had when it left the hot cache).
+
+Tokens leave the hot cache oldest first, a whole block at a time (``spill``): after the prompt every full
+block beyond the sinks and the recent window (``KVCache.compress``), during decoding whenever the hot slots
+cannot take the step's tokens. When the cold tier is full, the lowest-scored blocks (the new ones included)
+are dropped: the budget decides how much is kept, the tier how precisely.
+
+A step over a tier that holds something attends over the hot slots, the new tokens and the cold blocks it
+reads: the top ``read`` share of them per KV head, ranked by an upper bound of the query's logit over each
+block (each channel's minimum and maximum key are the block's code range, so the bound costs no extra
+bytes), dequantized only for the blocks read. Until something is spilled the site's own cache step runs
+(dense or block-sparse), so a tier that never fills is exactly the full-precision cache.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from dynasparse.kernels.attention import softmax_scale
+from dynasparse.kernels.kv_cache import (STATE_FIELDS, cache_attention_reference, score_and_write,
+                                         token_validity)
+from dynasparse.kernels.policies import POLICIES
+from dynasparse.kernels.quantize import (SCALE_DTYPE, dequantize_keys, dequantize_values, quantize_keys,
+                                         quantize_values)
+
+TIER_FIELDS = ("cold_keys", "cold_key_scale", "cold_key_min", "cold_values", "cold_value_scale", "cold_value_min",
+               "cold_positions", "cold_scores")
+
+
+def empty_tier(batch: int, kv_heads: int, blocks: int, head_dim: int, value_dim: int, bits: int, group: int,
+               device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A cold tier of ``blocks`` blocks of ``group`` tokens with nothing in it."""
+    shape = (batch, kv_heads, blocks)
+    scales = {"dtype": SCALE_DTYPE, "device": device}
+    return {
+        "cold_keys": torch.zeros(*shape, group, head_dim * bits // 8, dtype=torch.uint8, device=device),
+        "cold_key_scale": torch.zeros(*shape, head_dim, **scales),
+        "cold_key_min": torch.zeros(*shape, head_dim, **scales),
+        "cold_values": torch.zeros(*shape, group, value_dim * bits // 8, dtype=torch.uint8, device=device),
+        "cold_value_scale": torch.zeros(*shape, group, value_dim // group, **scales),
+        "cold_value_min": torch.zeros(*shape, group, value_dim // group, **scales),
+        "cold_positions": torch.full((*shape, group), -1, dtype=torch.int32, device=device),
+        "cold_scores": torch.zeros(*shape, dtype=torch.float32, device=device),
+    }
+
+
+def block_bytes(kv_heads: int, head_dim: int, value_dim: int, bits: int, group: int) -> int:
+    """Bytes one cold block takes per row: codes, scales and minima, positions and its score."""
+    return sum(t.nbytes for t in empty_tier(1, kv_heads, 1, head_dim, value_dim, bits, group, "meta").values())
+
+
+# --- moving tokens from the hot cache to the tier ---------------------------------------------------------------
+
+def _admit(cold_valid: torch.Tensor, cold_scores: torch.Tensor, new_valid: torch.Tensor, new_scores: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which blocks the tier keeps when ``new_valid`` [B, Hkv, M] blocks arrive: the highest scored, up to
+    its size (among equals the older block goes). Returns (the new block each cold block takes, -1 for
+    none [B, Hkv, NB]; cold blocks dropped [B, Hkv, NB])."""
+    blocks, arriving = cold_valid.shape[-1], new_valid.shape[-1]
+    real = torch.cat([cold_valid, new_valid], -1)
+    priority = torch.cat([cold_scores, new_scores], -1).masked_fill(~real, math.inf)
+    excess = (real.sum(-1, keepdim=True) - blocks).clamp(min=0)
+    dropped = real & (priority.sort(dim=-1, stable=True).indices.argsort(dim=-1) < excess)
+    free = ~cold_valid | dropped[..., :blocks]
+    kept_new = new_valid & ~dropped[..., blocks:]
+    # the r-th free block takes the r-th kept new block
+    free_rank = torch.where(free, free.long().cumsum(-1) - 1, arriving)
+    new_rank = torch.where(kept_new, kept_new.long().cumsum(-1) - 1, arriving)
+    new_of_rank = torch.full((*new_valid.shape[:2], arriving + 1), -1, dtype=torch.long, device=real.device)
+    new_of_rank.scatter_(-1, new_rank, torch.arange(arriving, device=real.device).expand_as(new_rank))
+    new_of_rank[..., arriving] = -1
+    return new_of_rank.gather(-1, free_rank.clamp(max=arriving)), dropped[..., :blocks]
+
+
+def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int, sink: int, recent: int,
+          horizon: torch.Tensor, rows: torch.Tensor | None = None, blocks: int | None = None) -> None:
+    """Move the oldest full blocks of the hot cache's spillable tokens (past the sinks, older than the recent
+    window of a row that will have seen ``horizon`` [B] tokens) into the tier, in place: ``blocks`` of them
+    per (row, KV head) (None: every full block), only for ``rows`` [B] (None: all)."""
+    positions, group = hot["positions"], tier["cold_positions"].shape[-1]
+    batch, kv_heads, slots = positions.shape
+    spillable = (positions >= sink) & (positions < (horizon[:, None, None] - recent))
+    if rows is not None:
+        spillable &= rows[:, None, None]
+    full = spillable.sum(-1) // group  # [B, Hkv] full blocks available
+    if blocks is not None and bool((full.amin(-1) < blocks)[rows if rows is not None else slice(None)].any()):
+        raise RuntimeError(f"the hot cache holds fewer than {blocks} full block(s) of {group} tokens to spill: it "
+                           "needs sink + recent + group slots beyond the tokens a step brings")
+    count = int(full.max()) if blocks is None else blocks
+    if count == 0:
+        return
+    order = torch.where(spillable, positions, torch.iinfo(torch.long).max).argsort(dim=-1, stable=True)
+    index = order[..., :count * group].reshape(batch, kv_heads, count, group)
+    arriving = torch.arange(count, device=positions.device) < full[..., None]  # [B, Hkv, M]
+    flat = index.flatten(2)
+
+    def take(name: str) -> torch.Tensor:
+        tensor = hot[name]
+        at = flat if tensor.dim() == 3 else flat[..., None].expand(*flat.shape, tensor.shape[-1])
+        return tensor.gather(2, at).reshape(batch, kv_heads, count, group, *tensor.shape[3:])
+
+    key_codes, key_scale, key_min = quantize_keys(take("keys"), bits)
+    value_group = tier["cold_values"].shape[-1] * 8 // bits // tier["cold_value_scale"].shape[-1]
+    value_codes, value_scale, value_min = quantize_values(take("values"), bits, value_group)
+    new = {"cold_keys": key_codes, "cold_key_scale": key_scale, "cold_key_min": key_min, "cold_values": value_codes,
+           "cold_value_scale": value_scale, "cold_value_min": value_min,
+           "cold_positions": take("positions").int(), "cold_scores": take("scores").amax(-1)}
+    cold_valid = (tier["cold_positions"] >= 0).any(-1)
+    source, dropped = _admit(cold_valid, tier["cold_scores"], arriving, new["cold_scores"])
+    tier["cold_positions"].masked_fill_(dropped[..., None], -1)
+    taken = source >= 0
+    for name, tensor in new.items():
+        at = source.clamp(min=0).reshape(*source.shape, *([1] * (tensor.dim() - 3)))
+        moved = tensor.gather(2, at.expand(*source.shape, *tensor.shape[3:]))
+        mask = taken.reshape(*taken.shape, *([1] * (tensor.dim() - 3)))
+        tier[name].copy_(torch.where(mask, moved, tier[name]))
+    left = torch.zeros_like(spillable).scatter_(-1, flat, arriving[..., None].expand(-1, -1, -1, group).flatten(2))
+    positions.masked_fill_(left, -1)
+
+
+def make_room(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int, sink: int, recent: int,
+              incoming: torch.Tensor) -> None:
+    """Spill blocks until every row's hot slots can take its ``incoming`` [B] tokens."""
+    while True:
+        free = (hot["positions"][..., :-1] < 0).sum(-1).amin(-1)  # [B]
+        short = free < incoming
+        if not bool(short.any()):
+            return
+        spill(hot, tier, bits, sink, recent, hot["seen"] + incoming, short, blocks=1)
+
+
+def rollback(tier: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
+    """Forget the tier's tokens at positions ``keep[b]`` and after (rejected drafts)."""
+    tier["cold_positions"].masked_fill_(tier["cold_positions"] >= keep[:, None, None, None], -1)
+
+
+# --- reading the tier ---------------------------------------------------------------------------------------------
+
+def _read_blocks(q: torch.Tensor, tier: dict[str, torch.Tensor], bits: int, read: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The blocks a step reads, dequantized: (keys [B, Hkv, K*G, D], values [B, Hkv, K*G, Dv], positions
+    [B, Hkv, K*G]), K the top ``read`` share of the blocks by the queries' logit bound over each block."""
+    positions = tier["cold_positions"]
+    batch, kv_heads, blocks, group = positions.shape
+    valid = (positions >= 0).any(-1)
+    count = blocks if read >= 1.0 else max(1, math.ceil(read * blocks))
+    if count < blocks:
+        low = tier["cold_key_min"].float()
+        high = low + ((1 << bits) - 1) * tier["cold_key_scale"].float()
+        qg = q.float().reshape(batch, kv_heads, -1, q.shape[-1])  # [B, Hkv, G*T, D]
+        bound = qg.clamp(min=0) @ high.transpose(-2, -1) + qg.clamp(max=0) @ low.transpose(-2, -1)
+        bound = bound.amax(2).masked_fill(~valid, -math.inf)  # [B, Hkv, NB]
+        chosen = bound.topk(count, -1).indices
+
+    def take(name: str) -> torch.Tensor:
+        tensor = tier[name]
+        if count == blocks:  # every block is read: no gather
+            return tensor
+        at = chosen.reshape(*chosen.shape, *([1] * (tensor.dim() - 3)))
+        return tensor.gather(2, at.expand(*chosen.shape, *tensor.shape[3:]))
+
+    value_group = tier["cold_values"].shape[-1] * 8 // bits // tier["cold_value_scale"].shape[-1]
+    keys = dequantize_keys(take("cold_keys"), take("cold_key_scale"), take("cold_key_min"), bits, dtype)
+    values = dequantize_values(take("cold_values"), take("cold_value_scale"), take("cold_value_min"), bits,
+                               value_group, dtype)
+    return keys.flatten(2, 3), values.flatten(2, 3), take("cold_positions").long().flatten(2)
+
+
+def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask: torch.Tensor | None, is_causal: bool, scale: float | None, hot: list[torch.Tensor],
+                tier: list[torch.Tensor], policy: str, sink: int, recent: int, window: int, pool: int, bits: int,
+                read: float, plan: tuple = ()) -> torch.Tensor:
+    """One cache step of a tiered site, sequence-major [B, T, Hq, Dv]: ``inner`` (the site's own cache step,
+    called as ``inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)``)
+    while the tier is empty, attention over hot + the blocks read otherwise."""
+    hot_state, cold = dict(zip(STATE_FIELDS, hot)), dict(zip(TIER_FIELDS, tier))
+    batch, _, length, _ = q.shape
+    key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
+    if cold["cold_positions"].shape[2]:
+        make_room(hot_state, cold, bits, sink, recent, key_valid.long().sum(-1))
+    if not cold["cold_positions"].shape[2] or not bool((cold["cold_positions"] >= 0).any()):
+        return inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)
+    keys, values, positions, scores, seen = hot
+    cold_keys, cold_values, cold_positions = _read_blocks(q, cold, bits, read, keys.dtype)
+    rule = POLICIES[policy]
+    observed = rule.observe(query_valid, window)
+    held = keys.shape[2] - 1  # the hot slots; the scratch slot is empty
+    out, mass_cache, mass_new = cache_attention_reference(
+        q, k, v, mask, is_causal, softmax_scale(scale, q.shape[-1]), torch.cat([keys[:, :, :held], cold_keys], 2),
+        torch.cat([values[:, :, :held], cold_values], 2), torch.cat([positions[..., :held], cold_positions], -1),
+        observed if rule.uses_attention else None, rule)
+    masses = None if mass_cache is None else torch.cat([mass_cache[..., :held], mass_new], -1)
+    score_and_write(q, k, v, keys, values, positions, scores, seen, key_valid, rule, masses, observed, held, sink,
+                    recent, scale, pool)
+    return out

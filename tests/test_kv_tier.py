@@ -1,0 +1,140 @@
+"""The compressed tier of the KV cache (KIVI codes, block spills, query-aware block reads): the codes stay
+within their stated error bound, a spilled block reads back as what left, the budget counts every byte,
+and bad settings get clear errors. Identity, batching, composition and opcheck come from the
+``kv-int4-tier`` entry of ``default_configs.DEFAULTS``."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import dynasparse
+from dynasparse.errors import DynasparseError
+from dynasparse.kernels import kv_tier, quantize
+from dynasparse.kernels.kv_cache import empty_state
+
+from default_configs import decoder_prompts, llama
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=st.sampled_from(quantize.BITS), group=st.sampled_from([4, 8, 16]), seed=st.integers(0, 1000),
+       spread=st.floats(0.01, 100.0))
+def test_codes_dequantize_within_their_bound(bits, group, seed, spread):
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.randn(2, 3, group, 16, generator=generator) * spread + 5.0
+    values = torch.randn(2, 3, group, 16, generator=generator) * spread
+    packed, scale, low = quantize.quantize_keys(keys, bits)
+    assert packed.dtype == torch.uint8 and packed.shape[-1] == 16 * bits // 8
+    error = (quantize.dequantize_keys(packed, scale, low, bits) - keys).abs()
+    assert (error <= quantize.error_bound(scale, low, bits)[..., None, :]).all()
+    packed, scale, low = quantize.quantize_values(values, bits, group)
+    error = (quantize.dequantize_values(packed, scale, low, bits, group) - values).abs()
+    bound = quantize.error_bound(scale, low, bits).repeat_interleave(group, -1)
+    assert (error <= bound).all()
+
+
+def test_codes_of_a_constant_block_are_exact():
+    keys = torch.full((1, 1, 8, 16), 3.0)
+    assert torch.equal(quantize.dequantize_keys(*quantize.quantize_keys(keys, 4), 4), keys)
+
+
+def test_unsupported_bits_or_group_say_what_to_use():
+    with pytest.raises(ValueError, match=r"\[2, 4, 8\]"):
+        quantize.check(3, 32)
+    with pytest.raises(ValueError, match="must divide the head dimensions"):
+        quantize.check(4, 24, 64)
+    with pytest.raises(DynasparseError, match="tier_bits"):
+        dynasparse.KVEvictionConfig(tier_bits=3)
+    with pytest.raises(DynasparseError, match="every_chunk|after_prefill"):
+        dynasparse.KVEvictionConfig(tier_bits=4, compress="every_chunk")
+    with pytest.raises(DynasparseError, match="head dimensions"):  # llama()'s heads are 16 wide
+        dynasparse.optimize(llama(), dynasparse.KVEvictionConfig(tier_bits=4, tier_group=32),
+                            example_kwargs={"input_ids": torch.ones(1, 8, dtype=torch.long)})
+
+
+def _filled(batch=2, heads=2, tokens=40, dim=16, group=8, blocks=3):
+    """A hot cache holding ``tokens`` tokens (slot == position) and an empty tier of ``blocks`` blocks."""
+    torch.manual_seed(0)
+    hot = empty_state(batch, heads, tokens, dim, dim, torch.float32)
+    hot["keys"][:, :, :tokens] = torch.randn(batch, heads, tokens, dim)
+    hot["values"][:, :, :tokens] = torch.randn(batch, heads, tokens, dim)
+    hot["positions"][:, :, :tokens] = torch.arange(tokens)
+    hot["scores"][:, :, :tokens] = torch.rand(batch, heads, tokens)
+    hot["seen"].fill_(tokens)
+    return hot, kv_tier.empty_tier(batch, heads, blocks, dim, dim, 4, group)
+
+
+def test_a_spill_moves_the_oldest_blocks_and_keeps_the_best_scored():
+    hot, tier = _filled()
+    original = {name: tensor.clone() for name, tensor in hot.items()}
+    kv_tier.spill(hot, tier, 4, sink=2, recent=4, horizon=hot["seen"])
+    # 34 spillable tokens (positions 2..35) make 4 full blocks of 8; the tier keeps the 3 best scored
+    left = (original["positions"] >= 0) & (hot["positions"] < 0)
+    assert left.sum(-1).eq(32).all()  # 4 blocks left the hot slots (one was dropped)
+    assert hot["positions"][..., :2].eq(torch.arange(2)).all()  # the sinks stay
+    assert hot["positions"][..., 34:40].ge(0).all()  # so do the recent window and the partial block
+    block_scores = original["scores"][..., 2:34].reshape(2, 2, 4, 8).amax(-1)
+    kept = torch.sort(tier["cold_scores"], -1).values
+    assert torch.equal(kept, torch.sort(block_scores, -1).values[..., 1:])
+    # every kept token reads back within the bound of what it was
+    keys, values, positions = kv_tier._read_blocks(torch.zeros(2, 2, 1, 16), tier, 4, 1.0, torch.float32)
+    expected = original["keys"].gather(2, positions[..., None].expand(-1, -1, -1, 16))
+    bound = quantize.error_bound(tier["cold_key_scale"], tier["cold_key_min"], 4).repeat_interleave(8, 2)
+    assert ((keys - expected).abs() <= bound).all()
+
+
+def test_query_aware_reads_the_block_its_query_points_at():
+    hot, tier = _filled(batch=1, heads=1, blocks=4)
+    hot["keys"][0, 0, 10] = 40.0  # one token's key is far out along every channel
+    kv_tier.spill(hot, tier, 4, sink=2, recent=4, horizon=hot["seen"])
+    query = torch.ones(1, 1, 1, 16)
+    _, _, positions = kv_tier._read_blocks(query, tier, 4, 0.25, torch.float32)  # 1 of 4 blocks
+    assert positions.shape[-1] == 8 and 10 in positions.flatten().tolist()
+
+
+def _prompts():
+    ids, mask = decoder_prompts(2, 64)
+    return ids, mask
+
+
+def test_the_byte_budget_counts_both_tiers():
+    ids, mask = _prompts()
+    for budget in (0.35, 0.6):
+        config = dynasparse.KVEvictionConfig(policy="h2o", budget=budget, sink=2, recent=4, chunk_size=24,
+                                             unit="bytes", tier_bits=4, tier_group=8)
+        stats = dynasparse.generate(llama(), ids, mask, max_new_tokens=8, kv=config).stats
+        assert stats.cache_allocated_bytes <= budget * stats.cache_full_bytes
+        assert stats.cache_allocated_bytes >= 0.8 * budget * stats.cache_full_bytes  # the budget is used
+
+
+def test_a_budget_too_small_for_the_tier_names_the_minimum():
+    ids, mask = _prompts()
+    config = dynasparse.KVEvictionConfig(policy="h2o", budget=0.1, sink=2, recent=4, chunk_size=24, unit="bytes",
+                                         tier_bits=4, tier_group=8)
+    with pytest.raises(DynasparseError, match=r"at least 0\.\d+ of the bytes"):
+        dynasparse.generate(llama(), ids, mask, max_new_tokens=8, kv=config)
+
+
+def test_an_int8_tier_holding_every_token_generates_the_full_cache_tokens():
+    ids, mask = _prompts()
+    full = dynasparse.generate(llama(), ids, mask, max_new_tokens=8, kv=dynasparse.KVEvictionConfig(policy="full"))
+    config = dynasparse.KVEvictionConfig(policy="h2o", budget=70, sink=2, recent=4, chunk_size=24, tier_bits=8,
+                                         tier_group=8)
+    out = dynasparse.generate(llama(), ids, mask, max_new_tokens=8, kv=config)
+    assert out.stats.cache_capacity[0] < 72  # the hot slots alone cannot hold the sequence: the tier does
+    assert torch.equal(out.sequences, full.sequences)
+
+
+def test_the_tier_refuses_onnx_export_clearly(tmp_path):
+    config = dynasparse.KVEvictionConfig(policy="h2o", budget=32, sink=2, recent=4, tier_bits=4, tier_group=8)
+    model = dynasparse.optimize(llama(), config, example_kwargs={"input_ids": torch.ones(1, 8, dtype=torch.long)})
+    with pytest.raises(DynasparseError, match="no ONNX spelling"):
+        dynasparse.export_onnx(model, tmp_path / "tier.onnx")
+
+
+@pytest.mark.slow
+def test_compiled_tier_equals_eager():
+    ids, mask = _prompts()
+    config = dynasparse.KVEvictionConfig(policy="kvzip", budget=32, sink=2, recent=4, chunk_size=24, tier_bits=4,
+                                         tier_group=8, tier_read=0.5)
+    eager = dynasparse.generate(llama(), ids, mask, max_new_tokens=6, kv=config)
+    compiled = dynasparse.generate(llama(), ids, mask, max_new_tokens=6, kv=config, compile=True)
+    assert torch.equal(eager.sequences, compiled.sequences)

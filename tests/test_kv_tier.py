@@ -138,3 +138,19 @@ def test_compiled_tier_equals_eager():
     eager = dynasparse.generate(llama(), ids, mask, max_new_tokens=6, kv=config)
     compiled = dynasparse.generate(llama(), ids, mask, max_new_tokens=6, kv=config, compile=True)
     assert torch.equal(eager.sequences, compiled.sequences)
+
+
+def test_a_step_longer_than_a_block_spills_a_partial_block():
+    hot, tier = _filled(batch=1, heads=2, tokens=20, blocks=4)  # 20 slots, all full
+    before = set(hot["positions"][0, 0].tolist())
+    kv_tier.make_room(hot, tier, 4, sink=2, recent=4, incoming=torch.tensor([17]))
+    assert (hot["positions"][..., :-1] < 0).sum(-1).min() >= 17  # room for the step
+    held = set(hot["positions"][0, 0].tolist()) | set(tier["cold_positions"][0, 0].flatten().tolist())
+    assert held - {-1} == before - {-1}  # nothing lost: 2 sinks stay, 18 tokens in a full and a partial block
+    assert (tier["cold_positions"][0, 0] >= 0).sum() == 18
+
+
+def test_a_step_wider_than_the_full_precision_slots_says_what_to_raise():
+    hot, tier = _filled(batch=1, heads=1, tokens=20, blocks=4)
+    with pytest.raises(DynasparseError, match="raise KVEvictionConfig.recent or tier_group"):
+        kv_tier.make_room(hot, tier, 4, sink=2, recent=4, incoming=torch.tensor([30]))

@@ -162,6 +162,10 @@ def main(in_path: str, out_path: str) -> None:
             row["error"] = one_line(error)
         rows.append(row)
 
+    key = lambda row: (row["press"], row["compression_ratio"], row["mode"], row["id"])  # noqa: E731
+    if os.path.exists(out_path):  # an earlier run's rows stay unless this run measured them again
+        ran = {key(row) for row in rows}
+        rows = [row for row in json.load(open(out_path))["rows"] if key(row) not in ran] + rows
     result = {"kvpress_version": version("kvpress"), "transformers_version": version("transformers"), "rows": rows}
     with open(out_path, "w") as out:
         json.dump(result, out, indent=1)

@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from dynasparse.errors import DynasparseError
 from dynasparse.kernels.attention import softmax_scale
 from dynasparse.kernels.kv_cache import (STATE_FIELDS, cache_attention_reference, score_and_write,
                                          token_validity)
@@ -84,26 +85,42 @@ def _admit(cold_valid: torch.Tensor, cold_scores: torch.Tensor, new_valid: torch
 
 
 def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int, sink: int, recent: int,
-          horizon: torch.Tensor, rows: torch.Tensor | None = None, blocks: int | None = None) -> None:
-    """Move the oldest full blocks of the hot cache's spillable tokens (past the sinks, older than the recent
-    window of a row that will have seen ``horizon`` [B] tokens) into the tier, in place: ``blocks`` of them
-    per (row, KV head) (None: every full block), only for ``rows`` [B] (None: all)."""
+          horizon: torch.Tensor, rows: torch.Tensor | None = None, blocks: int | None = None,
+          fresh: bool = False) -> None:
+    """Move the oldest blocks of the hot cache's spillable tokens (past the sinks, older than the recent
+    window of a row that will have seen ``horizon`` [B] tokens) into the tier, in place.
+
+    ``blocks=None``: every full block, for all rows (after the prompt; a partial block stays hot).
+    ``blocks=n``: n blocks per (row, KV head) of ``rows`` [B], the last one partial if fewer tokens are
+    spillable (a step bringing more tokens than a block). ``fresh``: the new blocks outrank every block
+    already in the tier (their scores are not comparable with the prompt's, see ``make_room``)."""
     positions, group = hot["positions"], tier["cold_positions"].shape[-1]
     batch, kv_heads, slots = positions.shape
     spillable = (positions >= sink) & (positions < (horizon[:, None, None] - recent))
     if rows is not None:
         spillable &= rows[:, None, None]
-    full = spillable.sum(-1) // group  # [B, Hkv] full blocks available
-    if blocks is not None and bool((full.amin(-1) < blocks)[rows if rows is not None else slice(None)].any()):
-        raise RuntimeError(f"the hot cache holds fewer than {blocks} full block(s) of {group} tokens to spill: it "
-                           "needs sink + recent + group slots beyond the tokens a step brings")
-    count = int(full.max()) if blocks is None else blocks
+    available = spillable.sum(-1)  # [B, Hkv]
+    if blocks is None:
+        moving = available // group  # [B, Hkv] blocks that leave
+        count = int(moving.max())
+    else:
+        moving = torch.minimum(-(-available // group), torch.full_like(available, blocks))
+        count = blocks
+        if bool((moving.amin(-1) < 1)[rows if rows is not None else slice(None)].any()):
+            brings = int((horizon - hot["seen"]).max())
+            raise DynasparseError(
+                f"a step of {brings} tokens does not fit the tiered cache's {slots - 1} full-precision slots beside "
+                f"its {sink} sinks (sink + recent + tier_group); raise KVEvictionConfig.recent or tier_group, or "
+                f"feed at most {slots - 1 - sink} tokens per step after the prompt")
     if count == 0:
         return
     order = torch.where(spillable, positions, torch.iinfo(torch.long).max).argsort(dim=-1, stable=True)
-    index = order[..., :count * group].reshape(batch, kv_heads, count, group)
-    arriving = torch.arange(count, device=positions.device) < full[..., None]  # [B, Hkv, M]
-    flat = index.flatten(2)
+    order = torch.nn.functional.pad(order, (0, max(count * group - slots, 0)), value=slots)[..., :count * group]
+    rank = torch.arange(count * group, device=positions.device)
+    real = rank < torch.minimum(available, moving * group)[..., None]  # [B, Hkv, M*G]: tokens that leave
+    first = order.reshape(batch, kv_heads, count, group)[..., :1].expand(-1, -1, -1, group).flatten(2)
+    flat = torch.where(real, order, first).clamp(max=slots - 1)  # a partial block repeats its first token
+    arriving = torch.arange(count, device=positions.device) < moving[..., None]  # [B, Hkv, M]
 
     def take(name: str) -> torch.Tensor:
         tensor = hot[name]
@@ -113,9 +130,12 @@ def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int
     key_codes, key_scale, key_min = quantize_keys(take("keys"), bits)
     value_group = tier["cold_values"].shape[-1] * 8 // bits // tier["cold_value_scale"].shape[-1]
     value_codes, value_scale, value_min = quantize_values(take("values"), bits, value_group)
+    block_real = real.reshape(batch, kv_heads, count, group)
     new = {"cold_keys": key_codes, "cold_key_scale": key_scale, "cold_key_min": key_min, "cold_values": value_codes,
            "cold_value_scale": value_scale, "cold_value_min": value_min,
-           "cold_positions": take("positions").int(), "cold_scores": take("scores").amax(-1)}
+           "cold_positions": take("positions").masked_fill(~block_real, -1).int(),
+           "cold_scores": torch.full((batch, kv_heads, count), math.inf, device=positions.device) if fresh
+           else take("scores").amax(-1)}
     cold_valid = (tier["cold_positions"] >= 0).any(-1)
     source, dropped = _admit(cold_valid, tier["cold_scores"], arriving, new["cold_scores"])
     tier["cold_positions"].masked_fill_(dropped[..., None], -1)
@@ -125,19 +145,23 @@ def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int
         moved = tensor.gather(2, at.expand(*source.shape, *tensor.shape[3:]))
         mask = taken.reshape(*taken.shape, *([1] * (tensor.dim() - 3)))
         tier[name].copy_(torch.where(mask, moved, tier[name]))
-    left = torch.zeros_like(spillable).scatter_(-1, flat, arriving[..., None].expand(-1, -1, -1, group).flatten(2))
-    positions.masked_fill_(left, -1)
+    left = torch.zeros(batch, kv_heads, slots + 1, dtype=torch.bool, device=positions.device)
+    left.scatter_(-1, order, real & arriving.repeat_interleave(group, -1))
+    positions.masked_fill_(left[..., :slots], -1)
 
 
 def make_room(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int, sink: int, recent: int,
-              incoming: torch.Tensor) -> None:
-    """Spill blocks until every row's hot slots can take its ``incoming`` [B] tokens."""
+              incoming: torch.Tensor, fresh: bool = False) -> None:
+    """Spill blocks until every row's hot slots can take its ``incoming`` [B] tokens. ``fresh``: blocks that
+    leave now outrank the tier's older blocks: a policy that scores the prompt by re-reading it (KVzip)
+    gives the prompt's tokens scores the later steps' attention does not compare with, so what is read
+    after the prompt is kept, as kvpress keeps every generated token, and the prompt's lowest blocks go."""
     while True:
         free = (hot["positions"][..., :-1] < 0).sum(-1).amin(-1)  # [B]
         short = free < incoming
         if not bool(short.any()):
             return
-        spill(hot, tier, bits, sink, recent, hot["seen"] + incoming, short, blocks=1)
+        spill(hot, tier, bits, sink, recent, hot["seen"] + incoming, short, blocks=1, fresh=fresh)
 
 
 def rollback(tier: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
@@ -188,7 +212,7 @@ def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
     batch, _, length, _ = q.shape
     key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
     if cold["cold_positions"].shape[2]:
-        make_room(hot_state, cold, bits, sink, recent, key_valid.long().sum(-1))
+        make_room(hot_state, cold, bits, sink, recent, key_valid.long().sum(-1), POLICIES[policy].rereads_prompt)
     if not cold["cold_positions"].shape[2] or not bool((cold["cold_positions"] >= 0).any()):
         return inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)
     keys, values, positions, scores, seen = hot

@@ -9,8 +9,7 @@ import torch
 
 from dynasparse.config import BaseConfig
 from dynasparse.ir.nodes import hint
-from dynasparse.kernels.kv_cache import STATE_FIELDS
-from dynasparse.kernels.kv_tier import TIER_FIELDS
+from dynasparse.kernels import kv_cache, kv_tier
 
 CACHE_META = "dynasparse_kv_cache"  # a CachePlan: the KV pass gave every attention site a bounded cache
 EXIT_META = "dynasparse_exit"  # an ExitPlan: exit gates after blocks
@@ -39,7 +38,7 @@ class CacheSite:
     @property
     def fields(self) -> tuple[str, ...]:
         """The names of this cache's state tensors, in the order its op takes them."""
-        return STATE_FIELDS + (TIER_FIELDS if self.tier_bits else ())
+        return kv_cache.STATE_FIELDS + (kv_tier.TIER_FIELDS if self.tier_bits else ())
 
     def buffer(self, field: str) -> str:
         return f"{self.prefix}_{field}"

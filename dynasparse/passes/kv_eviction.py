@@ -214,7 +214,9 @@ class KVEvictionConfig(BaseConfig):
     the model's dtype, the cache keeps the sinks and the recent window in full precision and every older
     token, a block of ``tier_group`` tokens at a time, quantized (keys per channel over the block, values
     per token over ``tier_group`` channels, fp16 scales); the budget then counts both tiers and everything
-    beside them, and drops the lowest-scored blocks only when even the quantized tokens do not fit. Decode
+    beside them, and drops the lowest-scored blocks only when even the quantized tokens do not fit (with
+    ``policy="kvzip"`` blocks that leave after the prompt outrank the prompt's: re-read scores do not compare
+    with later attention, and what was read last is what the next tokens need most). Decode
     steps read the top ``tier_read`` share of the blocks per KV head (by a bound of each block's logit),
     dequantizing only those. A budget that holds the whole sequence keeps it in full precision (no tier).
     """

@@ -216,15 +216,15 @@ def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
     if not cold["cold_positions"].shape[2] or not bool((cold["cold_positions"] >= 0).any()):
         return inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)
     keys, values, positions, scores, seen = hot
-    cold_keys, cold_values, cold_positions = _read_blocks(q, cold, bits, read, keys.dtype)
+    cold_keys, cold_values, cold_positions = _read_blocks(q, cold, bits, read, torch.float32)
     rule = POLICIES[policy]
     observed = rule.observe(query_valid, window)
     held = keys.shape[2] - 1  # the hot slots; the scratch slot is empty
     out, mass_cache, mass_new = cache_attention_reference(
-        q, k, v, mask, is_causal, softmax_scale(scale, q.shape[-1]), torch.cat([keys[:, :, :held], cold_keys], 2),
-        torch.cat([values[:, :, :held], cold_values], 2), torch.cat([positions[..., :held], cold_positions], -1),
-        observed if rule.uses_attention else None, rule)
-    masses = None if mass_cache is None else torch.cat([mass_cache[..., :held], mass_new], -1)
+        q, k, v, mask, is_causal, softmax_scale(scale, q.shape[-1]), keys[:, :, :held], values[:, :, :held],
+        positions[..., :held], observed if rule.uses_attention else None, rule,
+        (cold_keys, cold_values, cold_positions))
+    masses = None if mass_cache is None else torch.cat([mass_cache, mass_new], -1)
     score_and_write(q, k, v, keys, values, positions, scores, seen, key_valid, rule, masses, observed, held, sink,
                     recent, scale, pool)
     return out

@@ -35,9 +35,13 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.flatten(-2)
+    """``_pack`` undone, as float32 codes (a scalar shift per code position: a broadcast tensor shift of
+    uint8 is several times slower on CPU)."""
+    if bits == 8:
+        return packed.float()
+    mask = (1 << bits) - 1
+    codes = [packed & mask] + [(packed >> shift) & mask for shift in range(bits, 8, bits)]
+    return torch.stack(codes, -1).flatten(-2).float()
 
 
 def _code(x: torch.Tensor, dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,7 +68,7 @@ def quantize_keys(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Te
 def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``quantize_keys`` undone: [..., G, D] in ``dtype``."""
-    return (_unpack(packed, bits).float() * scale.float()[..., None, :] + low.float()[..., None, :]).to(dtype)
+    return torch.addcmul(low.float()[..., None, :], _unpack(packed, bits), scale.float()[..., None, :]).to(dtype)
 
 
 def quantize_values(values: torch.Tensor, bits: int, group: int
@@ -79,9 +83,9 @@ def quantize_values(values: torch.Tensor, bits: int, group: int
 def dequantize_values(packed: torch.Tensor, scale: torch.Tensor, low: torch.Tensor, bits: int, group: int,
                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``quantize_values`` undone: [..., G, Dv] in ``dtype``."""
-    codes = _unpack(packed, bits).float()
+    codes = _unpack(packed, bits)
     codes = codes.reshape(*codes.shape[:-1], -1, group)
-    return (codes * scale.float()[..., None] + low.float()[..., None]).flatten(-2).to(dtype)
+    return torch.addcmul(low.float()[..., None], codes, scale.float()[..., None]).flatten(-2).to(dtype)
 
 
 def error_bound(scale: torch.Tensor, low: torch.Tensor, bits: int) -> torch.Tensor:

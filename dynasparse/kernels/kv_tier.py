@@ -86,14 +86,16 @@ def _admit(cold_valid: torch.Tensor, cold_scores: torch.Tensor, new_valid: torch
 
 def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int, sink: int, recent: int,
           horizon: torch.Tensor, rows: torch.Tensor | None = None, blocks: int | None = None,
-          fresh: bool = False) -> None:
+          fresh: bool = False, keep_last: int = 0) -> None:
     """Move the oldest blocks of the hot cache's spillable tokens (past the sinks, older than the recent
     window of a row that will have seen ``horizon`` [B] tokens) into the tier, in place.
 
     ``blocks=None``: every full block, for all rows (after the prompt; a partial block stays hot).
     ``blocks=n``: n blocks per (row, KV head) of ``rows`` [B], the last one partial if fewer tokens are
     spillable (a step bringing more tokens than a block). ``fresh``: the new blocks outrank every block
-    already in the tier (their scores are not comparable with the prompt's, see ``make_room``)."""
+    already in the tier (their scores are not comparable with the prompt's, see ``make_room``).
+    ``keep_last``: blocks holding one of the last ``keep_last`` tokens before ``horizon`` are never dropped
+    (the end of a prompt, where its question sits)."""
     positions, group = hot["positions"], tier["cold_positions"].shape[-1]
     batch, kv_heads, slots = positions.shape
     spillable = (positions >= sink) & (positions < (horizon[:, None, None] - recent))
@@ -136,6 +138,9 @@ def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int
            "cold_positions": take("positions").masked_fill(~block_real, -1).int(),
            "cold_scores": torch.full((batch, kv_heads, count), math.inf, device=positions.device) if fresh
            else take("scores").amax(-1)}
+    if keep_last:
+        last = new["cold_positions"].amax(-1) >= (horizon[:, None, None] - recent - keep_last)
+        new["cold_scores"] = new["cold_scores"].masked_fill(last, math.inf)
     cold_valid = (tier["cold_positions"] >= 0).any(-1)
     source, dropped = _admit(cold_valid, tier["cold_scores"], arriving, new["cold_scores"])
     tier["cold_positions"].masked_fill_(dropped[..., None], -1)

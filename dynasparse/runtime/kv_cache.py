@@ -194,7 +194,8 @@ class KVCache:
             if state["keys"].shape[2] == slots + 1:
                 continue
             if self.tier_blocks[i]:  # every full block past the sinks and the recent window goes to the tier
-                kv_tier.spill(state, state, site.tier_bits, self.config.sink, self.config.recent, state["seen"])
+                kv_tier.spill(state, state, site.tier_bits, self.config.sink, self.config.recent, state["seen"],
+                              keep_last=self.config.window)
             self._shrink_one(state, capacity)
             order = (state["positions"] < 0).long().argsort(dim=-1, stable=True)[..., :slots]
             compact = {name: tensor for name, tensor in state.items() if name not in ("keys", "values", "positions",

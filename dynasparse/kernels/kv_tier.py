@@ -130,8 +130,7 @@ def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int
         return tensor.gather(2, at).reshape(batch, kv_heads, count, group, *tensor.shape[3:])
 
     key_codes, key_scale, key_min = quantize_keys(take("keys"), bits)
-    value_group = tier["cold_values"].shape[-1] * 8 // bits // tier["cold_value_scale"].shape[-1]
-    value_codes, value_scale, value_min = quantize_values(take("values"), bits, value_group)
+    value_codes, value_scale, value_min = quantize_values(take("values"), bits, group)  # one group size for both
     block_real = real.reshape(batch, kv_heads, count, group)
     new = {"cold_keys": key_codes, "cold_key_scale": key_scale, "cold_key_min": key_min, "cold_values": value_codes,
            "cold_value_scale": value_scale, "cold_value_min": value_min,
@@ -199,10 +198,9 @@ def _read_blocks(q: torch.Tensor, tier: dict[str, torch.Tensor], bits: int, read
         at = chosen.reshape(*chosen.shape, *([1] * (tensor.dim() - 3)))
         return tensor.gather(2, at.expand(*chosen.shape, *tensor.shape[3:]))
 
-    value_group = tier["cold_values"].shape[-1] * 8 // bits // tier["cold_value_scale"].shape[-1]
     keys = dequantize_keys(take("cold_keys"), take("cold_key_scale"), take("cold_key_min"), bits, dtype)
-    values = dequantize_values(take("cold_values"), take("cold_value_scale"), take("cold_value_min"), bits,
-                               value_group, dtype)
+    values = dequantize_values(take("cold_values"), take("cold_value_scale"), take("cold_value_min"), bits, group,
+                               dtype)
     return keys.flatten(2, 3), values.flatten(2, 3), take("cold_positions").long().flatten(2)
 
 
@@ -216,13 +214,13 @@ def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
     hot_state, cold = dict(zip(STATE_FIELDS, hot)), dict(zip(TIER_FIELDS, tier))
     batch, _, length, _ = q.shape
     key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
+    rule = POLICIES[policy]
     if cold["cold_positions"].shape[2]:
-        make_room(hot_state, cold, bits, sink, recent, key_valid.long().sum(-1), POLICIES[policy].rereads_prompt)
+        make_room(hot_state, cold, bits, sink, recent, key_valid.long().sum(-1), rule.rereads_prompt)
     if not cold["cold_positions"].shape[2] or not bool((cold["cold_positions"] >= 0).any()):
         return inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)
     keys, values, positions, scores, seen = hot
     cold_keys, cold_values, cold_positions = _read_blocks(q, cold, bits, read, torch.float32)
-    rule = POLICIES[policy]
     observed = rule.observe(query_valid, window)
     held = keys.shape[2] - 1  # the hot slots; the scratch slot is empty
     out, mass_cache, mass_new = cache_attention_reference(

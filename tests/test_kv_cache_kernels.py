@@ -288,3 +288,59 @@ def test_sparse_step_with_a_sparse_plan_reads_fewer_keys():
                                   16, "pooled", "keep_ratio", 0.25, 1, 1, 0, 16, 1.0)
     assert not torch.allclose(sparse, dense, atol=1e-3)
     assert (actual["positions"][..., :-1] >= 0).all()  # still a full cache of the budget after eviction
+
+
+# --- KVzip's two readings of the prompt ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("reduce", ["max", "sum"])
+@pytest.mark.parametrize("tail", [6, 2])
+def test_masses_from_the_log_normaliser_equal_the_softmax_masses(reduce, tail):
+    """The re-read's masses come from the flash call's log-sum-exp, a few query rows at a time: the same
+    masses as a softmax over every logit, for the last ``tail`` queries of a chunk."""
+    gen = torch.Generator().manual_seed(9)
+    batch, q_heads, kv_heads, dim, cached, length = 2, 4, 2, 16, 20, 6
+    q, k, v = _randn(gen, batch, q_heads, length, dim), _randn(gen, batch, kv_heads, length, dim), \
+        _randn(gen, batch, kv_heads, length, dim)
+    keys, values = _randn(gen, batch, kv_heads, cached, dim), _randn(gen, batch, kv_heads, cached, dim)
+    _, lse = kc._cached_then_causal(q, keys, values, k, v, None)
+    every = torch.cat([keys, k], 2)
+    rule = POLICIES["kvzip" if reduce == "max" else "h2o"]
+    visible = kc.causal_mask(length, cached + length, q.device)[length - tail:]
+    expected = kc._slot_masses(q[:, :, -tail:], every, visible, None, q.new_ones(batch, tail), rule)
+    actual = kc._masses_by_lse(q[:, :, -tail:], every, lse[..., -tail:], None, reduce, rows=5)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_the_prompts_first_reading_computes_no_masses():
+    """Under ``prompt_phase("read")`` a KVzip cache attends as usual but scores nothing: the re-read will."""
+    from dynasparse.kernels.prompt_phase import prompt_phase
+
+    gen = torch.Generator().manual_seed(10)
+    plain = kc.empty_state(1, 2, 24, 16, 16, torch.float32, DEVICE)
+    skipped = {name: t.clone() for name, t in plain.items()}
+    for length in (8, 8):
+        q, k, v = _randn(gen, 1, 4, length, 16), _randn(gen, 1, 2, length, 16), _randn(gen, 1, 2, length, 16)
+        expected = kc.kv_cache_step(q, k, v, None, True, None, *plain.values(), "kvzip", 1, 2, 3, 3)
+        with prompt_phase("read"):
+            out = kc.kv_cache_step(q, k, v, None, True, None, *skipped.values(), "kvzip", 1, 2, 3, 3)
+        torch.testing.assert_close(out, expected)
+    assert bool((plain["scores"][..., :16] > 0).all()) and not bool(skipped["scores"].any())
+    assert torch.equal(skipped["keys"], plain["keys"])
+
+
+def test_a_sparse_site_rereading_the_prompt_reads_every_key():
+    """The re-read scores what every key is paid, so a sparse site reads densely under ``prompt_phase("reread")``."""
+    from dynasparse.kernels.kv_cache_sparse import kv_cache_sparse_step
+    from dynasparse.kernels.prompt_phase import prompt_phase
+
+    gen = torch.Generator().manual_seed(8)
+    expected = random_cache(gen, 1, 2, 96, 16, 16, empty=0.0, seen=100)
+    actual = {name: t.clone() for name, t in expected.items()}
+    q = _randn(gen, 1, 4, 64, 16)
+    k, v = _randn(gen, 1, 2, 64, 16), _randn(gen, 1, 2, 64, 16)
+    dense = kc.kv_cache_step(q, k, v, None, True, None, *expected.values(), "kvzip", 4, 8, 8, 1)
+    with prompt_phase("reread"):
+        sparse = kv_cache_sparse_step(q, k, v, None, True, None, *actual.values(), "kvzip", 4, 8, 8, 1,
+                                      16, "pooled", "keep_ratio", 0.25, 1, 1, 0, 16, 1.0)
+    torch.testing.assert_close(sparse, dense)
+    assert_same_contents(actual, expected)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from dynasparse.kernels.attention import attention_sdpa, causal_mask, combined_mask, softmax_scale
 from dynasparse.kernels.policies import POLICIES, Policy, step_candidates
+from dynasparse.kernels.prompt_phase import masses_skipped
 
 
 # --- the cache state ---------------------------------------------------------------------------------------
@@ -311,9 +312,10 @@ def _plain_causal(mask: torch.Tensor | None, is_causal: bool, batch: int, length
 
 
 def _cached_then_causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                        scale: float | None) -> torch.Tensor:
+                        scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A chunk's attention over older cached tokens (no mask: each is before every query) and over itself
-    (causal), as two flash calls merged by their log-sum-exp: the causal half is skipped, not masked."""
+    (causal), as two flash calls merged by their log-sum-exp: the causal half is skipped, not masked.
+    Returns (out [B, Hq, T, Dv], each query's log-sum-exp of its logits [B, Hq, T] in fp32)."""
     batch, q_heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
@@ -326,7 +328,34 @@ def _cached_then_causal(q: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     top = torch.maximum(lse_cached, lse_new[..., None])
     w_cached, w_new = (lse_cached - top).exp(), (lse_new[..., None] - top).exp()
     out = out_cached.reshape(batch, q_heads, length, -1).float() * w_cached + out_new.float() * w_new
-    return (out / (w_cached + w_new)).to(q.dtype)
+    total = w_cached + w_new
+    return (out / total).to(q.dtype), (top + total.log())[..., 0]
+
+
+def _masses_by_lse(q: torch.Tensor, keys: torch.Tensor, lse: torch.Tensor, scale: float | None, reduce: str,
+                   rows: int = 128) -> torch.Tensor:
+    """[B, Hkv, N]: the mass ``keys`` [B, Hkv, N, D] get from every query of ``q`` [B, Hq, T, D], pooled by
+    ``reduce`` ("max" or "sum") over the queries and the group's heads, as ``_slot_masses`` with all
+    queries observed. The queries are the last T tokens and attend causally (bottom-right aligned).
+
+    ``lse`` [B, Hq, T] is each query's softmax log-normaliser, which the attention call already gave, so a
+    probability is exp(logit - lse): no softmax is recomputed, and a max pools before its exp. Query rows
+    go ``rows`` at a time so the logits stay in cache (KVzip's re-read pays this for every prompt token)."""
+    batch, q_heads, length, head_dim = q.shape
+    kv_heads, count = keys.shape[1], keys.shape[2]
+    groups = q_heads // kv_heads
+    qg = q.float().reshape(batch * kv_heads, groups * length, head_dim)
+    neg_lse = -lse.float().reshape(batch * kv_heads, groups * length, 1)
+    keys_t = keys.float().reshape(batch * kv_heads, count, head_dim).transpose(1, 2)
+    later = ~causal_mask(length, length, q.device).repeat(groups, 1)  # [G*T, T]: a query's later new tokens
+    pooled = None
+    for start in range(0, groups * length, rows):
+        logits = torch.baddbmm(neg_lse[:, start:start + rows], qg[:, start:start + rows], keys_t,
+                               alpha=softmax_scale(scale, head_dim))
+        logits[..., count - length:].masked_fill_(later[start:start + rows], -math.inf)
+        part = logits.amax(1) if reduce == "max" else logits.exp().sum(1)
+        pooled = part if pooled is None else torch.maximum(pooled, part) if reduce == "max" else pooled + part
+    return (pooled.exp() if reduce == "max" else pooled).reshape(batch, kv_heads, count)
 
 
 def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -347,18 +376,22 @@ def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     else:
         positions[:, :, filled:end] = torch.arange(filled, end, device=q.device)
     visible = None if length == 1 else causal_mask(length, end, q.device)
+    lse = None
     if filled == 0:
         out = attention_sdpa(q, k, v, mask, is_causal, scale)
     elif length > 1 and q.device.type == "cpu":
-        out = _cached_then_causal(q, keys[:, :, :filled], values[:, :, :filled], k, v, scale)
+        out, lse = _cached_then_causal(q, keys[:, :, :filled], values[:, :, :filled], k, v, scale)
     else:
         out = attention_sdpa(q, keys[:, :, :end], values[:, :, :end], visible, False, scale)
     tail = rule.observed_tail(length, window)
-    if rule.uses_attention:
+    if not rule.uses_attention or masses_skipped():
+        masses = scores.new_zeros(batch, k.shape[1], end)
+    elif lse is not None and rule.reduce in ("max", "sum"):
+        masses = _masses_by_lse(q[:, :, length - tail:], keys[:, :, :end], lse[..., length - tail:], scale,
+                                rule.reduce)
+    else:
         masses = _slot_masses(q[:, :, length - tail:], keys[:, :, :end], None if visible is None else
                               visible[length - tail:], scale, q.new_ones(batch, tail, dtype=torch.float32), rule)
-    else:
-        masses = scores.new_zeros(batch, k.shape[1], end)
     observed = (torch.arange(length, device=q.device) >= length - tail).float().expand(batch, length)
     cache_scores, new_scores = rule.update(step_candidates(
         (keys, values, positions, scores), filled, (q, k, v), positions[..., filled:end],
@@ -451,7 +484,7 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
         out = attention_sdpa(q, slot_keys, values[:, :, :filled], visible, False, scale)
         out = out * visible.any(-1, keepdim=True).to(out.dtype)  # a query that sees nothing gives 0
     observed = rule.observe(query_valid, window)
-    if rule.uses_attention:
+    if rule.uses_attention and not masses_skipped():
         masses = _slot_masses(q, slot_keys, visible, scale, observed, rule)
         where = torch.where(key_valid, step_pos, filled)[:, None, :].expand_as(target)
         if high == 0:  # the masses are the new keys', in token order

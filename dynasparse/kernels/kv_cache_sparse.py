@@ -10,7 +10,8 @@ rows that are all shorter, run the dense cache step (``kv_cache.kv_cache_step``)
 
 Score-based policies take their masses from the sparse computation: a key in a kept block contributes its
 softmax probability, normalised over the kept keys exactly as the attention was; a key in a skipped block
-contributes nothing for that query (it was not read). Eviction then runs as in the dense step.
+contributes nothing for that query (it was not read). Eviction then runs as in the dense step. KVzip's re-read
+of the prompt is the exception: it reads every key (``prompt_phase``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from dynasparse.kernels.attention import causal_mask, softmax_scale
 from dynasparse.kernels.kv_cache import (_slot_masses, allowed_new, kv_cache_step, score_and_write,
                                          token_validity)
 from dynasparse.kernels.policies import POLICIES
+from dynasparse.kernels.prompt_phase import masses_skipped, rereading
 from dynasparse.kernels.query_aware import query_aware_attention
 from dynasparse.kernels.sparse_attention import build_plan, plan_token_mask, sparse_attention_gather
 
@@ -61,6 +63,9 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     queries likewise, so a row plans and attends exactly as it does alone. A row whose keys are fewer than
     ``min_seq_len``, or whose new tokens are fewer than a block (a decode or verify step), keeps every
     block; when every row does, the dense step runs, or the query-aware step with ``decode_keep`` < 1."""
+    if rereading():  # KVzip's re-read scores every key by what it is paid, so it reads them all
+        return kv_cache_step(q, k, v, mask, is_causal, scale, keys, values, positions, scores, seen, policy, sink,
+                             recent, window, pool)
     batch, q_heads, length, head_dim = q.shape
     kv_heads, groups = k.shape[1], q_heads // k.shape[1]
     held = _held_slots(positions)
@@ -103,7 +108,7 @@ def kv_cache_sparse_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask
     rule = POLICIES[policy]
     masses = None
     observed = rule.observe(query_valid, window)
-    if rule.uses_attention:
+    if rule.uses_attention and not masses_skipped():
         read = visible & plan_token_mask(counts, indices, block_size, width, source.shape[-1], q_heads)
         by_key = _slot_masses(q_al, keys_al, read, scale, torch.nn.functional.pad(observed, (pad_q, 0)), rule)
         # [B, Hkv, L], back to slots and new tokens:

@@ -20,6 +20,7 @@ from torch.fx._pytree import tree_flatten_spec
 from dynasparse.api import OptimizedModel, optimize
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
+from dynasparse.kernels.prompt_phase import prompt_phase
 from dynasparse.plans import CacheSite
 from dynasparse.runtime.kv_cache import KVCache, cache_plan
 from dynasparse.runtime.step_graph import step_graph
@@ -272,12 +273,13 @@ def prefill(step: Callable[..., torch.Tensor], input_ids: torch.Tensor, attentio
     last = None
     # chunks end at the prompt's end: with left padding every row's chunk boundaries then fall on the same
     # real tokens as when the row runs alone, so eviction decisions (and outputs) do not depend on the batch
-    for stop in range(length - (length - 1) // chunk_size * chunk_size, length + 1, chunk_size):
-        start = max(stop - chunk_size, 0)
-        logits = step(input_ids[:, start:stop], attention_mask[:, start:stop], positions[:, start:stop],
-                      last_only=on_logits is None)
-        if on_logits is not None:
-            on_logits(start, logits)
-        last = logits[:, -1]
+    with prompt_phase("read" if step.cache.rereads else None):  # a re-read sets the scores: none computed now
+        for stop in range(length - (length - 1) // chunk_size * chunk_size, length + 1, chunk_size):
+            start = max(stop - chunk_size, 0)
+            logits = step(input_ids[:, start:stop], attention_mask[:, start:stop], positions[:, start:stop],
+                          last_only=on_logits is None)
+            if on_logits is not None:
+                on_logits(start, logits)
+            last = logits[:, -1]
     step.finish_prompt(input_ids, attention_mask)
     return last

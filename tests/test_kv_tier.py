@@ -2,13 +2,15 @@
 within their stated error bound, a spilled block reads back as what left, the budget counts every byte,
 and bad settings get clear errors. Identity, batching, composition and opcheck come from the
 ``kv-int4-tier`` entry of ``default_configs.DEFAULTS``."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import dynasparse
 from dynasparse.errors import DynasparseError
-from dynasparse.kernels import kv_tier, quantize
+from dynasparse.kernels import kv_tier, kv_tier_cpu, quantize
 from dynasparse.kernels.kv_cache import empty_state
 
 from default_configs import decoder_prompts, llama
@@ -75,7 +77,8 @@ def test_a_spill_moves_the_oldest_blocks_and_keeps_the_best_scored():
     kept = torch.sort(tier["cold_scores"], -1).values
     assert torch.equal(kept, torch.sort(block_scores, -1).values[..., 1:])
     # every kept token reads back within the bound of what it was
-    keys, values, positions = kv_tier._read_blocks(torch.zeros(2, 2, 1, 16), tier, 4, 1.0, torch.float32)
+    keys = quantize.dequantize_keys(tier["cold_keys"], tier["cold_key_scale"], tier["cold_key_min"], 4).flatten(2, 3)
+    positions = tier["cold_positions"].long().flatten(2)
     expected = original["keys"].gather(2, positions[..., None].expand(-1, -1, -1, 16))
     bound = quantize.error_bound(tier["cold_key_scale"], tier["cold_key_min"], 4).repeat_interleave(8, 2)
     assert ((keys - expected).abs() <= bound).all()
@@ -86,8 +89,39 @@ def test_query_aware_reads_the_block_its_query_points_at():
     hot["keys"][0, 0, 10] = 40.0  # one token's key is far out along every channel
     kv_tier.spill(hot, tier, 4, sink=2, recent=4, horizon=hot["seen"])
     query = torch.ones(1, 1, 1, 16)
-    _, _, positions = kv_tier._read_blocks(query, tier, 4, 0.25, torch.float32)  # 1 of 4 blocks
-    assert positions.shape[-1] == 8 and 10 in positions.flatten().tolist()
+    chosen = kv_tier._chosen_blocks(query, tier, 4, 0.25)  # 1 of 4 blocks
+    assert chosen.shape[-1] == 1 and 10 in tier["cold_positions"][0, 0, chosen.flatten()].flatten().tolist()
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_cpu_kernel_attends_over_the_tier_as_the_reference(bits):
+    """The C++ kernels give the references' results: attention over the chosen blocks (a block at a time,
+    online softmax, a head's blocks split over threads; empty slots and blocks skipped, a head with nothing
+    gives 0 and -inf), and each block's logit bound."""
+    if not kv_tier_cpu.usable(torch.zeros(1)):
+        pytest.skip("the C++ kernel did not build here")
+    gen = torch.Generator().manual_seed(3)
+    batch, heads, blocks, group, dim, rows = 2, 3, 40, 8, 16, 5
+    tier = kv_tier.empty_tier(batch, heads, blocks, dim, dim, bits, group)
+    keys, values = torch.randn(batch, heads, blocks, group, dim, generator=gen), \
+        torch.randn(batch, heads, blocks, group, dim, generator=gen)
+    tier["cold_keys"][:], tier["cold_key_scale"][:], tier["cold_key_min"][:] = quantize.quantize_keys(keys, bits)
+    tier["cold_values"][:], tier["cold_value_scale"][:], tier["cold_value_min"][:] = \
+        quantize.quantize_values(values, bits, group)
+    positions = torch.arange(blocks * group, dtype=torch.int32).reshape(blocks, group)
+    tier["cold_positions"][:] = positions.masked_fill(torch.rand(blocks, group, generator=gen) < 0.2, -1)
+    tier["cold_positions"][:, :, 5] = -1  # an empty block
+    tier["cold_positions"][1, 2] = -1  # a head that holds nothing
+    q = torch.randn(batch, heads, rows, dim, generator=gen)
+    for chosen in (torch.arange(blocks).expand(batch, heads, blocks), torch.randperm(blocks, generator=gen)[:33]
+                   .expand(batch, heads, 33), torch.tensor([5, 7]).expand(batch, heads, 2)):
+        expected = kv_tier.tier_attention_reference(q, tier, chosen, bits, 0.25)
+        actual = kv_tier_cpu.tier_attention_cpu(q, tier, chosen, bits, 0.25)
+        torch.testing.assert_close(actual[0], expected[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(actual[1], expected[1], atol=1e-5, rtol=1e-5)
+    assert actual[1][1, 2].eq(-math.inf).all() and not actual[0][1, 2].any()
+    bounds = kv_tier_cpu.tier_block_bounds_cpu(q, tier, bits)
+    torch.testing.assert_close(bounds, kv_tier.block_bounds_reference(q, tier, bits), atol=1e-4, rtol=1e-5)
 
 
 def _prompts():

@@ -99,15 +99,17 @@ def priorities(scores: torch.Tensor, positions: torch.Tensor, seen_after: torch.
 def cache_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                               is_causal: bool, scale: float | None, keys: torch.Tensor, values: torch.Tensor,
                               positions: torch.Tensor, observed: torch.Tensor | None, rule: Policy = POLICIES["h2o"],
-                              more: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                              more: tuple[torch.Tensor, torch.Tensor] | None = None
                               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Attention of the new queries over the valid slots plus the new keys, in fp32.
 
     Returns (out [B, T, Hq, Dv] sequence-major, mass of each slot [B, Hkv, S], mass of each new key
     [B, Hkv, T]); masses are softmax probabilities weighted by ``observed`` [B, T] and pooled over the
     group's query heads and the queries as ``rule`` pools them (None: masses are not needed and not returned).
-    ``more``: (keys, values, positions) of older tokens kept elsewhere (a compressed tier's blocks, in fp32),
-    attended with the slots under one softmax and given no mass.
+    ``more``: attention already computed over older tokens kept elsewhere (a compressed tier's blocks), as
+    (out [B, Hkv, G*T, Dv] normalised over them, lse [B, Hkv, G*T] its log-normaliser, -inf: none seen). It
+    joins the softmax as one key whose logit is ``lse`` and whose value is ``out``, which is exactly attention
+    over all of them together; those tokens get no mass.
     """
     batch, q_heads, length, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -124,15 +126,13 @@ def cache_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             s_new = s_new.masked_fill(~new_mask, -math.inf)
         else:
             s_new = s_new + new_mask.float()
-    s_more = []
-    if more is not None:
-        s_more = [((qg @ more[0].transpose(-2, -1)) * scale).masked_fill((more[2] < 0)[:, :, None, :], -math.inf)]
+    s_more = [] if more is None else [more[1][..., None]]
     probs = torch.cat([s_cache, *s_more, s_new], dim=-1).softmax(dim=-1).nan_to_num(0.0)
     slots = keys.shape[2]
     p_cache, p_new = probs[..., :slots], probs[..., probs.shape[-1] - length:]
     out = p_cache @ values.float() + p_new @ v.float()  # [B, Hkv, G*T, Dv]
     if more is not None:
-        out = out + probs[..., slots:probs.shape[-1] - length] @ more[1]
+        out = out + probs[..., slots:slots + 1] * more[0]
     out = out.reshape(batch, q_heads, length, -1).transpose(1, 2).to(q.dtype).contiguous()
     if observed is None:
         return out, None, None

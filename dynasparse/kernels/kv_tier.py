@@ -17,8 +17,10 @@ are dropped: the budget decides how much is kept, the tier how precisely.
 A step over a tier that holds something attends over the hot slots, the new tokens and the cold blocks it
 reads: the top ``read`` share of them per KV head, ranked by an upper bound of the query's logit over each
 block (each channel's minimum and maximum key are the block's code range, so the bound costs no extra
-bytes), dequantized only for the blocks read. Until something is spilled the site's own cache step runs
-(dense or block-sparse), so a tier that never fills is exactly the full-precision cache.
+bytes), dequantized only for the blocks read. The blocks' attention (``tier_attention``: a C++ kernel on CPU,
+``kv_tier_cpu``, that reads the codes in place) joins the full-precision slots' softmax by its log-sum-exp.
+Until something is spilled the site's own cache step runs (dense or block-sparse), so a tier that never fills
+is exactly the full-precision cache.
 """
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ from typing import Callable
 import torch
 
 from dynasparse.errors import DynasparseError
+from dynasparse.kernels import kv_tier_cpu
 from dynasparse.kernels.attention import softmax_scale
 from dynasparse.kernels.kv_cache import (STATE_FIELDS, cache_attention_reference, score_and_write,
                                          token_validity)
-from dynasparse.kernels.policies import POLICIES
+from dynasparse.kernels.policies import POLICIES, step_candidates
 from dynasparse.kernels.quantize import (SCALE_DTYPE, dequantize_keys, dequantize_values, quantize_keys,
                                          quantize_values)
 
@@ -143,12 +146,10 @@ def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int
     cold_valid = (tier["cold_positions"] >= 0).any(-1)
     source, dropped = _admit(cold_valid, tier["cold_scores"], arriving, new["cold_scores"])
     tier["cold_positions"].masked_fill_(dropped[..., None], -1)
-    taken = source >= 0
+    row, head, slot = (source >= 0).nonzero(as_tuple=True)  # the tier blocks that take a new one
+    arrival = source[row, head, slot]
     for name, tensor in new.items():
-        at = source.clamp(min=0).reshape(*source.shape, *([1] * (tensor.dim() - 3)))
-        moved = tensor.gather(2, at.expand(*source.shape, *tensor.shape[3:]))
-        mask = taken.reshape(*taken.shape, *([1] * (tensor.dim() - 3)))
-        tier[name].copy_(torch.where(mask, moved, tier[name]))
+        tier[name][row, head, slot] = tensor[row, head, arrival].to(tier[name].dtype)
     left = torch.zeros(batch, kv_heads, slots + 1, dtype=torch.bool, device=positions.device)
     left.scatter_(-1, order, real & arriving.repeat_interleave(group, -1))
     positions.masked_fill_(left[..., :slots], -1)
@@ -175,33 +176,58 @@ def rollback(tier: dict[str, torch.Tensor], keep: torch.Tensor) -> None:
 
 # --- reading the tier ---------------------------------------------------------------------------------------------
 
-def _read_blocks(q: torch.Tensor, tier: dict[str, torch.Tensor], bits: int, read: float, dtype: torch.dtype
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The blocks a step reads, dequantized: (keys [B, Hkv, K*G, D], values [B, Hkv, K*G, Dv], positions
-    [B, Hkv, K*G]), K the top ``read`` share of the blocks by the queries' logit bound over each block."""
-    positions = tier["cold_positions"]
-    batch, kv_heads, blocks, group = positions.shape
-    valid = (positions >= 0).any(-1)
+def block_bounds_reference(q: torch.Tensor, tier: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """[B, Hkv, NB]: the most any of the query rows ``q`` [B, Hkv, R, D] can score a key of each block, from
+    each channel's code range (the block's minimum and maximum key); -inf for a block holding no token."""
+    low = tier["cold_key_min"].float()
+    high = low + ((1 << bits) - 1) * tier["cold_key_scale"].float()
+    q = q.float()
+    bound = q.clamp(min=0) @ high.transpose(-2, -1) + q.clamp(max=0) @ low.transpose(-2, -1)
+    return bound.amax(2).masked_fill(~(tier["cold_positions"] >= 0).any(-1), -math.inf)
+
+
+def _chosen_blocks(q: torch.Tensor, tier: dict[str, torch.Tensor], bits: int, read: float) -> torch.Tensor:
+    """[B, Hkv, K] the blocks a step's query rows ``q`` [B, Hkv, R, D] read: all of them, or the top ``read``
+    share by the rows' logit bound over each block."""
+    batch, kv_heads, blocks, _ = tier["cold_positions"].shape
     count = blocks if read >= 1.0 else max(1, math.ceil(read * blocks))
-    if count < blocks:
-        low = tier["cold_key_min"].float()
-        high = low + ((1 << bits) - 1) * tier["cold_key_scale"].float()
-        qg = q.float().reshape(batch, kv_heads, -1, q.shape[-1])  # [B, Hkv, G*T, D]
-        bound = qg.clamp(min=0) @ high.transpose(-2, -1) + qg.clamp(max=0) @ low.transpose(-2, -1)
-        bound = bound.amax(2).masked_fill(~valid, -math.inf)  # [B, Hkv, NB]
-        chosen = bound.topk(count, -1).indices
+    if count == blocks:
+        return torch.arange(blocks, device=q.device).expand(batch, kv_heads, blocks)
+    if kv_tier_cpu.usable(q):
+        bound = kv_tier_cpu.tier_block_bounds_cpu(q, tier, bits)
+    else:
+        bound = block_bounds_reference(q, tier, bits)
+    return bound.topk(count, -1).indices
+
+
+def tier_attention_reference(q: torch.Tensor, tier: dict[str, torch.Tensor], chosen: torch.Tensor, bits: int,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the query rows ``q`` [B, Hkv, R, D] (a KV head's group of query heads times the step's
+    tokens) over the tokens of the ``chosen`` [B, Hkv, K] blocks, dequantized, in fp32: (out [B, Hkv, R, Dv]
+    normalised over those tokens, lse [B, Hkv, R] its log-normaliser; a row that saw nothing: 0 and -inf)."""
+    group = tier["cold_positions"].shape[-1]
 
     def take(name: str) -> torch.Tensor:
         tensor = tier[name]
-        if count == blocks:  # every block is read: no gather
-            return tensor
         at = chosen.reshape(*chosen.shape, *([1] * (tensor.dim() - 3)))
         return tensor.gather(2, at.expand(*chosen.shape, *tensor.shape[3:]))
 
-    keys = dequantize_keys(take("cold_keys"), take("cold_key_scale"), take("cold_key_min"), bits, dtype)
-    values = dequantize_values(take("cold_values"), take("cold_value_scale"), take("cold_value_min"), bits, group,
-                               dtype)
-    return keys.flatten(2, 3), values.flatten(2, 3), take("cold_positions").long().flatten(2)
+    keys = dequantize_keys(take("cold_keys"), take("cold_key_scale"), take("cold_key_min"), bits).flatten(2, 3)
+    values = dequantize_values(take("cold_values"), take("cold_value_scale"), take("cold_value_min"), bits,
+                               group).flatten(2, 3)
+    logits = (q.float() @ keys.transpose(-2, -1)) * scale
+    logits = logits.masked_fill((take("cold_positions") < 0).flatten(2)[:, :, None, :], -math.inf)
+    lse = logits.logsumexp(-1)
+    out = logits.softmax(-1).nan_to_num(0.0) @ values
+    return out, lse
+
+
+def tier_attention(q: torch.Tensor, tier: dict[str, torch.Tensor], chosen: torch.Tensor, bits: int, scale: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tier_attention_reference``, through the C++ kernel on CPU where it built."""
+    if kv_tier_cpu.usable(q):
+        return kv_tier_cpu.tier_attention_cpu(q, tier, chosen, bits, scale)
+    return tier_attention_reference(q, tier, chosen, bits, scale)
 
 
 def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -220,14 +246,38 @@ def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
     if not cold["cold_positions"].shape[2] or not bool((cold["cold_positions"] >= 0).any()):
         return inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)
     keys, values, positions, scores, seen = hot
-    cold_keys, cold_values, cold_positions = _read_blocks(q, cold, bits, read, torch.float32)
+    scale = softmax_scale(scale, q.shape[-1])
+    grouped = q.reshape(batch, k.shape[1], -1, q.shape[-1])  # [B, Hkv, G*T, D]: a KV head's query rows
+    cold_attention = tier_attention(grouped, cold, _chosen_blocks(grouped, cold, bits, read), bits, scale)
     observed = rule.observe(query_valid, window)
     held = keys.shape[2] - 1  # the hot slots; the scratch slot is empty
     out, mass_cache, mass_new = cache_attention_reference(
-        q, k, v, mask, is_causal, softmax_scale(scale, q.shape[-1]), keys[:, :, :held], values[:, :, :held],
-        positions[..., :held], observed if rule.uses_attention else None, rule,
-        (cold_keys, cold_values, cold_positions))
+        q, k, v, mask, is_causal, scale, keys[:, :, :held], values[:, :, :held], positions[..., :held],
+        observed if rule.uses_attention else None, rule, cold_attention)
+    if length == 1 and bool(key_valid.all()):  # a decode step: no eviction, the token takes the first free slot
+        _write_one(q, k, v, keys, values, positions, scores, seen, rule, mass_cache, mass_new, observed, held, scale,
+                   pool)
+        return out
     masses = None if mass_cache is None else torch.cat([mass_cache, mass_new], -1)
     score_and_write(q, k, v, keys, values, positions, scores, seen, key_valid, rule, masses, observed, held, sink,
                     recent, scale, pool)
     return out
+
+
+def _write_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor, rule, mass_cache: torch.Tensor | None,
+               mass_new: torch.Tensor | None, observed: torch.Tensor, held: int, scale: float, pool: int) -> None:
+    """``score_and_write`` for one real token per row into hot slots with room (``make_room`` made it): the
+    policy's update, then the token goes to each (row, KV head)'s first free slot, where ``evict_and_write``
+    would put it, without ranking candidates for an eviction that cannot happen."""
+    step_pos = seen[:, None]
+    masses = None if mass_cache is None else (mass_cache, mass_new)
+    cache_scores, new_scores = rule.update(step_candidates((keys, values, positions, scores), held, (q, k, v),
+                                                           step_pos, masses, observed, scale, pool))
+    scores[..., :held] = cache_scores
+    slot = (positions[..., :held] < 0).to(torch.int8).argmax(-1, keepdim=True)  # [B, Hkv, 1]
+    keys.scatter_(2, slot[..., None].expand_as(k), k.to(keys.dtype))
+    values.scatter_(2, slot[..., None].expand_as(v), v.to(values.dtype))
+    positions.scatter_(2, slot, step_pos[..., None].expand_as(slot))
+    scores.scatter_(2, slot, new_scores)
+    seen.add_(1)

@@ -9,20 +9,14 @@ every machine without a C++ compiler, stays on the gather path.
 """
 from __future__ import annotations
 
-import functools
-import warnings
 from pathlib import Path
 
 import torch
 
+from dynasparse.kernels.cpu_extension import built
 from dynasparse.kernels.sparse_attention import softmax_scale
 
 SOURCE = Path(__file__).with_name("sparse_attention_cpu.cpp")
-_CAPABILITY_FLAGS = {  # let ATen's vector type use the instructions PyTorch itself picked on this CPU
-    "AVX512": ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl",
-               "-mavx512dq", "-mfma"],
-    "AVX2": ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma"],
-}
 
 
 def usable(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, block_size: int) -> bool:
@@ -38,17 +32,9 @@ def only_causal(mask: torch.Tensor, is_causal: bool, q_len: int, kv_len: int) ->
     return is_causal and mask.dtype == torch.bool and not mask.logical_not().tril(kv_len - q_len).any()
 
 
-@functools.cache
 def _kernel():
     """The built op, or None where it cannot build here (then: the gather path, with a warning)."""
-    from torch.utils import cpp_extension
-
-    flags = _CAPABILITY_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
-    try:
-        cpp_extension.load(name="dynasparse_cpu", sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
-    except Exception as error:  # no compiler or ninja: the gather path is exact too, only slower
-        warnings.warn(f"block-sparse attention uses the gather path on CPU: its C++ kernel did not build ({error})")
+    if not built("dynasparse_cpu", SOURCE, "block-sparse attention's gather path"):
         return None
     return torch.ops.dynasparse_cpu.block_sparse_attention
 

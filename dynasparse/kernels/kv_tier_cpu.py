@@ -1,0 +1,36 @@
+"""Attention over the compressed tier's blocks on CPU through a small C++ kernel (``kv_tier_cpu.cpp``).
+
+The torch path (``kv_tier.tier_attention_reference``) gathers the blocks a step reads, dequantizes them into
+fresh tensors and runs a softmax over them: a dozen ops per layer and step, each a pass over the blocks. The
+kernel dequantizes a block at a time into a tile that stays in cache and folds it into an online softmax, so a
+decode step reads each code once. It builds once per machine; without a compiler the torch path runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dynasparse.kernels.cpu_extension import built
+
+SOURCE = Path(__file__).with_name("kv_tier_cpu.cpp")
+
+
+def usable(q: torch.Tensor) -> bool:
+    """On CPU, where the kernel built."""
+    return q.device.type == "cpu" and built("dynasparse_tier_cpu", SOURCE, "the compressed tier's torch path")
+
+
+def tier_attention_cpu(q: torch.Tensor, tier: dict[str, torch.Tensor], chosen: torch.Tensor, bits: int,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """As ``kv_tier.tier_attention_reference``: (out [B, Hkv, R, Dv], lse [B, Hkv, R]) in fp32 for the query
+    rows ``q`` [B, Hkv, R, D] over the ``chosen`` [B, Hkv, K] blocks of ``tier``."""
+    return torch.ops.dynasparse_tier_cpu.tier_attention(
+        q.float(), tier["cold_keys"], tier["cold_key_scale"], tier["cold_key_min"], tier["cold_values"],
+        tier["cold_value_scale"], tier["cold_value_min"], tier["cold_positions"], chosen, bits, scale)
+
+
+def tier_block_bounds_cpu(q: torch.Tensor, tier: dict[str, torch.Tensor], bits: int) -> torch.Tensor:
+    """As ``kv_tier.block_bounds_reference``: [B, Hkv, NB] for the query rows ``q`` [B, Hkv, R, D]."""
+    return torch.ops.dynasparse_tier_cpu.tier_block_bounds(q, tier["cold_key_scale"], tier["cold_key_min"],
+                                                           tier["cold_positions"], bits)

@@ -93,6 +93,41 @@ def test_query_aware_reads_the_block_its_query_points_at():
     assert chosen.shape[-1] == 1 and 10 in tier["cold_positions"][0, 0, chosen.flatten()].flatten().tolist()
 
 
+@pytest.mark.parametrize("policy", ["kvzip", "h2o", "snapkv", "streaming"])
+def test_a_decode_step_over_the_tier_is_the_general_step(policy):
+    """One real token per row takes the decode path (no ranking for an eviction that cannot happen): the
+    same output, scores and slots as the general path (``cache_attention_reference`` + ``score_and_write``)."""
+    from dynasparse.kernels.kv_cache import cache_attention_reference, score_and_write
+    from dynasparse.kernels.policies import POLICIES
+
+    hot, tier = _filled(tokens=40)
+    kv_tier.spill(hot, tier, 4, sink=2, recent=4, horizon=hot["seen"])  # room in the hot slots, a full tier
+    fast = {name: tensor.clone() for name, tensor in hot.items()}
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(2, 4, 1, 16, generator=gen), torch.randn(2, 2, 1, 16, generator=gen), \
+        torch.randn(2, 2, 1, 16, generator=gen)
+    rule, held, observed = POLICIES[policy], 40, torch.ones(2, 1)
+    cold = kv_tier.tier_attention_reference(q.reshape(2, 2, 2, 16), tier, torch.arange(3).expand(2, 2, 3), 4, 0.25)
+    expected = cache_attention_reference(q, k, v, None, True, 0.25, hot["keys"][:, :, :held], hot["values"][:, :, :held],
+                                         hot["positions"][..., :held], observed if rule.uses_attention else None,
+                                         rule, cold)
+    masses = None if expected[1] is None else torch.cat([expected[1], expected[2]], -1)
+    score_and_write(q, k, v, *hot.values(), torch.ones(2, 1, dtype=torch.bool), rule, masses, observed, held, 2, 4,
+                    0.25, 1)
+    actual = kv_tier._attend_one(q, k, v, fast["keys"][:, :, :held], fast["values"][:, :, :held],
+                                 fast["positions"][..., :held], cold, 0.25, rule)
+    kv_tier._write_one(q, k, v, *fast.values(), rule, actual[1], actual[2], observed, held, 0.25, 1)
+    for got, want in zip(actual, expected):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    held_now = hot["positions"] >= 0  # what an empty slot scores does not matter
+    for name in hot:
+        torch.testing.assert_close(fast[name].masked_fill(~held_now, 0) if name == "scores" else fast[name],
+                                   hot[name].masked_fill(~held_now, 0) if name == "scores" else hot[name],
+                                   atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_the_cpu_kernel_attends_over_the_tier_as_the_reference(bits):
     """The C++ kernels give the references' results: attention over the chosen blocks (a block at a time,

@@ -251,17 +251,37 @@ def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
     cold_attention = tier_attention(grouped, cold, _chosen_blocks(grouped, cold, bits, read), bits, scale)
     observed = rule.observe(query_valid, window)
     held = keys.shape[2] - 1  # the hot slots; the scratch slot is empty
-    out, mass_cache, mass_new = cache_attention_reference(
-        q, k, v, mask, is_causal, scale, keys[:, :, :held], values[:, :, :held], positions[..., :held],
-        observed if rule.uses_attention else None, rule, cold_attention)
     if length == 1 and bool(key_valid.all()):  # a decode step: no eviction, the token takes the first free slot
+        out, mass_cache, mass_new = _attend_one(q, k, v, keys[:, :, :held], values[:, :, :held],
+                                                positions[..., :held], cold_attention, scale, rule)
         _write_one(q, k, v, keys, values, positions, scores, seen, rule, mass_cache, mass_new, observed, held, scale,
                    pool)
         return out
+    out, mass_cache, mass_new = cache_attention_reference(
+        q, k, v, mask, is_causal, scale, keys[:, :, :held], values[:, :, :held], positions[..., :held],
+        observed if rule.uses_attention else None, rule, cold_attention)
     masses = None if mass_cache is None else torch.cat([mass_cache, mass_new], -1)
     score_and_write(q, k, v, keys, values, positions, scores, seen, key_valid, rule, masses, observed, held, sink,
                     recent, scale, pool)
     return out
+
+
+def _attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                positions: torch.Tensor, cold: tuple[torch.Tensor, torch.Tensor], scale: float, rule
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``cache_attention_reference`` for one real token per row (nothing to mask among the new tokens): its
+    query heads over the hot slots, the tier (one key: ``cold`` = (out, lse)) and itself, in fp32."""
+    batch, q_heads, _, dim = q.shape
+    kv_heads, held = k.shape[1], keys.shape[2]
+    qg = q.float().reshape(batch, kv_heads, q_heads // kv_heads, dim)
+    logits = qg @ torch.cat([keys, k], 2).float().transpose(-2, -1) * scale  # [B, Hkv, G, held + 1]
+    logits[..., :held].masked_fill_((positions < 0)[:, :, None, :], -math.inf)
+    probs = torch.cat([logits, cold[1][..., None]], -1).softmax(-1)
+    out = probs[..., :held + 1] @ torch.cat([values, v], 2).float() + probs[..., held + 1:] * cold[0]
+    out = out.reshape(batch, q_heads, 1, -1).transpose(1, 2).to(q.dtype)
+    if not rule.uses_attention:
+        return out, None, None
+    return out, rule.masses(probs[..., :held], 1.0), rule.masses(probs[..., held:held + 1], 1.0)
 
 
 def _write_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -11,6 +11,8 @@
 // the caller joins the tier with its full-precision slots in one softmax.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,6 +28,7 @@
 
 namespace {
 
+using Vec = at::vec::Vectorized<float>;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // fp16 scales and minima -> fp32, 16 at a time where the CPU converts them in one instruction
@@ -50,6 +53,16 @@ struct Tier {  // the tier's fields as kv_tier.empty_tier lays them out, and the
   int64_t rows, dim, dim_v, blocks, group, value_groups, count;
   float scale;
 };
+
+// a . b over n floats: vector lanes, then a shuffle tree (a lane-by-lane sum would serialize every dot)
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
+  float total = at::vec::vec_reduce_all<float>([](const Vec& x, const Vec& y) { return x + y; }, acc);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
 
 // a block's codes [G, n / P] (packed bytes) -> floats [G, n] in plane order (channel P * i + s at s * n / P + i)
 template <int BITS>
@@ -86,22 +99,18 @@ void attend(const Tier& t, int64_t head, int64_t first, int64_t last, float* sta
     to_float(t.value_min + block * G * VG, G * VG, v_low.data());
     for (int64_t r = 0; r < R; ++r) {  // keys: a logit is (q * scale) . code + q . minimum, q in plane order
       const float* q = t.q + (head * R + r) * D;
-      float low = 0.f;
-      for (int64_t c = 0; c < D; ++c) {
-        q_step[r * D + (c % P) * key_bytes + c / P] = q[c] * k_step[c];
-        low += q[c] * k_low[c];
+      for (int s = 0; s < P; ++s) {
+        float* __restrict__ plane = q_step.data() + r * D + s * key_bytes;
+        for (int64_t i = 0; i < key_bytes; ++i) plane[i] = q[i * P + s] * k_step[i * P + s];
       }
-      q_low[r] = low;
+      q_low[r] = dot(q, k_low.data(), D);
     }
     unpack<BITS>(t.keys + block * G * key_bytes, G, D, k_tile.data());
     for (int64_t r = 0; r < R; ++r) {
       const float* __restrict__ qs = q_step.data() + r * D;
       for (int64_t k = 0; k < G; ++k) {
         const float* __restrict__ codes = k_tile.data() + k * D;
-        float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-        for (int64_t c = 0; c < D; ++c) sum += qs[c] * codes[c];
-        logits[r * G + k] = pos[k] >= 0 ? (sum + q_low[r]) * t.scale : kNegInf;
+        logits[r * G + k] = pos[k] >= 0 ? (dot(qs, codes, D) + q_low[r]) * t.scale : kNegInf;
       }
     }
     unpack<BITS>(t.values + block * G * value_bytes, G, Dv, v_tile.data());
@@ -118,7 +127,12 @@ void attend(const Tier& t, int64_t head, int64_t first, int64_t last, float* sta
     for (int64_t r = 0; r < R; ++r) {  // online softmax and P @ V
       float* __restrict__ acc = state + r * width;
       const float* row = logits.data() + r * G;
-      const float top = std::max(acc[Dv], *std::max_element(row, row + G));
+      Vec most(kNegInf);
+      int64_t k0 = 0;
+      for (; k0 + Vec::size() <= G; k0 += Vec::size()) most = at::vec::maximum(most, Vec::loadu(row + k0));
+      float top = std::max(acc[Dv], at::vec::vec_reduce_all<float>(
+                                        [](const Vec& x, const Vec& y) { return at::vec::maximum(x, y); }, most));
+      for (; k0 < G; ++k0) top = std::max(top, row[k0]);
       const float rescale = std::exp(acc[Dv] - top);  // exp(-inf) = 0 before the first block
       acc[Dv + 1] *= rescale;
       for (int64_t d = 0; d < Dv; ++d) acc[d] *= rescale;

@@ -275,14 +275,18 @@ def test_sparse_step_keeping_every_block_is_the_reference_step(policy):
     assert_same_contents(actual, expected, score_atol=1e-5)
 
 
-def test_sparse_step_with_a_sparse_plan_reads_fewer_keys():
-    from dynasparse.kernels.kv_cache_sparse import kv_cache_sparse_step
-
+def _full_cache_and_a_chunk() -> tuple[dict, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cache, a copy of it, q, k, v): 96 full slots of 100 tokens seen, and a 64-token chunk."""
     gen = torch.Generator().manual_seed(8)
     expected = random_cache(gen, 1, 2, 96, 16, 16, empty=0.0, seen=100)
     actual = {name: t.clone() for name, t in expected.items()}
-    q = _randn(gen, 1, 4, 64, 16)
-    k, v = _randn(gen, 1, 2, 64, 16), _randn(gen, 1, 2, 64, 16)
+    return expected, actual, _randn(gen, 1, 4, 64, 16), _randn(gen, 1, 2, 64, 16), _randn(gen, 1, 2, 64, 16)
+
+
+def test_sparse_step_with_a_sparse_plan_reads_fewer_keys():
+    from dynasparse.kernels.kv_cache_sparse import kv_cache_sparse_step
+
+    expected, actual, q, k, v = _full_cache_and_a_chunk()
     dense = kc.kv_cache_step_reference(q, k, v, None, True, None, *expected.values(), "h2o", 4, 8, 8, 1)
     sparse = kv_cache_sparse_step(q, k, v, None, True, None, *actual.values(), "h2o", 4, 8, 8, 1,
                                   16, "pooled", "keep_ratio", 0.25, 1, 1, 0, 16, 1.0)
@@ -333,11 +337,7 @@ def test_a_sparse_site_rereading_the_prompt_reads_every_key():
     from dynasparse.kernels.kv_cache_sparse import kv_cache_sparse_step
     from dynasparse.kernels.prompt_phase import prompt_phase
 
-    gen = torch.Generator().manual_seed(8)
-    expected = random_cache(gen, 1, 2, 96, 16, 16, empty=0.0, seen=100)
-    actual = {name: t.clone() for name, t in expected.items()}
-    q = _randn(gen, 1, 4, 64, 16)
-    k, v = _randn(gen, 1, 2, 64, 16), _randn(gen, 1, 2, 64, 16)
+    expected, actual, q, k, v = _full_cache_and_a_chunk()
     dense = kc.kv_cache_step(q, k, v, None, True, None, *expected.values(), "kvzip", 4, 8, 8, 1)
     with prompt_phase("reread"):
         sparse = kv_cache_sparse_step(q, k, v, None, True, None, *actual.values(), "kvzip", 4, 8, 8, 1,

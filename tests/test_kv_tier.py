@@ -157,6 +157,24 @@ def test_the_cpu_kernel_attends_over_the_tier_as_the_reference(bits):
     assert actual[1][1, 2].eq(-math.inf).all() and not actual[0][1, 2].any()
     bounds = kv_tier_cpu.tier_block_bounds_cpu(q, tier, bits)
     torch.testing.assert_close(bounds, kv_tier.block_bounds_reference(q, tier, bits), atol=1e-4, rtol=1e-5)
+    # a decode step: the tier, the hot slots (two empty) and the token itself in one softmax, masses pooled
+    hot_keys, hot_values = torch.randn(batch, heads, 7, dim, generator=gen), torch.randn(batch, heads, 7, dim,
+                                                                                         generator=gen)
+    hot_positions = torch.arange(7).expand(batch, heads, 7).masked_fill(torch.arange(7) % 3 == 1, -1)
+    k, v = torch.randn(batch, heads, 1, dim, generator=gen), torch.randn(batch, heads, 1, dim, generator=gen)
+    from dynasparse.kernels.policies import POLICIES
+    for policy in ("kvzip", "h2o", "streaming"):
+        rule = POLICIES[policy]
+        expected = kv_tier._attend_one(q.reshape(batch, heads * rows, 1, dim), k, v, hot_keys, hot_values,
+                                       hot_positions, kv_tier.tier_attention_reference(q, tier, chosen, bits, 0.25),
+                                       0.25, rule)
+        out, *masses = kv_tier_cpu.tier_decode_attention_cpu(q, tier, chosen, bits, 0.25, hot_keys, hot_values,
+                                                              hot_positions, k, v,
+                                                              rule.reduce if rule.uses_attention else None)
+        torch.testing.assert_close(out.reshape(batch, heads * rows, 1, dim).transpose(1, 2), expected[0],
+                                   atol=1e-5, rtol=1e-5)
+        for got, want in zip(masses, expected[1:]):
+            torch.testing.assert_close(got, want if want is not None else torch.zeros_like(got), atol=1e-5, rtol=1e-5)
 
 
 def _prompts():

@@ -34,7 +34,7 @@ from dynasparse.kernels import kv_tier_cpu
 from dynasparse.kernels.attention import softmax_scale
 from dynasparse.kernels.kv_cache import (STATE_FIELDS, cache_attention_reference, score_and_write,
                                          token_validity)
-from dynasparse.kernels.policies import POLICIES, step_candidates
+from dynasparse.kernels.policies import POLICIES, Policy, step_candidates
 from dynasparse.kernels.quantize import (SCALE_DTYPE, dequantize_keys, dequantize_values, quantize_keys,
                                          quantize_values)
 
@@ -248,15 +248,24 @@ def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
     keys, values, positions, scores, seen = hot
     scale = softmax_scale(scale, q.shape[-1])
     grouped = q.reshape(batch, k.shape[1], -1, q.shape[-1])  # [B, Hkv, G*T, D]: a KV head's query rows
-    cold_attention = tier_attention(grouped, cold, _chosen_blocks(grouped, cold, bits, read), bits, scale)
+    chosen = _chosen_blocks(grouped, cold, bits, read)
     observed = rule.observe(query_valid, window)
     held = keys.shape[2] - 1  # the hot slots; the scratch slot is empty
     if length == 1 and bool(key_valid.all()):  # a decode step: no eviction, the token takes the first free slot
-        out, mass_cache, mass_new = _attend_one(q, k, v, keys[:, :, :held], values[:, :, :held],
-                                                positions[..., :held], cold_attention, scale, rule)
+        hot_now = (keys[:, :, :held], values[:, :, :held], positions[..., :held])
+        if kv_tier_cpu.usable(q) and type(rule).masses is Policy.masses:  # one C++ call, masses pooled there
+            out, mass_cache, mass_new = kv_tier_cpu.tier_decode_attention_cpu(
+                grouped, cold, chosen, bits, scale, *hot_now, k, v, rule.reduce if rule.uses_attention else None)
+            out = out.reshape(q.shape[0], q.shape[1], 1, -1).transpose(1, 2).to(q.dtype)
+            if not rule.uses_attention:
+                mass_cache = mass_new = None
+        else:
+            out, mass_cache, mass_new = _attend_one(q, k, v, *hot_now, tier_attention(grouped, cold, chosen, bits,
+                                                                                       scale), scale, rule)
         _write_one(q, k, v, keys, values, positions, scores, seen, rule, mass_cache, mass_new, observed, held, scale,
                    pool)
         return out
+    cold_attention = tier_attention(grouped, cold, chosen, bits, scale)
     out, mass_cache, mass_new = cache_attention_reference(
         q, k, v, mask, is_causal, scale, keys[:, :, :held], values[:, :, :held], positions[..., :held],
         observed if rule.uses_attention else None, rule, cold_attention)

@@ -149,19 +149,45 @@ void attend(const Tier& t, int64_t head, int64_t first, int64_t last, float* sta
   }
 }
 
-// q [B, Hkv, R, D] fp32 (a KV head's query rows); the tier's fields; chosen [B, Hkv, K] int64: the blocks to
-// read. Returns (out [B, Hkv, R, Dv] fp32, lse [B, Hkv, R] fp32); a row that saw no token gets 0 and -inf.
-std::tuple<at::Tensor, at::Tensor> tier_attention(
-    const at::Tensor& q_in, const at::Tensor& keys_in, const at::Tensor& key_scale_in, const at::Tensor& key_min_in,
-    const at::Tensor& values_in, const at::Tensor& value_scale_in, const at::Tensor& value_min_in,
-    const at::Tensor& positions_in, const at::Tensor& chosen_in, int64_t bits, double scale) {
+// The chosen blocks' attention for every query row, in parts: partial [B * Hkv, parts, R, Dv + 2] holds each
+// part's (output in plane order, max logit, sum of exp(logit - max)).
+struct Partials {
+  std::vector<float> partial;
+  int64_t heads, parts, rows, dim_v, per_byte;
+  const float* at(int64_t head, int64_t part, int64_t r) const {
+    return partial.data() + ((head * parts + part) * rows + r) * (dim_v + 2);
+  }
+  // sum over parts of weight * output and of weight * sum, with weight = exp(max - top)
+  float fold(int64_t head, int64_t r, float top, float* out) const {
+    const int64_t value_bytes = dim_v / per_byte;
+    float total = 0.f;
+    for (int64_t part = 0; part < parts; ++part) {
+      const float* acc = at(head, part, r);
+      if (acc[dim_v] == kNegInf) continue;
+      const float weight = std::exp(acc[dim_v] - top);
+      total += acc[dim_v + 1] * weight;
+      for (int64_t c = 0; c < dim_v; ++c) out[c] += acc[(c % per_byte) * value_bytes + c / per_byte] * weight;
+    }
+    return total;
+  }
+  float top(int64_t head, int64_t r) const {
+    float most = kNegInf;
+    for (int64_t part = 0; part < parts; ++part) most = std::max(most, at(head, part, r)[dim_v]);
+    return most;
+  }
+};
+
+Partials cold_partials(const at::Tensor& q_in, const at::Tensor& keys_in, const at::Tensor& key_scale_in,
+                       const at::Tensor& key_min_in, const at::Tensor& values_in, const at::Tensor& value_scale_in,
+                       const at::Tensor& value_min_in, const at::Tensor& positions_in, const at::Tensor& chosen_in,
+                       int64_t bits, double scale) {
   TORCH_CHECK(q_in.scalar_type() == at::kFloat, "tier_attention: q must be float32");
   TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "tier_attention: bits must be 2, 4 or 8");
   const auto q = q_in.contiguous(), keys = keys_in.contiguous(), values = values_in.contiguous();
   const auto key_scale = key_scale_in.contiguous(), key_min = key_min_in.contiguous();
   const auto value_scale = value_scale_in.contiguous(), value_min = value_min_in.contiguous();
   const auto positions = positions_in.to(at::kInt).contiguous(), chosen = chosen_in.to(at::kLong).contiguous();
-  const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), dim_v = values.size(4) * 8 / bits;
+  const int64_t heads = q.size(0) * q.size(1), rows = q.size(2), dim_v = values.size(4) * 8 / bits;
   const Tier tier{q.data_ptr<float>(), keys.data_ptr<uint8_t>(), key_scale.data_ptr<at::Half>(),
                   key_min.data_ptr<at::Half>(), values.data_ptr<uint8_t>(), value_scale.data_ptr<at::Half>(),
                   value_min.data_ptr<at::Half>(), positions.data_ptr<int>(), chosen.data_ptr<int64_t>(),
@@ -170,13 +196,15 @@ std::tuple<at::Tensor, at::Tensor> tier_attention(
   // a head's blocks split into parts on different threads (decode has a few heads and many blocks)
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(tier.count / 16, 4));
   const int64_t width = dim_v + 2;
-  std::vector<float> partial(batch * heads * parts * rows * width, 0.f);
-  for (int64_t at = dim_v; at < static_cast<int64_t>(partial.size()); at += width) partial[at] = kNegInf;
-  at::parallel_for(0, batch * heads * parts, 1, [&](int64_t begin, int64_t end) {
+  Partials result{std::vector<float>(heads * parts * rows * width, 0.f), heads, parts, rows, dim_v, 8 / bits};
+  for (int64_t at = dim_v; at < static_cast<int64_t>(result.partial.size()); at += width) {
+    result.partial[at] = kNegInf;
+  }
+  at::parallel_for(0, heads * parts, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t part = task % parts, head = task / parts;
       const int64_t first = part * tier.count / parts, last = (part + 1) * tier.count / parts;
-      float* state = partial.data() + task * rows * width;
+      float* state = result.partial.data() + task * rows * width;
       if (bits == 4) {
         attend<4>(tier, head, first, last, state);
       } else if (bits == 2) {
@@ -186,33 +214,102 @@ std::tuple<at::Tensor, at::Tensor> tier_attention(
       }
     }
   });
+  return result;
+}
 
-  const int64_t per_byte = 8 / bits, value_bytes = dim_v / per_byte;
-  auto out = at::zeros({batch, heads, rows, dim_v}, q.options());
-  auto lse = at::full({batch, heads, rows}, kNegInf, q.options());
+// q [B, Hkv, R, D] fp32 (a KV head's query rows); the tier's fields; chosen [B, Hkv, K] int64: the blocks to
+// read. Returns (out [B, Hkv, R, Dv] fp32, lse [B, Hkv, R] fp32); a row that saw no token gets 0 and -inf.
+std::tuple<at::Tensor, at::Tensor> tier_attention(
+    const at::Tensor& q, const at::Tensor& keys, const at::Tensor& key_scale, const at::Tensor& key_min,
+    const at::Tensor& values, const at::Tensor& value_scale, const at::Tensor& value_min,
+    const at::Tensor& positions, const at::Tensor& chosen, int64_t bits, double scale) {
+  const Partials cold = cold_partials(q, keys, key_scale, key_min, values, value_scale, value_min, positions,
+                                      chosen, bits, scale);
+  const int64_t rows = cold.rows, dim_v = cold.dim_v;
+  auto out = at::zeros({q.size(0), q.size(1), rows, dim_v}, q.options().dtype(at::kFloat));
+  auto lse = at::full({q.size(0), q.size(1), rows}, kNegInf, out.options());
   float* out_data = out.data_ptr<float>();
   float* lse_data = lse.data_ptr<float>();
-  for (int64_t head = 0; head < batch * heads; ++head) {  // merge the parts by their log-sum-exp
+  for (int64_t head = 0; head < cold.heads; ++head) {  // merge the parts by their log-sum-exp
     for (int64_t r = 0; r < rows; ++r) {
-      float top = kNegInf;
-      for (int64_t part = 0; part < parts; ++part) {
-        top = std::max(top, partial[((head * parts + part) * rows + r) * width + dim_v]);
-      }
+      const float top = cold.top(head, r);
       if (top == kNegInf) continue;  // no token seen
-      float total = 0.f;
       float* o = out_data + (head * rows + r) * dim_v;
-      for (int64_t part = 0; part < parts; ++part) {
-        const float* acc = partial.data() + ((head * parts + part) * rows + r) * width;
-        if (acc[dim_v] == kNegInf) continue;
-        const float weight = std::exp(acc[dim_v] - top);
-        total += acc[dim_v + 1] * weight;
-        for (int64_t c = 0; c < dim_v; ++c) o[c] += acc[(c % per_byte) * value_bytes + c / per_byte] * weight;
-      }
+      const float total = cold.fold(head, r, top, o);
       for (int64_t c = 0; c < dim_v; ++c) o[c] /= total;
       lse_data[head * rows + r] = top + std::log(total);
     }
   }
   return {out, lse};
+}
+
+// A decode step (one token per row) over the tier, the full-precision hot slots and the token itself, in one
+// softmax: q [B, Hkv, G, D] fp32 (a KV head's query heads), the tier as for tier_attention, hot_keys /
+// hot_values [B, Hkv, S, D / Dv] fp32 with hot_positions [B, Hkv, S] int64 (-1: empty), new_k / new_v
+// [B, Hkv, 1, D / Dv] fp32. Returns (out [B, Hkv, G, Dv] fp32, the hot slots' masses [B, Hkv, S], the token's
+// [B, Hkv, 1]): softmax probabilities pooled over the group's heads by ``reduce`` (1: max, 2: sum; 0: none).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tier_decode_attention(
+    const at::Tensor& q_in, const at::Tensor& keys, const at::Tensor& key_scale, const at::Tensor& key_min,
+    const at::Tensor& values, const at::Tensor& value_scale, const at::Tensor& value_min,
+    const at::Tensor& positions, const at::Tensor& chosen, int64_t bits, double scale,
+    const at::Tensor& hot_keys_in, const at::Tensor& hot_values_in, const at::Tensor& hot_positions_in,
+    const at::Tensor& new_k_in, const at::Tensor& new_v_in, int64_t reduce) {
+  const auto q = q_in.contiguous();
+  const Partials cold = cold_partials(q, keys, key_scale, key_min, values, value_scale, value_min, positions,
+                                      chosen, bits, scale);
+  const auto hot_keys = hot_keys_in.to(at::kFloat).contiguous(), hot_values = hot_values_in.to(at::kFloat).contiguous();
+  const auto hot_positions = hot_positions_in.to(at::kLong).contiguous();
+  const auto new_k = new_k_in.to(at::kFloat).contiguous(), new_v = new_v_in.to(at::kFloat).contiguous();
+  const int64_t rows = cold.rows, dim = q.size(3), dim_v = cold.dim_v, slots = hot_keys.size(2);
+  auto out = at::zeros({q.size(0), q.size(1), rows, dim_v}, q.options());
+  auto mass_hot = at::zeros({q.size(0), q.size(1), slots}, q.options());
+  auto mass_new = at::zeros({q.size(0), q.size(1), 1}, q.options());
+  const float fscale = static_cast<float>(scale);
+  const float* q_data = q.data_ptr<float>();
+  const float* hk = hot_keys.data_ptr<float>();
+  const float* hv = hot_values.data_ptr<float>();
+  const int64_t* hp = hot_positions.data_ptr<int64_t>();
+  const float* nk = new_k.data_ptr<float>();
+  const float* nv = new_v.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  float* mass_hot_data = mass_hot.data_ptr<float>();
+  float* mass_new_data = mass_new.data_ptr<float>();
+  std::vector<float> logits(slots + 1);
+  for (int64_t head = 0; head < cold.heads; ++head) {
+    const float* keys_h = hk + head * slots * dim;
+    const float* values_h = hv + head * slots * dim_v;
+    const int64_t* pos = hp + head * slots;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = q_data + (head * rows + r) * dim;
+      float top = cold.top(head, r);
+      for (int64_t t = 0; t < slots; ++t) {
+        logits[t] = pos[t] >= 0 ? dot(qr, keys_h + t * dim, dim) * fscale : kNegInf;
+        top = std::max(top, logits[t]);
+      }
+      logits[slots] = dot(qr, nk + head * dim, dim) * fscale;
+      top = std::max(top, logits[slots]);
+      float* o = out_data + (head * rows + r) * dim_v;
+      float total = cold.fold(head, r, top, o);
+      for (int64_t t = 0; t <= slots; ++t) {
+        logits[t] = std::exp(logits[t] - top);  // exp(-inf) = 0 for empty slots
+        total += logits[t];
+      }
+      for (int64_t t = 0; t < slots; ++t) {
+        if (logits[t] == 0.f) continue;
+        const float* v = values_h + t * dim_v;
+        for (int64_t c = 0; c < dim_v; ++c) o[c] += logits[t] * v[c];
+      }
+      for (int64_t c = 0; c < dim_v; ++c) o[c] = (o[c] + logits[slots] * nv[head * dim_v + c]) / total;
+      float* mh = mass_hot_data + head * slots;
+      float* mn = mass_new_data + head;
+      for (int64_t t = 0; t <= slots; ++t) {
+        const float p = logits[t] / total;
+        float& mass = t < slots ? mh[t] : *mn;
+        mass = reduce == 1 ? std::max(mass, p) : reduce == 2 ? mass + p : 0.f;
+      }
+    }
+  }
+  return {out, mass_hot, mass_new};
 }
 
 // The most each block's keys can give a query's logit: per block, the max over the query rows of
@@ -270,6 +367,11 @@ TORCH_LIBRARY(dynasparse_tier_cpu, m) {
         "Tensor value_scale, Tensor value_min, Tensor positions, Tensor chosen, int bits, float scale) "
         "-> (Tensor, Tensor)");
   m.impl("tier_attention", c10::DispatchKey::CPU, TORCH_FN(tier_attention));
+  m.def("tier_decode_attention(Tensor q, Tensor keys, Tensor key_scale, Tensor key_min, Tensor values, "
+        "Tensor value_scale, Tensor value_min, Tensor positions, Tensor chosen, int bits, float scale, "
+        "Tensor hot_keys, Tensor hot_values, Tensor hot_positions, Tensor new_k, Tensor new_v, int reduce) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.impl("tier_decode_attention", c10::DispatchKey::CPU, TORCH_FN(tier_decode_attention));
   m.def("tier_block_bounds(Tensor q, Tensor key_scale, Tensor key_min, Tensor positions, int bits) -> Tensor");
   m.impl("tier_block_bounds", c10::DispatchKey::CPU, TORCH_FN(tier_block_bounds));
 }

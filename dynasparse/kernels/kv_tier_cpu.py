@@ -34,3 +34,16 @@ def tier_block_bounds_cpu(q: torch.Tensor, tier: dict[str, torch.Tensor], bits: 
     """As ``kv_tier.block_bounds_reference``: [B, Hkv, NB] for the query rows ``q`` [B, Hkv, R, D]."""
     return torch.ops.dynasparse_tier_cpu.tier_block_bounds(q, tier["cold_key_scale"], tier["cold_key_min"],
                                                            tier["cold_positions"], bits)
+
+
+def tier_decode_attention_cpu(q: torch.Tensor, tier: dict[str, torch.Tensor], chosen: torch.Tensor, bits: int,
+                              scale: float, hot_keys: torch.Tensor, hot_values: torch.Tensor,
+                              hot_positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reduce: str | None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode step over the tier, the hot slots and the token itself in one softmax (``kv_tier._attend_one``
+    over ``tier_attention``): (out [B, Hkv, G, Dv] fp32, the hot slots' masses [B, Hkv, S], the token's
+    [B, Hkv, 1]), probabilities pooled over the group's heads by ``reduce`` ("max", "sum"; None: zeros)."""
+    return torch.ops.dynasparse_tier_cpu.tier_decode_attention(
+        q.float(), tier["cold_keys"], tier["cold_key_scale"], tier["cold_key_min"], tier["cold_values"],
+        tier["cold_value_scale"], tier["cold_value_min"], tier["cold_positions"], chosen, bits, scale,
+        hot_keys, hot_values, hot_positions, k, v, {None: 0, "max": 1, "sum": 2}[reduce])

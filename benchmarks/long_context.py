@@ -178,10 +178,11 @@ def perplexity(model, tokens: torch.Tensor, configs: list[BaseConfig]) -> float:
     return math.exp(F.cross_entropy(torch.cat(logits, 1)[0].float(), tokens[0, half:]).item())
 
 
-def settings(budgets: list[float], min_seq_len: int = 1024, head_scores: str | None = None
-             ) -> list[tuple[str, str, float | None, list[BaseConfig]]]:
+def settings(budgets: list[float], min_seq_len: int = 1024, head_scores: str | None = None,
+             repeat: tuple[int, ...] = ()) -> list[tuple[str, str, float | None, list[BaseConfig]]]:
     """(row name, family for the plot, budget, configs). ``head_scores``: SmolLM2's retrieval-head scores
-    (calibrated on stdlib docstrings, not on these texts), for the head-group rows."""
+    (calibrated on stdlib docstrings, not on these texts), for the head-group rows. ``repeat``: KVzip's repeat
+    instruction (``dynasparse.repeat_prompt``), for the rows that re-read after it."""
     rows = [("full cache", "full", 1.0, [])]
     for policy in POLICIES:
         rows += [(f"{policy} {b:.0%}", policy, b, [KVEvictionConfig(policy=policy, budget=b, recent=64)])
@@ -199,6 +200,10 @@ def settings(budgets: list[float], min_seq_len: int = 1024, head_scores: str | N
         rows += [(f"{policy} {b:.0%} of bytes + int{bits} tier, recent 16", f"{policy} + int{bits} tier", b,
                   [KVEvictionConfig(policy=policy, budget=b, recent=16, unit="bytes", tier_bits=bits)])
                  for b in budgets]
+    if repeat:
+        rows += [(f"kvzip {b:.0%} of bytes + int4 tier, recent 16, repeat prompt", "kvzip + int4 tier + repeat", b,
+                  [KVEvictionConfig(policy="kvzip", budget=b, recent=16, unit="bytes", tier_bits=4,
+                                    reread_prefix=repeat)]) for b in budgets]
     rows += [(f"kvzip {b:.0%} of bytes + int4 tier, recent 16, read 25%", "kvzip + int4 tier, read 25%", b,
               [KVEvictionConfig(policy="kvzip", budget=b, recent=16, unit="bytes", tier_bits=4, tier_read=0.25)])
              for b in budgets]
@@ -355,7 +360,7 @@ def cache_part(model, tokenizer, task: Task, held_out, rows_to_run, args) -> str
     if args.peers is not None:
         run_kvpress(task, args)
     records = on_disk() | ran | {r["row"]: r for r in kvpress_rows(task, args.context)}
-    families = {r[0]: r[1] for r in settings(args.budgets, head_scores=args.head_scores)}  # row name -> plot family, in table order
+    families = {r[0]: r[1] for r in settings(args.budgets, head_scores=args.head_scores, repeat=args.repeat)}  # row name -> plot family, in table order
     order = list(families)
     data = sorted(records.values(), key=lambda r: order.index(r["row"]) if r["row"] in order else len(order))
     full = records["full cache"].get("perplexity") if "full cache" in records else None
@@ -431,10 +436,12 @@ def recipe_part(model, tokenizer, args) -> str:
     ids = torch.tensor([task.heads[1] + task.tails[1]])
     mask = torch.ones_like(ids)
     sparse = SparseAttentionConfig(estimator="antidiagonal", mass=0.95, min_seq_len=1024)
-    bounded = KVEvictionConfig(policy="kvzip", budget=0.25, recent=16, unit="bytes", tier_bits=4)
+    bounded = KVEvictionConfig(policy="kvzip", budget=0.25, recent=16, unit="bytes", tier_bits=4,
+                               reread_prefix=dynasparse.repeat_prompt(tokenizer))
     runs = [("dynasparse: full cache, compiled", []),
-            ("dynasparse: kvzip 25% of bytes + int4 tier, compiled", [bounded]),
-            ("dynasparse: sparse prefill (antidiagonal, mass 0.95) + kvzip 25% of bytes + int4 tier, compiled",
+            ("dynasparse: kvzip 25% of bytes (repeat prompt) + int4 tier, compiled", [bounded]),
+            ("dynasparse: sparse prefill (antidiagonal, mass 0.95) + kvzip 25% of bytes (repeat prompt) + int4 tier, "
+             "compiled",
              [sparse, bounded]),
             ("dynasparse: the same, each step reading 25% of the tier's blocks",
              [sparse, dataclasses.replace(bounded, tier_read=0.25)])]
@@ -497,12 +504,14 @@ def main() -> None:
     entry = zoo.load("smollm2")
     model, tokenizer = entry.model, entry.tokenizer
     args.head_scores = str(cached_head_scores(model, tokenizer, zoo.cache_dir() / "smollm2"))
-    rows_to_run = settings(args.budgets, head_scores=args.head_scores)
+    args.repeat = dynasparse.repeat_prompt(tokenizer)
+    rows_to_run = settings(args.budgets, head_scores=args.head_scores, repeat=args.repeat)
     if args.only is not None:
         rows_to_run = [r for r in rows_to_run if r[0] in args.only]
     if args.quick:
         args.context, args.depths, args.budgets = 512, 2, [0.25]
-        rows_to_run = [r for r in settings(args.budgets, 128, args.head_scores) if r[0] in ("full cache", "h2o 25%",
+        rows_to_run = [r for r in settings(args.budgets, 128, args.head_scores, args.repeat)
+                       if r[0] in ("full cache", "h2o 25%",
                                                                      "sparse prefill keep 0.25 + h2o 25%")]
     task = (fact_task if args.task == "fact" else multikey_task)(tokenizer, args.context, args.depths)
     held_out = tokenizer(inspect.getsource(inspect), return_tensors="pt").input_ids[:, :args.context]

@@ -7,6 +7,7 @@ from dynasparse.passes.retrieval_heads import HeadScores, calibrate_retrieval_he
 from dynasparse.registry import all_techniques
 from dynasparse.runtime.generate import generate
 from dynasparse.runtime.ort import ort_session
+from dynasparse.runtime.reread import repeat_prompt
 from dynasparse import techniques  # noqa: F401  (each record registers itself on import)
 
 # every technique's config (TokenMergeConfig, SparseAttentionConfig, KVEvictionConfig, ExitGateConfig, ...):
@@ -15,5 +16,6 @@ _CONFIGS = {technique.config.__name__: technique.config for technique in all_tec
 globals().update(_CONFIGS)
 
 __all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "HeadScores", "OptimizedModel",
-           "calibrate_retrieval_heads", "export_onnx", "generate", "optimize", "ort_session", *_CONFIGS]
+           "calibrate_retrieval_heads", "export_onnx", "generate", "optimize", "ort_session", "repeat_prompt",
+           *_CONFIGS]
 __version__ = "0.1.0"

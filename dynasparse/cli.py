@@ -72,7 +72,7 @@ def cmd_export(args) -> None:
 KV_HELP = (f"POLICY:BUDGET or full (default). POLICY: {', '.join(p for p in sorted(POLICIES) if p != 'full')}. "
            "BUDGET: a share of the sequence (prompt + new tokens), e.g. 0.25, or a number of tokens, e.g. 1024; "
            "a share s keeps what kvpress calls compression_ratio = 1 - s. kvzip re-reads the prompt to score it "
-           "(about one more prefill) and keeps facts best")
+           "(about two more prefills, told to repeat the context) and keeps facts best")
 
 
 def parse_kv(text: str, unit: str = "tokens", head_scores: str | None = None,
@@ -122,6 +122,7 @@ class TextStream:
 def cmd_generate(args) -> None:
     from dynasparse.harness import zoo
     from dynasparse.runtime.generate import generate
+    from dynasparse.runtime.reread import repeat_prompt
 
     auto_heads = args.head_scores == "auto"
     kv = parse_kv(args.kv, args.kv_unit, None if auto_heads else args.head_scores, args.retrieval_heads,
@@ -144,6 +145,8 @@ def cmd_generate(args) -> None:
     if tokenizer is None:
         raise DynasparseError(f"{args.model} has no tokenizer; generate needs a pretrained causal LM: smollm2, a "
                               "Hugging Face model directory or a .gguf file")
+    if kv.policy == "kvzip" and kv.compress == "after_prefill" and not kv.reread_prefix:  # KVzip's repeat instruction
+        kv = dataclasses.replace(kv, reread_prefix=repeat_prompt(tokenizer))
     if args.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise DynasparseError(f"{args.model}'s tokenizer has no chat template; drop --chat")

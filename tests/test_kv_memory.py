@@ -60,10 +60,10 @@ def test_head_groups_with_room_for_everything_equal_the_full_cache(head_scores):
 
 # --- batched == alone ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_batched_rows_equal_rows_alone(grouped, head_scores):
+@pytest.mark.parametrize("grouped, prefix", [(False, ()), (True, ()), (False, (11, 12, 13))])
+def test_batched_rows_equal_rows_alone(grouped, prefix, head_scores):
     model = llama()
-    config = kv(budget=10, head_scores=head_scores if grouped else None, retrieval_heads=0.5)
+    config = kv(budget=10, head_scores=head_scores if grouped else None, retrieval_heads=0.5, reread_prefix=prefix)
     ids, mask = prompts()
     batched = generate(model, config, ids, mask)
     for row in range(ids.shape[0]):
@@ -91,6 +91,25 @@ def test_the_reread_scores_the_prompt_and_leaves_no_trace():
         assert int(state["seen"][0]) == ids.shape[1]
         scores = state["scores"][state["positions"] >= 0]
         assert bool((scores > 0).all()) and bool((scores <= 1).all())
+
+
+def test_the_repeat_instruction_leads_each_reread_chunk_and_leaves_no_trace():
+    """With ``reread_prefix`` every re-read chunk starts with those ids (after the prompt's positions): the
+    scores change, and the cache again holds the prompt alone (batched == alone: the test above)."""
+    from dynasparse.runtime.generate import steps_for
+    from dynasparse.runtime.steps import prefill
+
+    model = llama()
+    ids, mask = prompts(batch=1)
+    scores = []
+    for prefix in ((), (11, 12, 13)):
+        config = kv(budget=64, reread_prefix=prefix)
+        step = steps_for(model, [config], 1, ids.shape[1] + 4, ids.device, 4)
+        prefill(step, ids, mask, config.chunk_size)
+        state = step.cache.states[0]
+        assert sorted(state["positions"][state["positions"] >= 0].unique().tolist()) == list(range(ids.shape[1]))
+        scores.append(state["scores"][state["positions"] >= 0])
+    assert not torch.allclose(scores[0], scores[1])
 
 
 # --- head groups ---------------------------------------------------------------------------------------------
@@ -160,11 +179,17 @@ def test_bad_input_fails_clearly(tmp_path, head_scores):
         calibrate_retrieval_heads(model, object(), context_tokens=64)
     with pytest.raises(DynasparseError, match="tokenizer"):
         calibrate_retrieval_heads(model, None)
+    with pytest.raises(DynasparseError, match="re-read nothing"):
+        kv("h2o", reread_prefix=(5, 6))
+    with pytest.raises(DynasparseError, match="token ids"):
+        kv(reread_prefix=(5, -1))
 
 
 def test_configs_round_trip_through_json(head_scores):
     config = kv(budget=0.25, unit="bytes", head_scores=head_scores, retrieval_heads=0.3)
     assert dynasparse.KVEvictionConfig.from_json(config.to_json()) == config
+    config = kv(budget=0.25, reread_prefix=[7, 8, 9])  # a list from JSON comes back as the tuple
+    assert dynasparse.KVEvictionConfig.from_json(config.to_json()) == config and config.reread_prefix == (7, 8, 9)
 
 
 @pytest.mark.slow

@@ -144,7 +144,8 @@ class KVCache:
         # with ``compress="after_prefill"`` the prompt fits whole until ``compress`` evicts once, and a
         # policy that re-reads the prompt first (KVzip) gets a chunk's slots for the re-read
         self.rereads = config.compress == "after_prefill" and POLICIES[config.policy].rereads_prompt
-        held = prompt_len + (config.chunk_size if self.rereads else 0) if config.compress == "after_prefill" else 0
+        reread = config.chunk_size + len(config.reread_prefix) if self.rereads else 0
+        held = prompt_len + reread if config.compress == "after_prefill" else 0
         self.states = [empty_state(batch, s.num_kv_heads, max(capacity, held) + reserve, s.head_dim, s.value_dim,
                                    s.dtype, device)
                        | (empty_tier(batch, s.num_kv_heads, blocks, s.head_dim, s.value_dim, s.tier_bits, s.tier_group,

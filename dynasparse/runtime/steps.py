@@ -179,7 +179,7 @@ class CacheSteps:
         all of it evicts down to its budget."""
         if self.cache.rereads:
             reread_prompt(self, self.cache.states, self.cache.rollback, input_ids, attention_mask,
-                          prompt_positions(attention_mask), self.config.chunk_size)
+                          prompt_positions(attention_mask), self.config.chunk_size, self.config.reread_prefix)
         if self.cache.compress():
             self.bind()
 

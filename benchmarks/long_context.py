@@ -440,10 +440,12 @@ def recipe_part(model, tokenizer, args) -> str:
                                reread_prefix=dynasparse.repeat_prompt(tokenizer))
     runs = [("dynasparse: full cache, compiled", []),
             ("dynasparse: kvzip 25% of bytes (repeat prompt) + int4 tier, compiled", [bounded]),
+            ("dynasparse: the same, each step reading 25% of the tier's blocks",
+             [dataclasses.replace(bounded, tier_read=0.25)]),
             ("dynasparse: sparse prefill (antidiagonal, mass 0.95) + kvzip 25% of bytes (repeat prompt) + int4 tier, "
              "compiled",
              [sparse, bounded]),
-            ("dynasparse: the same, each step reading 25% of the tier's blocks",
+            ("dynasparse: sparse prefill + the same, each step reading 25% of the tier's blocks",
              [sparse, dataclasses.replace(bounded, tier_read=0.25)])]
     rows, data = [], []
     start = time.perf_counter()

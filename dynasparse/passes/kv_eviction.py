@@ -207,7 +207,8 @@ class KVEvictionConfig(BaseConfig):
     ``policy="kvzip"`` scores tokens by re-reading the prompt after it (``compress="after_prefill"``:
     about one more prefill); with ``"every_chunk"`` it keeps the most attention any query paid each token.
     ``reread_prefix``: token ids fed before each re-read chunk, KVzip's instruction to repeat the context
-    (``dynasparse.repeat_prompt(tokenizer)`` builds it; on SmolLM2 it doubles recall at 10% of the bytes).
+    (``dynasparse.repeat_prompt(tokenizer)`` builds it; on SmolLM2 at 10% of the bytes it lifts a planted
+    fact's recall from 4/10 to 7/10).
     ``head_scores``: a JSON file of per-KV-head retrieval scores (``calibrate_retrieval_heads``; computed
     once per model). The top ``retrieval_heads`` share of KV heads then keep the budget under ``policy``,
     the others only the sinks and the recent window (StreamingLLM), each group in caches of its own size,

@@ -2,8 +2,9 @@
 
 The torch path (``kv_tier.tier_attention_reference``) gathers the blocks a step reads, dequantizes them into
 fresh tensors and runs a softmax over them: a dozen ops per layer and step, each a pass over the blocks. The
-kernel dequantizes a block at a time into a tile that stays in cache and folds it into an online softmax, so a
-decode step reads each code once. It builds once per machine; without a compiler the torch path runs.
+kernel reads a block at a time: its key codes against the query with the block's scales folded in, its values
+dequantized into a tile that stays in cache, all under an online softmax, so a decode step reads each code
+once. It builds once per machine; without a compiler the torch path runs.
 """
 from __future__ import annotations
 

@@ -5,8 +5,9 @@
    Test accuracy, mean blocks run per image and measured images/s for the full model and for the staged
    runtime at several thresholds (fixed, and calibrated on a held-out split to a quality target);
 2. decoder: greedy decoding of the project's byte-level LM trained with the early-exit loss
-   (``bytelm`` size ``small-exit``): plain greedy vs self-speculative decoding drafting with its first
-   blocks (tokens/s, acceptance, whether the output equals plain greedy), and vs per-token exits (CALM;
+   (``bytelm`` size ``small-exit``): plain greedy vs self-speculative decoding, its drafter and draft length
+   chosen per round (the default) or drafting with each of its first blocks (tokens/s, acceptance, rounds per
+   drafter, whether the output equals plain greedy), and vs per-token exits (CALM;
    and SkipDecode's schedule; tokens/s, blocks per token, share of tokens equal to plain greedy).
 
     python benchmarks/early_exit.py [--quick] [--parts classifier decoder]
@@ -167,14 +168,18 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, n
             base, plain = _decode(model, prompts, new_tokens, repeats)
             rows.append([size, "plain greedy", "—", f"{base:.1f}", "1.00x", "—"])
             data[f"{size} plain"] = {"tokens_per_s": base}
-            for block in draft_blocks:
+            drafts = [("drafter and length chosen per round", None)]
+            drafts += [(f"draft with blocks 0..{block}", (block,)) for block in draft_blocks]
+            for name, blocks in drafts:
                 speed, out = _decode(model, prompts, new_tokens, repeats,
-                                     ExitGateConfig(after_blocks=(block,), mode="draft"))
+                                     ExitGateConfig(after_blocks=blocks, mode="draft"))
                 same = torch.equal(out.sequences, plain.sequences)
-                rows.append([size, f"draft with blocks 0..{block}", f"{out.stats.acceptance:.0%}", f"{speed:.1f}",
+                chosen = ", ".join(f"{what} {n}" for what, n in sorted(out.stats.draft_rounds.items()))
+                rows.append([size, f"{name} (rounds: {chosen})", f"{out.stats.acceptance:.0%}", f"{speed:.1f}",
                              f"{speed / base:.2f}x", "yes" if same else "NO"])
-                data[f"{size} draft {block}"] = {"acceptance": out.stats.acceptance, "tokens_per_s": speed,
-                                                 "speedup": speed / base, "equal_to_greedy": same}
+                data[f"{size} {name}"] = {"acceptance": out.stats.acceptance, "tokens_per_s": speed,
+                                          "speedup": speed / base, "equal_to_greedy": same,
+                                          "draft_rounds": out.stats.draft_rounds}
                 print(rows[-1], flush=True)
             exits = [(f"per-token exit, max_prob > {t}", ExitGateConfig(threshold=t)) for t in thresholds]
             exits.append(("SkipDecode schedule 4 → 2 blocks", ExitGateConfig(decode_schedule=(4, 2))))

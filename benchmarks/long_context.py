@@ -238,24 +238,28 @@ def decoding_settings() -> list[tuple[str, ExitGateConfig | None, list[BaseConfi
     """(row name, early-exit config, other configs): plain greedy first, the reference of the others."""
     h2o = KVEvictionConfig(policy="h2o", budget=0.25, recent=64)
     rows = [("plain greedy", None, []), ("plain greedy, h2o 25%", None, [h2o])]
+    rows += [("self-speculative, drafter and length chosen per round", ExitGateConfig(mode="draft"), []),
+             ("self-speculative, chosen per round, h2o 25%", ExitGateConfig(mode="draft"), [h2o])]
+    # one drafter each (the choice of length and of plain steps still runs): what a fixed LayerSkip exit gets
     rows += [(f"self-speculative, draft blocks 0..{b - 1}", ExitGateConfig(after_blocks=(b - 1,), mode="draft"), [])
              for b in (8, 12, 16, 20)]
-    rows.append(("self-speculative, draft blocks 0..19, h2o 25%", ExitGateConfig(after_blocks=(19,), mode="draft"),
-                 [h2o]))
     gates = tuple(range(7, 29, 4))  # after blocks 8, 12, ..., 28 of 30
     rows += [(f"per-token exit, max_prob > {t:g}", ExitGateConfig(after_blocks=gates, threshold=t), [])
              for t in (0.9, 0.99)]
     return rows
 
 
-def decoding(model, tokenizer, task: Task) -> tuple[list[list[str]], list[dict]]:
+def decoding(model, tokenizer, task: Task, new_tokens: int, only: list[str] | None
+             ) -> tuple[list[list[str]], list[dict]]:
     """Each decoding row on the question-aware batch, beside plain greedy: its speed is the reference of
     every row; its tokens are the reference for the rows over the full cache (plain greedy over the same
-    H2O cache for the rows over one)."""
+    H2O cache for the rows over one). ``only``: the rows to run besides the plain ones."""
     ids, mask = left_padded([h + t for h, t in zip(task.heads, task.tails)], tokenizer.eos_token_id)
     rows, data, reference = [], [], {}
     for name, early_exit, configs in decoding_settings():
-        out = dynasparse.generate(model, ids, mask, max_new_tokens=DECODE_TOKENS, configs=configs,
+        if only is not None and early_exit is not None and name not in only:
+            continue
+        out = dynasparse.generate(model, ids, mask, max_new_tokens=new_tokens, configs=configs,
                                   early_exit=early_exit)
         new, stats = out.sequences[:, ids.shape[1]:], out.stats
         key = tuple(type(c).__name__ for c in configs)
@@ -265,13 +269,14 @@ def decoding(model, tokenizer, task: Task) -> tuple[list[list[str]], list[dict]]
         if early_exit is None:
             detail = "-"
         elif early_exit.mode == "draft":
-            detail = f"{stats.acceptance:.0%} accepted"
+            detail = f"{stats.acceptance:.0%} accepted; rounds: " + ", ".join(
+                f"{what} {n}" for what, n in sorted(stats.draft_rounds.items()))
         else:
             detail = f"{stats.blocks_per_token:.1f} blocks/token"
         aware = recalled(tokenizer, new[:, :NEW_TOKENS], task.answers)
         data.append({"row": name, "aware": aware, "agreement": agreement, "tokens_per_s": speed,
                      "acceptance": stats.acceptance, "blocks_per_token": stats.blocks_per_token,
-                     "prefill_s": stats.prefill_seconds})
+                     "draft_rounds": stats.draft_rounds, "prefill_s": stats.prefill_seconds})
         rows.append([name, f"{sum(aware)}/{len(aware)}", detail, f"{agreement:.1%}", f"{speed:.1f}",
                      f"{speed / reference[()][1]:.2f}x"])
         print(rows[-1], flush=True)
@@ -405,18 +410,19 @@ def cache_part(model, tokenizer, task: Task, held_out, rows_to_run, args) -> str
 
 
 def decoding_part(model, tokenizer, task: Task, args) -> str:
-    rows, data = decoding(model, tokenizer, task)
+    rows, data = decoding(model, tokenizer, task, args.decode_tokens, args.only)
     context_tokens = len(task.heads[0]) + len(task.tails[0])
     title = (f"Decoding on long context, SmolLM2-135M-Instruct (fp32, eager, 2 CPU threads): the question-aware "
-             f"fact prompts ({args.depths} depths of ~{context_tokens} tokens) as one batch, {DECODE_TOKENS} new "
+             f"fact prompts ({args.depths} depths of ~{context_tokens} tokens) as one batch, {args.decode_tokens} new "
              f"greedy tokens; recall from the first {NEW_TOKENS}; tokens against plain greedy over the same cache, "
              f"speed against plain greedy over the full cache, decode steps only")
     header = ["decoding", "recall", "drafts accepted / depth", "tokens equal to greedy", "decode tokens/s (per row)",
               "speedup"]
     markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
-    (OUT / f"long_context_decoding_{args.context}.md").write_text(markdown)
-    (OUT / f"long_context_decoding_{args.context}.json").write_text(json.dumps({"title": title, "rows": data},
-                                                                               indent=2))
+    name = f"long_context_decoding_{args.context}" + ("" if args.decode_tokens == DECODE_TOKENS
+                                                       else f"_{args.decode_tokens}")
+    (OUT / f"{name}.md").write_text(markdown)
+    (OUT / f"{name}.json").write_text(json.dumps({"title": title, "rows": data}, indent=2))
     return markdown
 
 
@@ -493,7 +499,9 @@ def main() -> None:
     parser.add_argument("--agnostic", nargs="*", default=["full cache", "h2o 25%", "snapkv 25%",
                                                             "query-aware decode 10%"],
                         help="rows that also run the question-agnostic setting")
-    parser.add_argument("--only", nargs="*", help="run only the cache rows with these names")
+    parser.add_argument("--only", nargs="*", help="run only the rows with these names (plain decoding rows, "
+                                                  "the references of the decoding part, always run)")
+    parser.add_argument("--decode-tokens", type=int, default=DECODE_TOKENS, help="new tokens of the decoding rows")
     parser.add_argument("--task", choices=["fact", "multikey"], default="fact",
                         help="fact: one fact said once; multikey: four passcodes, one asked")
     parser.add_argument("--all-agnostic", action="store_true", help="every row also runs question-agnostic")

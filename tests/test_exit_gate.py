@@ -209,6 +209,7 @@ def test_draft_mode_is_the_model_cut_after_its_gate():
     (dict(max_quality_drop=0.01), None, "pass optimize"),
     (dict(max_quality_drop=0.01), [{"input_ids": torch.zeros(2, 3, 4, dtype=torch.long)}], "does not fit"),
     (dict(target_speedup=50.0), "ok", "out of reach"),
+    (dict(mode="draft"), None, "cut after one block"),
 ])
 def test_bad_settings_fail_clearly(config, calibration, message):
     model, inputs = _bert(), _text()
@@ -222,7 +223,6 @@ def test_bad_settings_fail_clearly(config, calibration, message):
     (dict(criterion="confidence"), "not a known criterion"),
     (dict(threshold=1.5), r"in \[0, 1\]"),
     (dict(head="linear"), "head="),
-    (dict(mode="draft"), "after_blocks=\\(index,\\)"),
     (dict(criterion="patience", mode="whole_batch"), "patience"),
     (dict(threshold=0.5, max_quality_drop=0.01), "drop threshold"),
     (dict(decode_schedule=(1, 3)), "not increasing"),
@@ -247,6 +247,26 @@ def test_self_speculative_greedy_equals_plain_greedy(build, block):
     out = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=24, early_exit=draft)
     assert torch.equal(out.sequences, plain.sequences)
     assert out.stats.verify_steps < 24 * 3 and 0.0 <= out.stats.acceptance <= 1.0
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_self_speculative_choosing_its_block_equals_plain_greedy(build):
+    """No after_blocks: the runtime picks among a quarter and half of the depth, or decodes plainly."""
+    model = build()
+    inputs = _text(batch=3, length=10)
+    plain = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=24)
+    out = dynasparse.generate(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=24,
+                              early_exit=ExitGateConfig(mode="draft"))
+    assert torch.equal(out.sequences, plain.sequences)
+    assert out.stats.draft_rounds["plain"] >= 1  # the first round measures a plain step
+    assert set(out.stats.draft_rounds) <= {"plain", "blocks 0..0", "blocks 0..1"}
+    assert sum(out.stats.draft_rounds.values()) == out.stats.verify_steps
+
+
+def test_self_speculative_drafter_past_the_last_block_fails_clearly():
+    with pytest.raises(DynasparseError, match="blocks 0..1, not 2"):
+        dynasparse.generate(_llama(), torch.zeros(1, 4, dtype=torch.long), max_new_tokens=2,
+                            early_exit=ExitGateConfig(after_blocks=(2,), mode="draft"))
 
 
 def test_self_speculative_rows_stop_at_their_eos():

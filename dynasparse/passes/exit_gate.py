@@ -52,9 +52,12 @@ class ExitGateConfig(BaseConfig):
     ``optimize(..., calibration=...)``.
 
     ``mode``: ``staged`` (rows leave the batch at each gate, the rest continue compacted), ``whole_batch``
-    (one graph, ``torch.cond`` exits when every row is confident; exports to ONNX ``If``), ``draft`` (the
-    model cut after its single gate: the drafter of self-speculative decoding; ``draft_tokens`` is where
-    the draft length starts, it then adapts to how many drafts the full model accepts).
+    (one graph, ``torch.cond`` exits when every row is confident; exports to ONNX ``If``), ``draft``
+    (self-speculative decoding in ``generate``: the model cut after one of ``after_blocks`` drafts, the
+    whole model verifies; each round's block and length, up to ``draft_tokens``, are chosen from the
+    acceptance and timings measured so far, and plain decoding wherever no drafter pays; no
+    ``after_blocks``: a quarter and half of the depth. In ``optimize``, ``draft`` with one block is
+    that drafter).
     """
 
     after_blocks: tuple[int, ...] | None = None
@@ -65,7 +68,7 @@ class ExitGateConfig(BaseConfig):
     mode: str = "staged"
     max_quality_drop: float | None = None
     target_speedup: float | None = None
-    draft_tokens: int = 4
+    draft_tokens: int = 8
     decode_schedule: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -114,9 +117,6 @@ class ExitGateConfig(BaseConfig):
             self.check_range("max_quality_drop", 0.0, 1.0, high_open=True)
         if self.target_speedup is not None and not self.target_speedup > 1.0:
             raise DynasparseError(f"{name}.target_speedup={self.target_speedup!r} must be > 1")
-        if self.mode == "draft" and (self.after_blocks is None or len(self.after_blocks) != 1):
-            raise DynasparseError(f"{name}(mode='draft') cuts the model after one block: give "
-                                  "after_blocks=(index,)")
         if self.mode == "whole_batch" and self.criterion == "patience":
             raise DynasparseError(f"{name}(mode='whole_batch'): the patience criterion carries state from gate "
                                   "to gate per row; use mode='staged' or another criterion")
@@ -220,6 +220,10 @@ class ExitGatePass:
         c = self.config
         result = PassResult(self.name)
         chosen = self._gated_blocks(analysis)
+        if c.mode == "draft" and (c.after_blocks is None or len(c.after_blocks) != 1):
+            raise DynasparseError("ExitGateConfig(mode='draft') in optimize() is the model cut after one block: "
+                                  "give after_blocks=(index,). generate(early_exit=ExitGateConfig(mode='draft')) "
+                                  "chooses among several blocks (or its own) per round")
         head = head_nodes(gm, analysis)
         last = analysis.blocks[-1].output
         logits = next((o for o in output_nodes(gm) if isinstance(fake(o), torch.Tensor)), None)

@@ -161,6 +161,21 @@ class KVCache:
         cache.bind(graph_module)
         return cache
 
+    def first_layers(self, sites: Sequence[CacheSite]) -> KVCache:
+        """A cache over this one's first ``len(sites)`` layers, sharing their tensors: the drafter of
+        self-speculative decoding (the model's first blocks) reads and writes the full model's cache there
+        (LayerSkip's shared cache). Take it after ``compress``, which replaces the tensors."""
+        mine = [(s.layer, s.num_kv_heads, s.head_dim, s.value_dim) for s in self.sites[:len(sites)]]
+        theirs = [(s.layer, s.num_kv_heads, s.head_dim, s.value_dim) for s in sites]
+        if mine != theirs:
+            raise DynasparseError(f"a cache over the first {len(sites)} layers must have this cache's first "
+                                  f"layers: {theirs} against {mine}")
+        view = object.__new__(KVCache)
+        view.__dict__.update(self.__dict__)
+        view.sites, view.states = tuple(sites), self.states[:len(sites)]
+        view.capacities, view.tier_blocks = self.capacities[:len(sites)], self.tier_blocks[:len(sites)]
+        return view
+
     def bind(self, graph_module: torch.fx.GraphModule) -> None:
         """Make these tensors the graph's cache buffers (the graph reads them by name on every call)."""
         for site, state in zip(self.sites, self.states):

@@ -45,6 +45,7 @@ class GenerateStats:
     verify_steps: int = 0  # self-speculative decoding: full-model passes
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # of which the full model agreed with
+    draft_rounds: dict[str, int] = field(default_factory=dict)  # rounds per drafter ("blocks 0..i"), and "plain"
     blocks_per_token: float = 0.0  # per-token exits: mean blocks run per decoded token
 
     @property
@@ -190,13 +191,17 @@ class TorchSteps(CacheSteps):
     ``compile``: run the step through ``torch.compile`` (True: the device's mode, see ``compile_mode``; or
     a ``torch.compile`` mode name). ``reserve``: slots beyond the budget for tokens that may be rolled back.
     ``prompt_len``: with ``compress="after_prefill"``, the cache holds this many tokens until
-    ``finish_prompt`` evicts down to the budget.
+    ``finish_prompt`` evicts down to the budget. ``shared``: run over the first layers of this cache
+    instead of a cache of its own (a drafter made of the model's first blocks).
     """
 
     def __init__(self, decoder: torch.nn.Module, batch: int, seq_len: int, device: torch.device,
-                 compile: bool | str = False, reserve: int = 0, prompt_len: int = 0):
+                 compile: bool | str = False, reserve: int = 0, prompt_len: int = 0, shared: KVCache | None = None):
         self.decoder = decoder
-        self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device, reserve, prompt_len)
+        if shared is None:
+            self.cache = KVCache.for_graph(decoder.graph_module, batch, seq_len, device, reserve, prompt_len)
+        else:
+            self.cache = shared.first_layers(cache_plan(decoder.graph_module).sites)
         self.config = cache_plan(decoder.graph_module).config
         self.takes_keep = KEEP in decoder.layout.captured
         self.compiled = None

@@ -1,0 +1,49 @@
+"""The per-round choice of self-speculative decoding: a cost model over measured timings and acceptance."""
+import pytest
+
+from dynasparse.runtime.draft_choice import DraftChooser, default_blocks, expected_tokens
+
+
+@pytest.mark.parametrize("depth, blocks", [(1, ()), (2, (0,)), (3, (0, 1)), (4, (0, 1)), (30, (7, 14))])
+def test_default_drafters_end_at_a_quarter_and_half_of_the_depth(depth, blocks):
+    assert default_blocks(depth) == blocks
+
+
+def test_expected_tokens_is_the_accepted_prefix_plus_one():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+def _chooser(verify_per_token: float, acceptance: float, rounds: int = 30) -> DraftChooser:
+    """Simulated rounds: a plain step takes 1 s, a draft step its share of 4 blocks, a verify pass of n
+    tokens 1 + verify_per_token * (n - 1) s; each of 4 rows accepts a deterministic share of drafts."""
+    chooser = DraftChooser((0, 1), depth=4, longest=6)
+    for _ in range(rounds):
+        block, k = chooser.choose()
+        if block is None:
+            chooser.record(None, 0, 0.0, 1.0, [0] * 4)
+            continue
+        accepted = [min(k, int(acceptance * 10 + row) // 10 * k) for row in range(4)]
+        chooser.record(block, k, k * (block + 1) / 4, 1 + verify_per_token * k, accepted)
+    return chooser
+
+
+def test_plain_decoding_when_drafts_are_rejected():
+    chooser = _chooser(verify_per_token=0.1, acceptance=0.0)
+    assert chooser.choose() == (None, 0)
+    assert chooser.rounds["plain"] >= 27  # one try per drafter at most, then plain
+
+
+def test_plain_decoding_when_verifying_costs_a_step_per_token():
+    """A verify pass as dear as that many plain steps (compute-bound): no drafter can pay, even accepted."""
+    chooser = _chooser(verify_per_token=1.0, acceptance=1.0)
+    assert chooser.choose() == (None, 0)
+    assert sum(n for name, n in chooser.rounds.items() if name != "plain") <= 1
+
+
+def test_the_shallow_drafter_that_is_accepted_wins_with_long_drafts():
+    chooser = _chooser(verify_per_token=0.05, acceptance=1.0)
+    block, k = chooser.choose()
+    assert block == 0 and k >= 4
+    assert chooser.rounds["blocks 0..0"] >= 25

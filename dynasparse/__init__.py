@@ -3,6 +3,7 @@ from dynasparse.api import OptimizedModel, optimize
 from dynasparse.config import BaseConfig, CanonicalizeConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.export.onnx import export_onnx
+from dynasparse.fit import FitReport, fit
 from dynasparse.passes.retrieval_heads import HeadScores, calibrate_retrieval_heads
 from dynasparse.registry import all_techniques
 from dynasparse.runtime.generate import generate
@@ -15,7 +16,7 @@ from dynasparse import techniques  # noqa: F401  (each record registers itself o
 _CONFIGS = {technique.config.__name__: technique.config for technique in all_techniques()}
 globals().update(_CONFIGS)
 
-__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "HeadScores", "OptimizedModel",
-           "calibrate_retrieval_heads", "export_onnx", "generate", "optimize", "ort_session", "repeat_prompt",
+__all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "FitReport", "HeadScores", "OptimizedModel",
+           "calibrate_retrieval_heads", "export_onnx", "fit", "generate", "optimize", "ort_session", "repeat_prompt",
            *_CONFIGS]
 __version__ = "0.1.0"

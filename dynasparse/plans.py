@@ -13,6 +13,7 @@ from dynasparse.kernels import kv_cache, kv_tier
 
 CACHE_META = "dynasparse_kv_cache"  # a CachePlan: the KV pass gave every attention site a bounded cache
 EXIT_META = "dynasparse_exit"  # an ExitPlan: exit gates after blocks
+MLP_SKIP_META = "dynasparse_mlp_skip"  # an MLPSkipPlan: routers in front of blocks' MLPs
 MERGE_GATE = "dynasparse.merge_gate"  # a MergeGate when TokenMergeConfig.dense_below is set
 STREAM_STATE = "dynasparse_stream_state"  # values that travel with the residual stream, per block (see below)
 KV_METADATA = "dynasparse.kv_cache"  # an exported decode step's file metadata: the config and the cache layout
@@ -113,3 +114,11 @@ class StreamState:
 
     final: str
     after_block: dict[int, str]
+
+
+@dataclass
+class MLPSkipPlan:
+    """Routers in front of blocks' MLPs: the config, and each routed block's ``RoutedMLP`` submodule name."""
+
+    config: BaseConfig
+    modules: dict[int, str]

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import transformers as hf
 
-from dynasparse import ExitGateConfig, KVEvictionConfig, SparseAttentionConfig, TokenMergeConfig
+from dynasparse import ExitGateConfig, KVEvictionConfig, MLPSkipConfig, SparseAttentionConfig, TokenMergeConfig
 from dynasparse.config import BaseConfig
 from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.policies import POLICIES
@@ -39,6 +39,8 @@ def _kv(policy: str, budget, **kwargs) -> KVEvictionConfig:
 HEAD_SCORES = str(Path(__file__).parent / "data" / "llama_tiny_heads.json")  # retrieval scores for llama()
 
 
+MLP_GATES = str(Path(__file__).parent / "data" / "llama_tiny_mlp_skip.safetensors")  # dynasparse.fit on llama()
+
 REPEAT = (21, 22, 23, 24)  # stands in for dynasparse.repeat_prompt(tokenizer) on the tiny decoders
 
 DEFAULTS = [
@@ -61,6 +63,8 @@ DEFAULTS = [
     # KVzip re-reads after a repeat instruction, as the benchmarks run it
     Default("kv-int4-tier", "decoder", _kv("kvzip", 32, tier_bits=4, tier_group=8, tier_read=0.5, reread_prefix=REPEAT),
             _kv("kvzip", 10_000, tier_bits=4, tier_group=8, reread_prefix=REPEAT), exports=False),
+    # routers fitted to skip about half the MLP token-work; unfitted, they keep every token
+    Default("mlp-skip", "decoder", MLPSkipConfig(target_skip=0.5, fitted=MLP_GATES), MLPSkipConfig(target_skip=0.5)),
     Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),
             ExitGateConfig(after_blocks=(0,), mode="draft"),  # lossless by construction: no zero variant
             exports=False),  # the drafter and the verifier run in torch
@@ -68,7 +72,7 @@ DEFAULTS = [
 
 # every pair of techniques on the same kind of model (one entry per technique)
 PAIRED = {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "sparse-query-aware-decode", "kv-h2o",
-          "kv-kvzip", "kv-retrieval-heads", "kv-int4-tier", "exit-draft"}
+          "kv-kvzip", "kv-retrieval-heads", "kv-int4-tier", "exit-draft", "mlp-skip"}
 # query-aware decode reads the top keys on steps narrower than a block, decided on the step's width: a draft
 # round's verify step is narrower alone than in a padded batch, so that pair is not yet batch-invariant
 KNOWN_APART = {("sparse-query-aware-decode", "exit-draft")}

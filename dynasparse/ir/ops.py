@@ -10,8 +10,8 @@ from typing import Callable
 
 import torch
 
-from dynasparse.kernels import (exit_gate, kv_cache, kv_cache_sparse, kv_tier, query_aware, sparse_attention,
-                               sparse_attention_cpu, token_merge)
+from dynasparse.kernels import (exit_gate, kv_cache, kv_cache_sparse, kv_tier, mlp_skip, query_aware,
+                               sparse_attention, sparse_attention_cpu, token_merge)
 from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
 from dynasparse.kernels.blocks import num_blocks
 from dynasparse.kernels.policies import POLICIES
@@ -69,6 +69,24 @@ def _attention_fake(q, k, v, mask=None, is_causal=False, scale=None):
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
+def _attention_setup(ctx, inputs, output) -> None:
+    q, k, v, mask, is_causal, scale = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.is_causal, ctx.scale = is_causal, scale
+
+
+def _attention_backward(ctx, grad: torch.Tensor):
+    """SDPA's own backward, recomputed: ``dynasparse.fit`` trains gates through a frozen model's attention."""
+    q, k, v, mask = ctx.saved_tensors
+    inputs = [t.detach().requires_grad_(t.requires_grad) for t in (q, k, v)]
+    with torch.enable_grad():
+        out = attention_sdpa(*inputs, mask, ctx.is_causal, ctx.scale).transpose(1, 2)
+        wanted = [t for t in inputs if t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad) if wanted else [])
+    return *(next(grads) if t.requires_grad else None for t in inputs), None, None, None
+
+
+torch.library.register_autograd(attention, _attention_backward, setup_context=_attention_setup)
 ATTENTION = torch.ops.dynasparse.attention.default
 
 
@@ -377,3 +395,19 @@ def _exit_confidence_fake(logits, hidden, previous, criterion):
 
 
 EXIT_CONFIDENCE = torch.ops.dynasparse.exit_confidence.default
+
+
+# --- MLP skipping (dynasparse.kernels.mlp_skip has the semantics) ------------------------------------------------
+
+@dynasparse_op("token_route")
+def token_route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Boolean [...] of ``x`` [..., D]: the tokens that run the block's MLP (router logit > 0)."""
+    return mlp_skip.route_reference(x, weight, bias)
+
+
+@torch.library.register_fake(token_route)
+def _token_route_fake(x, weight, bias):
+    return x.new_empty(x.shape[:-1], dtype=torch.bool)
+
+
+TOKEN_ROUTE = torch.ops.dynasparse.token_route.default

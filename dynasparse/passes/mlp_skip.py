@@ -1,0 +1,227 @@
+"""MLP skipping: a learned router per block decides, per token, whether the token runs the block's MLP.
+
+    h → attention → h' → [router(x) ? MLP(x) : adapter(x)] → h' + ·      (x = the MLP's normed input)
+
+Attention still runs for every token, so the KV cache stays whole; only the MLP's token-work shrinks
+(FlexiDepth, Mixture-of-Depths, router tuning). A router is a linear map of the MLP's input to one logit
+per token, the adapter a low-rank map standing in for the MLP on skipped tokens; both start as the
+identity (every token kept), and ``dynasparse.fit`` trains them on a frozen model. The MLP moves into a
+``RoutedMLP`` submodule of the graph, whose parameters are ordinary tensors that compile and export carry.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.fx import Node
+
+from dynasparse.config import BaseConfig, config_type
+from dynasparse.errors import DynasparseError
+from dynasparse.ir.analysis import GraphAnalysis
+from dynasparse.ir.nodes import copy_meta, fake, module_paths
+from dynasparse.ir.ops import TOKEN_ROUTE
+from dynasparse.kernels.mlp_skip import KEEP_ALL, adapter, routed
+from dynasparse.plans import MLP_SKIP_META, MLPSkipPlan
+from dynasparse.registry import PassResult
+
+MLP_NAMES = ("mlp", "feed_forward", "ffn")  # a block's MLP module, as Llama / Qwen2 / Mistral / GPT-2 name it
+
+
+@config_type
+@dataclasses.dataclass
+class MLPSkipConfig(BaseConfig):
+    """Per-token MLP skipping behind learned routers (FlexiDepth / Mixture-of-Depths).
+
+    ``target_skip``: the share of MLP token-work ``dynasparse.fit`` trains the routers to skip, over every
+    routed block (blocks may skip more or less). ``adapter_rank``: rank of the map that stands in for the
+    MLP on skipped tokens (0: skipped tokens get nothing). ``fitted``: a file ``dynasparse.fit`` saved
+    (safetensors, with a JSON beside it); without it the routers keep every token. ``layers``: the blocks
+    to route (default: all).
+    """
+
+    target_skip: float = 0.25
+    adapter_rank: int = 16
+    fitted: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_range("target_skip", 0.0, 1.0, low_open=True, high_open=True)
+        self.check_int("adapter_rank", 0)
+        if self.fitted is not None and not Path(self.fitted).is_file():
+            raise DynasparseError(f"{type(self).__name__}.fitted={self.fitted!r} is not a file; give the path "
+                                  "dynasparse.fit(..., save=PATH) wrote, or leave it out (routers keep every token)")
+
+
+class RoutedMLP(torch.nn.Module):
+    """A block's MLP behind its router and adapter. ``dense``: run the MLP for every token, ignoring the
+    router (the teacher ``fit`` distills from). ``fitting``: the router's decision is hard in the forward
+    pass and soft (sigmoid) in the backward pass, every token runs the MLP, and each call appends its share
+    of kept tokens to ``kept`` for ``fit``'s rate penalty. Both are off for inference."""
+
+    def __init__(self, mlp: torch.fx.GraphModule, width: int, rank: int, seed: int):
+        super().__init__()
+        self.mlp = mlp
+        self.router_weight = torch.nn.Parameter(torch.zeros(width))
+        self.router_bias = torch.nn.Parameter(torch.tensor(KEEP_ALL))
+        generator = torch.Generator().manual_seed(seed)  # LoRA's start: a random down map, a zero up map
+        self.adapter_down = torch.nn.Parameter(torch.randn(width, rank, generator=generator) / width ** 0.5)
+        self.adapter_up = torch.nn.Parameter(torch.zeros(rank, width))
+        self.dense = self.fitting = False
+        self.kept: list[torch.Tensor] = []
+
+    def fitted_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {"router_weight": self.router_weight, "router_bias": self.router_bias,
+                "adapter_down": self.adapter_down, "adapter_up": self.adapter_up}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense:
+            return self.mlp(x)
+        if self.fitting:
+            soft = torch.sigmoid(x.float() @ self.router_weight + self.router_bias)
+            gate = (soft > 0.5).float() + soft - soft.detach()  # straight-through
+            self.kept.append(gate.mean())
+            gate = gate[..., None].to(x.dtype)
+            return gate * self.mlp(x) + (1 - gate) * adapter(x, self.adapter_down, self.adapter_up)
+        keep = TOKEN_ROUTE(x, self.router_weight, self.router_bias)
+        return routed(self.mlp, x, keep, self.adapter_down, self.adapter_up)
+
+
+def routed_mlps(gm: torch.fx.GraphModule) -> dict[str, RoutedMLP]:
+    return {name: module for name, module in gm.named_modules() if isinstance(module, RoutedMLP)}
+
+
+def _layout(gm: torch.fx.GraphModule) -> dict:
+    plan = gm.meta[MLP_SKIP_META]
+    gates = routed_mlps(gm)
+    return {"config": {k: v for k, v in plan.config.to_dict().items() if k != "fitted"},
+            "modules": {name: {key: list(p.shape) for key, p in gate.fitted_parameters().items()}
+                        for name, gate in gates.items()}}
+
+
+def save_fitted(gm: torch.fx.GraphModule, path: str | Path) -> Path:
+    """Write the gates' fitted parameters (``path``, safetensors) and their layout (``path`` + ``.json``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"{name}.{key}": p.detach().contiguous().cpu()
+               for name, gate in routed_mlps(gm).items() for key, p in gate.fitted_parameters().items()}
+    save_file(tensors, str(path))
+    path.with_name(path.name + ".json").write_text(json.dumps(_layout(gm), indent=1))
+    return path
+
+
+def load_fitted(gm: torch.fx.GraphModule, path: str | Path) -> None:
+    """Load fitted parameters into ``gm``'s gates; a file fitted on another model or config is named as such."""
+    path = Path(path)
+    layout_path = path.with_name(path.name + ".json")
+    if not layout_path.is_file():
+        raise DynasparseError(f"{layout_path} is missing: fitted gates are a safetensors file and the JSON "
+                              "dynasparse.fit wrote beside it")
+    saved, mine = json.loads(layout_path.read_text()), _layout(gm)
+    if saved["modules"] != mine["modules"]:
+        missing = sorted(set(saved["modules"]) ^ set(mine["modules"]))
+        other = [n for n in set(saved["modules"]) & set(mine["modules"]) if saved["modules"][n] != mine["modules"][n]]
+        raise DynasparseError(f"{path} was fitted on another model or config: gates only on one side: {missing}; "
+                              f"gates of other shapes: {sorted(other)} (saved {saved['modules'].get((other or [''])[0])}"
+                              f", here {mine['modules'].get((other or [''])[0])})")
+    tensors = load_file(str(path))
+    with torch.no_grad():
+        for name, gate in routed_mlps(gm).items():
+            for key, p in gate.fitted_parameters().items():
+                p.copy_(tensors[f"{name}.{key}"].to(p.device, p.dtype))
+
+
+class MLPSkipPass:
+    name = "mlp_skip"
+
+    def __init__(self, config: MLPSkipConfig):
+        self.config = config
+
+    # -- find sites -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _site(gm: torch.fx.GraphModule, block_module: str) -> tuple[list[Node], Node, Node] | str:
+        """(the MLP's nodes in order, its one input, its one output), or why the block has none."""
+        paths = [f"{block_module}.{name}" for name in MLP_NAMES]
+        members = [n for n in gm.graph.nodes if n.op == "call_function" and set(paths) & set(module_paths(n))]
+        if not members:
+            return f"no MLP module ({' / '.join(MLP_NAMES)}) in this block"
+        inside = set(members)
+        inputs = {a for n in members for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+        tensors = [a for a in inputs if isinstance(fake(a), torch.Tensor)]
+        outputs = [n for n in members if any(u not in inside for u in n.users)]
+        if len(tensors) != 1 or len(outputs) != 1:
+            return f"the MLP reads {len(tensors)} tensors and leaves {len(outputs)} (routing needs one of each)"
+        (x,), (y,) = tensors, outputs
+        if fake(y) is None or fake(x).shape != fake(y).shape:
+            return "the MLP changes the width of the stream (the adapter maps a width to itself)"
+        sizes = {str(size): dim for dim, size in enumerate(fake(x).shape)}
+        unknown = [a.name for a in inputs if a is not x and str(a.meta.get("val")) not in sizes]
+        if unknown:
+            return f"the MLP reads sizes that are not its input's ({', '.join(unknown)})"
+        return members, x, y
+
+    @staticmethod
+    def _size_of(x: Node, placeholder: Node, size: Node, graph: torch.fx.Graph) -> Node:
+        """``size`` (a symbolic size the MLP reads, e.g. the batch) as the matching dimension of its input:
+        the routed MLP runs on the kept tokens, whose sizes are not the graph's."""
+        dim = {str(s): d for d, s in enumerate(fake(x).shape)}[str(size.meta["val"])]
+        return graph.call_function(torch.ops.aten.sym_size.int, (placeholder, dim))
+
+    # -- rewrite ----------------------------------------------------------------------------------------------
+    def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
+        result = PassResult(self.name)
+        if not analysis.blocks:
+            raise DynasparseError("MLP skipping needs the model's block structure (indexed layers such as "
+                                  "layers.0); none was found in this graph")
+        plan = MLPSkipPlan(self.config, {})
+        for block in analysis.blocks:
+            if not self.config.applies_to(block.index):
+                continue
+            label = f"MLP of block {block.index} ({block.module})"
+            site = self._site(gm, block.module)
+            if isinstance(site, str):
+                result.left_dense[label] = site
+                continue
+            plan.modules[block.index] = self._route(gm, block.index, *site)
+            result.applied.append(label)
+        if not plan.modules:
+            raise DynasparseError("no MLP could be routed: " + "; ".join(f"{k}: {v}" for k, v in
+                                                                         result.left_dense.items()))
+        result.num_matches = len(plan.modules)
+        gm.meta[MLP_SKIP_META] = plan
+        if self.config.fitted is not None:
+            load_fitted(gm, self.config.fitted)
+        else:
+            result.notes.append("mlp_skip: routers keep every token until dynasparse.fit trains them")
+        gm.graph.lint()
+        gm.recompile()
+        return result
+
+    def _route(self, gm: torch.fx.GraphModule, block: int, members: list[Node], x: Node, y: Node) -> str:
+        """Move the MLP's nodes into a ``RoutedMLP`` submodule called on ``x`` in their place."""
+        graph = torch.fx.Graph()
+        env = {x: graph.placeholder("x")}
+        for node in members:
+            for a in node.all_input_nodes:
+                if a.op == "get_attr" and a not in env:
+                    env[a] = graph.get_attr(a.target)
+                elif a not in env and a not in members:
+                    env[a] = self._size_of(x, env[x], a, graph)
+            env[node] = graph.node_copy(node, lambda a: env[a])
+        graph.output(env[y])
+        width = fake(x).shape[-1]
+        name = f"mlp_skip_{block}"
+        gm.add_submodule(name, RoutedMLP(torch.fx.GraphModule(gm, graph), width, self.config.adapter_rank, block)
+                         .to(device=fake(x).device if fake(x).device.type != "meta" else "cpu"))
+        with gm.graph.inserting_before(y):
+            call = gm.graph.call_module(name, (x,))
+        copy_meta(y, call)
+        y.replace_all_uses_with(call)
+        for node in reversed(members):
+            gm.graph.erase_node(node)
+        for node in list(gm.graph.nodes):
+            if node.op == "get_attr" and not node.users:
+                gm.graph.erase_node(node)
+        return name

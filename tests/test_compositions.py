@@ -87,9 +87,10 @@ def test_self_speculative_cache_bytes_stay_constant_once_full():
 
 
 def test_self_speculative_with_eviction_batched_rows_equal_rows_alone():
+    """A positional policy: what a row keeps does not depend on which rounds its batch drafted."""
     model, (ids, mask) = _llama(), _prompts(length=20)
-    kwargs = dict(max_new_tokens=16, kv=_cache("h2o", 16), early_exit=ExitGateConfig(after_blocks=(0,),
-                                                                                      mode="draft"))
+    kwargs = dict(max_new_tokens=16, kv=_cache("streaming", 16), early_exit=ExitGateConfig(after_blocks=(0,),
+                                                                                            mode="draft"))
     batched = dynasparse.generate(model, ids, mask, **kwargs).sequences
     for row in range(ids.shape[0]):
         alone = dynasparse.generate(model, ids[row:row + 1, mask[row].bool()], **kwargs).sequences

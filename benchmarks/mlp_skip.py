@@ -1,0 +1,165 @@
+"""Learned MLP skipping on the real SmolLM2-135M-Instruct, against the full model in one run.
+
+For each target share of MLP token-work to skip, ``dynasparse.fit`` trains the routers and adapters of
+``MLPSkipConfig`` on the frozen model (stdlib sources, never ``inspect.py``; cached beside the model), then:
+
+* quality: perplexity of held-out ``inspect.py`` (rows of ``--context`` tokens) with the fitted routers,
+  against the full model, and the share of tokens each block's MLP skipped there;
+* speed: ``dynasparse.generate`` over the same prompts (``--batch`` rows of ``--prompt`` tokens of
+  ``inspect.py``, ``--new-tokens`` greedy tokens), prefill seconds and decode tokens/s, against the full
+  model through the same runtime, alternating, median of ``--repeats``; and how many generated tokens
+  equal the full model's.
+
+    python -m benchmarks.mlp_skip [--targets 0.05 0.1 0.25] [--steps 120] [--fit-only] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import inspect
+import json
+import os
+import random
+import statistics
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import benchmarks  # noqa: F401
+except ImportError:  # run as a file: put the repo root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import dynasparse
+from dynasparse import MLPSkipConfig
+from dynasparse.harness import zoo
+from dynasparse.table import table
+
+OUT = Path("benchmarks") / "results"
+TRAIN_TOKENS = 128  # tokens per training row
+
+
+def training_rows(tokenizer, rows: int) -> torch.Tensor:
+    """``rows`` rows of stdlib source (shuffled files, ``inspect.py`` left out: it is the held-out text)."""
+    files = sorted(f for f in glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))
+                   if not f.endswith(os.sep + "inspect.py"))
+    random.Random(0).shuffle(files)
+    ids: list[int] = []
+    for path in files:
+        ids += tokenizer(Path(path).read_text(encoding="utf-8", errors="ignore")).input_ids
+        if len(ids) >= rows * TRAIN_TOKENS:
+            break
+    return torch.tensor(ids[:rows * TRAIN_TOKENS]).view(rows, TRAIN_TOKENS)
+
+
+def fitted_gates(model, tokenizer, target: float, steps: int) -> tuple[str, dict]:
+    """The routers fitted for ``target`` (cached with their fit report)."""
+    path = zoo.cache_dir() / "smollm2" / f"mlp_skip_{target:g}_{steps}.safetensors"
+    report_path = path.with_name(path.name + ".report.json")
+    if not report_path.exists():
+        rows = training_rows(tokenizer, 4 * steps // 2 + 16)
+        optimized = dynasparse.optimize(model, MLPSkipConfig(target_skip=target),
+                                        example_kwargs={"input_ids": rows[:2]})
+        report = dynasparse.fit(optimized, rows, steps=steps, save=path, progress=True)
+        report_path.write_text(json.dumps(report.to_dict()))
+    return str(path), json.loads(report_path.read_text())
+
+
+@torch.no_grad()
+def perplexity(model, held_out: torch.Tensor) -> float:
+    logits = model(input_ids=held_out).logits
+    return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), held_out[:, 1:].flatten()).exp())
+
+
+@torch.no_grad()
+def skipped_per_block(optimized, held_out: torch.Tensor) -> list[float]:
+    """Share of held-out tokens each routed block's MLP skipped (hooks on the routed MLPs' inputs)."""
+    from dynasparse.passes.mlp_skip import routed_mlps
+
+    shares, handles = {}, []
+    for name, gate in routed_mlps(optimized.graph_module).items():
+        def hook(module, args, name=name):
+            keep = torch.ops.dynasparse.token_route(args[0], module.router_weight, module.router_bias)
+            shares[name] = 1.0 - float(keep.float().mean())
+        handles.append(gate.register_forward_pre_hook(hook))
+    optimized(input_ids=held_out)
+    for handle in handles:
+        handle.remove()
+    return [shares[name] for name in sorted(shares, key=lambda n: int(n.rsplit("_", 1)[1]))]
+
+
+def timed(model, prompts: torch.Tensor, new_tokens: int, configs: list) -> tuple[float, float, torch.Tensor]:
+    out = dynasparse.generate(model, prompts, max_new_tokens=new_tokens, configs=configs)
+    return out.stats.prefill_seconds, out.stats.decode_tokens_per_second, out.sequences[:, prompts.shape[1]:]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.05, 0.1, 0.25])
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--fit-only", action="store_true", help="fit (and cache) the routers, measure nothing")
+    parser.add_argument("--context", type=int, default=512, help="tokens per held-out perplexity row")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 5 fit steps, short texts, one repeat")
+    args = parser.parse_args()
+    if args.quick:
+        args.targets, args.steps, args.context, args.prompt, args.new_tokens, args.repeats = [0.25], 5, 64, 64, 4, 1
+    entry = zoo.load("smollm2")
+    model, tokenizer = entry.model, entry.tokenizer
+    if args.fit_only:
+        for target in args.targets:
+            print(target, fitted_gates(model, tokenizer, target, args.steps)[1]["held_out_kl"], flush=True)
+        return
+    source = tokenizer(inspect.getsource(inspect), return_tensors="pt").input_ids[0]
+    held_out = source[:4 * args.context].view(4, args.context)
+    prompts = source[-args.batch * args.prompt:].view(args.batch, args.prompt)
+    full_ppl = perplexity(model, held_out)
+    rows = [["full model", "-", f"{full_ppl:.2f} (+0.0%)", "-", "-", "-", "-", "-"]]
+    data = {"full model": {"perplexity": full_ppl}}
+    for target in args.targets:
+        path, report = fitted_gates(model, tokenizer, target, args.steps)
+        config = MLPSkipConfig(target_skip=target, fitted=path)
+        optimized = dynasparse.optimize(model, config, example_kwargs={"input_ids": held_out[:2]})
+        ppl = perplexity(optimized, held_out)
+        per_block = skipped_per_block(optimized, held_out)
+        timings = {"full": [], "routed": []}
+        for _ in range(args.repeats):  # alternating, so drift hits both
+            timings["full"].append(timed(model, prompts, args.new_tokens, []))
+            timings["routed"].append(timed(model, prompts, args.new_tokens, [config]))
+        full_prefill, full_decode = (statistics.median(t[i] for t in timings["full"]) for i in (0, 1))
+        prefill_s, decode = (statistics.median(t[i] for t in timings["routed"]) for i in (0, 1))
+        equal = float((timings["routed"][-1][2] == timings["full"][-1][2]).float().mean())
+        skipped = sum(per_block) / len(per_block)
+        name = f"MLP skipping, fitted for {target:.0%}"
+        rows.append([name, f"{skipped:.1%}", f"{ppl:.2f} ({ppl / full_ppl - 1:+.1%})",
+                     f"{report['seconds'] / 60:.1f} min", f"{prefill_s:.2f} s vs {full_prefill:.2f} s",
+                     f"{decode:.1f} vs {full_decode:.1f}", f"{equal:.0%}",
+                     " ".join(f"{s:.0%}" for s in per_block)])
+        data[name] = {"target": target, "skipped": skipped, "skipped_per_block": per_block, "perplexity": ppl,
+                      "fit": report, "prefill_s": prefill_s, "full_prefill_s": full_prefill,
+                      "decode_tokens_per_s": decode, "full_decode_tokens_per_s": full_decode,
+                      "tokens_equal_to_full": equal}
+        print(rows[-1], flush=True)
+    title = (f"Learned MLP skipping, SmolLM2-135M-Instruct (fp32, eager, {torch.get_num_threads()} CPU threads): "
+             f"routers + rank-{MLPSkipConfig().adapter_rank} adapters fitted by dynasparse.fit ({args.steps} steps "
+             f"of 4 x {TRAIN_TOKENS} stdlib tokens, KL to the frozen model); perplexity of 4 x {args.context} "
+             f"held-out inspect.py tokens; speed: dynasparse.generate, {args.batch} x {args.prompt}-token prompts, "
+             f"{args.new_tokens} new tokens, median of {args.repeats}, against the full model in the same run")
+    header = ["model", "MLP token-work skipped", "perplexity (vs full)", "fit time", "prefill (vs full)",
+              "decode tokens/s (vs full)", "tokens equal to full", "skipped per block (0..29)"]
+    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    (OUT / f"mlp_skip{suffix}.md").write_text(markdown)
+    (OUT / f"mlp_skip{suffix}.json").write_text(json.dumps({"title": title, "rows": data}, indent=2))
+    print(markdown)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,7 +8,9 @@ For each target share of MLP token-work to skip, ``dynasparse.fit`` trains the r
 * speed: ``dynasparse.generate`` over the same prompts (``--batch`` rows of ``--prompt`` tokens of
   ``inspect.py``, ``--new-tokens`` greedy tokens), prefill seconds and decode tokens/s, against the full
   model through the same runtime, alternating, median of ``--repeats``; and how many generated tokens
-  equal the full model's.
+  equal the full model's;
+* oracle rows: what skipping could reach if a router read each MLP's true output (the tokens whose MLP
+  output is smallest, or best predicted by a full-rank linear map that then stands in), an upper bound.
 
     python -m benchmarks.mlp_skip [--targets 0.05 0.1 0.25] [--steps 120] [--fit-only] [--quick]
 """
@@ -91,6 +93,59 @@ def skipped_per_block(optimized, held_out: torch.Tensor) -> list[float]:
     return [shares[name] for name in sorted(shares, key=lambda n: int(n.rsplit("_", 1)[1]))]
 
 
+@torch.no_grad()
+def oracle_rows(model, tokenizer, held_out: torch.Tensor, full_ppl: float, shares: list[float]) -> list[list[str]]:
+    """Upper bounds no router reaches, since they read each MLP's true output: per block (1..28), skip the
+    share of tokens whose MLP output is smallest (relative to its input), or is best predicted by a
+    full-rank least-squares linear map of its input (fitted on training rows), which then stands in."""
+    mlps = [layer.mlp for layer in model.model.layers]
+    inner = [mlp.forward for mlp in mlps]
+    captured: dict[int, list] = {i: [] for i in range(len(mlps))}
+    state = {"mode": "collect", "share": 0.0}
+    maps: dict[int, torch.Tensor] = {}
+
+    def wrapped(i):
+        def forward(x):
+            out = inner[i](x)
+            if state["mode"] == "collect":
+                captured[i].append((x.flatten(0, -2), out.flatten(0, -2)))
+                return out
+            if not 1 <= i <= len(mlps) - 2:
+                return out
+            if state["mode"] == "norm":
+                error, stand_in = out.norm(dim=-1) / x.norm(dim=-1), torch.zeros_like(out)
+            else:
+                stand_in = torch.cat([x, torch.ones_like(x[..., :1])], -1) @ maps[i]
+                error = (out - stand_in).norm(dim=-1)
+            skip = error <= torch.quantile(error.flatten().float(), state["share"])
+            return torch.where(skip[..., None], stand_in, out)
+        return forward
+
+    for i, mlp in enumerate(mlps):
+        mlp.forward = wrapped(i)
+    try:
+        model(input_ids=training_rows(tokenizer, 32))
+        for i, pairs in captured.items():
+            x = torch.cat([a for a, _ in pairs])
+            x = torch.cat([x, torch.ones_like(x[:, :1])], -1)
+            y = torch.cat([b for _, b in pairs])
+            maps[i] = torch.linalg.solve(x.T @ x + 1e-3 * x.pow(2).mean() * torch.eye(x.shape[1]), x.T @ y)
+        rows = []
+        for mode, name in (("norm", "oracle: skip the smallest MLP outputs"),
+                           ("linear", "oracle: skip where a full-rank linear map predicts the MLP best")):
+            for share in shares:
+                state.update(mode=mode, share=share)
+                ppl = perplexity(model, held_out)
+                total = share * (len(mlps) - 2) / len(mlps)
+                rows.append([f"{name}, {share:.0%} of blocks 1..28", f"{total:.1%}",
+                             f"{ppl:.2f} ({ppl / full_ppl - 1:+.1%})", "-", "-", "-", "-", "-"])
+                print(rows[-1], flush=True)
+        return rows
+    finally:
+        for i, mlp in enumerate(mlps):
+            mlp.forward = inner[i]
+
+
 def timed(model, prompts: torch.Tensor, new_tokens: int, configs: list) -> tuple[float, float, torch.Tensor]:
     out = dynasparse.generate(model, prompts, max_new_tokens=new_tokens, configs=configs)
     return out.stats.prefill_seconds, out.stats.decode_tokens_per_second, out.sequences[:, prompts.shape[1]:]
@@ -101,6 +156,8 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[0.05, 0.1, 0.25])
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--fit-only", action="store_true", help="fit (and cache) the routers, measure nothing")
+    parser.add_argument("--oracle", type=float, nargs="*", default=[0.1, 0.25],
+                        help="shares for the oracle rows (upper bounds that read each MLP's true output)")
     parser.add_argument("--context", type=int, default=512, help="tokens per held-out perplexity row")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=512)
@@ -146,6 +203,7 @@ def main() -> None:
                       "decode_tokens_per_s": decode, "full_decode_tokens_per_s": full_decode,
                       "tokens_equal_to_full": equal}
         print(rows[-1], flush=True)
+    rows += oracle_rows(model, tokenizer, held_out, full_ppl, args.oracle) if args.oracle else []
     title = (f"Learned MLP skipping, SmolLM2-135M-Instruct (fp32, eager, {torch.get_num_threads()} CPU threads): "
              f"routers + rank-{MLPSkipConfig().adapter_rank} adapters fitted by dynasparse.fit ({args.steps} steps "
              f"of 4 x {TRAIN_TOKENS} stdlib tokens, KL to the frozen model); perplexity of 4 x {args.context} "

@@ -147,13 +147,17 @@ def _run(model: OptimizedModel, gates: dict[str, RoutedMLP], ids: torch.Tensor, 
 def _held_out(model: OptimizedModel, gates: dict[str, RoutedMLP], ids: torch.Tensor
               ) -> tuple[float, dict[str, float]]:
     teacher = _run(model, gates, ids, dense=True)
-    student = _run(model, gates, ids, dense=False)
     skipped = {}
-    for name, gate in gates.items():  # the router's decisions on the MLP's inputs, read by a hook
-        inputs: list[torch.Tensor] = []
-        handle = gate.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
-        _run(model, gates, ids, dense=True)
-        handle.remove()
-        keep = torch.ops.dynasparse.token_route(inputs[0], gate.router_weight, gate.router_bias)
-        skipped[name] = 1.0 - float(keep.float().mean())
+
+    def decisions(name: str):  # the router's decisions on the MLP's input, as inference takes them
+        def hook(gate: RoutedMLP, args: tuple) -> None:
+            keep = torch.ops.dynasparse.token_route(args[0], gate.router_weight, gate.router_bias)
+            skipped[name] = 1.0 - float(keep.float().mean())
+        return hook
+    handles = [gate.register_forward_pre_hook(decisions(name)) for name, gate in gates.items()]
+    try:
+        student = _run(model, gates, ids, dense=False)
+    finally:
+        for handle in handles:
+            handle.remove()
     return float(_distill_loss(student, teacher)), skipped

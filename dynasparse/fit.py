@@ -3,8 +3,8 @@
 Only the gates' own parameters train (``RoutedMLP``'s router and adapter); the model's weights are neither
 touched nor copied: they are frozen for the run and their ``requires_grad`` flags restored after. The
 teacher is the same graph with its gates bypassed, so no second model is held. The loss is the KL of the
-gated model's next-token distribution from the teacher's, plus a penalty that pushes the share of MLP
-token-work kept down to ``1 - target_skip`` (straight-through: hard decisions forward, soft backward).
+gated model's next-token distribution from the teacher's, plus a penalty that holds the share of MLP
+token-work kept at ``1 - target_skip`` (straight-through: hard decisions forward, soft backward).
 Fitted parameters save as safetensors with a JSON beside it (the config, the routed blocks, shapes), and
 ``MLPSkipConfig(fitted=PATH)`` loads them into any capture of the same model, ``generate`` included.
 """
@@ -77,7 +77,8 @@ def fit(model: OptimizedModel, data: torch.Tensor, *, steps: int = 200, batch_si
     """Train ``model``'s gates on ``data`` [N, T] (token ids of offline text, one row per sample).
 
     ``held_out`` of the rows (at least one) are kept out of training for the report. ``penalty`` weighs
-    the squared excess of the kept share over ``1 - target_skip``. Deterministic under ``seed``.
+    the squared gap between the kept share and ``1 - target_skip`` (two-sided: skipping more than asked
+    costs quality the target did not ask for). Deterministic under ``seed``.
     ``save``: write the fitted parameters there (safetensors; the JSON goes beside it).
     """
     gates = _gates(model)
@@ -109,7 +110,7 @@ def fit(model: OptimizedModel, data: torch.Tensor, *, steps: int = 200, batch_si
             _set(gates, dense=False, fitting=True)
             student = _forward(model, rows)
             kept = torch.stack([k for gate in gates.values() for k in gate.kept]).mean()
-            loss = _distill_loss(student, teacher) + penalty * F.relu(kept - (1 - target)) ** 2
+            loss = _distill_loss(student, teacher) + penalty * (kept - (1 - target)) ** 2
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

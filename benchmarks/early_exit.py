@@ -158,11 +158,11 @@ def _decode(model, prompts: torch.Tensor, new_tokens: int, repeats: int, config:
 
 
 def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, new_tokens: int,
-                 prompt_len: int, repeats: int) -> str:
+                 prompt_len: int, repeats: int, sizes: list[str]) -> str:
     rows, data = [], {}
     tokens = bytelm.heldout_tokens(batch * 4096)
     prompts = torch.stack([tokens[i * 4096:i * 4096 + prompt_len] for i in range(batch)])
-    for size in ("small-exit", "small"):
+    for size in sizes:
         model = bytelm.load_or_train(size)
         with torch.inference_mode():
             base, plain = _decode(model, prompts, new_tokens, repeats)
@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--lm-batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--sizes", nargs="+", default=["small-exit", "small"],
+                        help="byte LMs: small-exit (trained with the early-exit loss), small (not)")
     parser.add_argument("--quick", action="store_true", help="smoke run: one threshold, few tokens")
     args = parser.parse_args()
     if args.quick:
@@ -220,7 +222,7 @@ def main() -> None:
         print(classifier_part(args.thresholds, args.quality_targets, args.batch, args.repeats), flush=True)
     if "decoder" in args.parts:
         print(decoder_part(args.draft_blocks, args.token_thresholds, args.lm_batch, args.new_tokens,
-                           args.prompt_len, args.repeats), flush=True)
+                           args.prompt_len, args.repeats, args.sizes), flush=True)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 A round that drafts ``k`` tokens from blocks 0..i costs ``k`` draft steps and one verify pass over ``k + 1``
 tokens, and yields ``1 + a + ... + a^k`` tokens on average, ``a`` being the chance that the full model
 agrees with a draft whose earlier drafts it accepted. Plain decoding yields one token per single-token
-pass. The chooser keeps what was measured (each kind of pass's seconds; per block, the drafts accepted and
-the rows whose round ended at a rejected draft) and picks, each round, the block and length with the most
+pass. The chooser keeps what was measured (each kind of pass's seconds, the first two rounds being plain
+steps whose faster one is the reference; per block, the drafts accepted and the rows whose round ended at a
+rejected draft) and picks, each round, the block and length with the most
 expected tokens per second, or plain decoding when nothing is expected to beat it by ``MARGIN``.
 
 A block not tried yet is tried with one draft only while it could still pay were every draft accepted
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 MARGIN = 1.05  # drafting must be expected this much faster than plain decoding: estimates are noisy
+PLAIN_SAMPLES = 2  # plain steps timed before any drafting; the fastest is the reference (the first runs cold)
 SMOOTHING = 0.3  # weight of a new timing in its running average
 
 
@@ -69,15 +71,16 @@ class DraftChooser:
     longest: int
     drafters: dict[int, Drafter] = field(init=False)
     verify_seconds: dict[int, float] = field(init=False, default_factory=dict)  # tokens read -> seconds
+    plain_seconds: list[float] = field(init=False, default_factory=list)  # every timed plain step
     rounds: dict[str, int] = field(init=False, default_factory=dict)  # "plain" or "blocks 0..i" -> rounds
 
     def __post_init__(self) -> None:
         self.drafters = {block: Drafter(block) for block in sorted(self.blocks)}
 
     def choose(self) -> tuple[int | None, int]:
-        plain = self.verify_seconds.get(1)
-        if plain is None:  # measure a plain step first: every estimate is relative to it
+        if len(self.plain_seconds) < PLAIN_SAMPLES:  # every estimate is relative to a plain step
             return None, 0
+        plain = min(self.plain_seconds)  # the steady state: slower samples are noise, not cost
         best, choice = MARGIN, (None, 0)
         for drafter in self.drafters.values():
             if drafter.tried:
@@ -95,6 +98,8 @@ class DraftChooser:
                accepted: Sequence[int]) -> None:
         """One round's timings and, per row still generating, the drafts it accepted."""
         self.verify_seconds[drafts + 1] = _average(self.verify_seconds.get(drafts + 1), verify_seconds)
+        if not drafts:
+            self.plain_seconds.append(verify_seconds)
         name = "plain" if block is None else f"blocks 0..{block}"
         self.rounds[name] = self.rounds.get(name, 0) + 1
         if block is None:
@@ -115,6 +120,8 @@ class DraftChooser:
         (as cheap as a plain step until a longer one was measured)."""
         if tokens in self.verify_seconds:
             return self.verify_seconds[tokens]
+        if tokens == 1:
+            return plain
         longest = max(self.verify_seconds)
         per_token = (self.verify_seconds[longest] - plain) / (longest - 1) if longest > 1 else 0.0
         return plain + max(per_token, 0.0) * (tokens - 1)

@@ -99,36 +99,45 @@ def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_
     begin = time.perf_counter()
     for row, token in enumerate(pending.tolist()):
         _commit(produced, done, row, [token], max_new_tokens, eos)
+    bounded = any(capacity < full.cache.seq_len for capacity in full.cache.capacities)
+    held = real.tolist()  # tokens in each row's cache, on the host
     while not all(done):
         block, k = chooser.choose()
         live = [row for row in range(batch) if not done[row]]
         start = _clock(device)
-        drafted = pending.new_empty(batch, 0)
-        if block is not None:
+        if block is None:  # a plain decoding step, as lean as generate's
+            bonus = full(pending[:, None], torch.ones_like(pending)[:, None], position[:, None],
+                         last_only=True)[:, -1].argmax(-1)
+            if bounded:
+                full.cache.shrink()
+            counts, drafted_rows, extras = [0] * batch, [[]] * batch, bonus.tolist()
+            chooser.record(None, 0, 0.0, _clock(device) - start, [0] * len(live))
+            real, position = real + 1, position + 1
+        else:
             ids, positions, drafts = pending[:, None], position[:, None], []
             for _ in range(k):
                 drafts.append(steps[block](ids, torch.ones_like(ids), positions, last_only=True)[:, -1].argmax(-1))
                 ids, positions = drafts[-1][:, None], positions + 1
             drafted = torch.stack(drafts, 1)  # [B, k]
             full.cache.rollback(real)  # out of the shared layers: the verify pass writes them again
-        drafted_at = _clock(device)
-        candidates = torch.cat([pending[:, None], drafted], 1)
-        targets = full(candidates, torch.ones_like(candidates),
-                       position[:, None] + torch.arange(k + 1, device=device)).argmax(-1)  # [B, k + 1]
-        accepted = (drafted == targets[:, :k]).long().cumprod(1).sum(1)  # [B]
-        bonus = targets.gather(1, accepted[:, None])[:, 0]
-        if k:
+            drafted_at = _clock(device)
+            candidates = torch.cat([pending[:, None], drafted], 1)
+            targets = full(candidates, torch.ones_like(candidates),
+                           position[:, None] + torch.arange(k + 1, device=device)).argmax(-1)  # [B, k + 1]
+            accepted = (drafted == targets[:, :k]).long().cumprod(1).sum(1)  # [B]
+            bonus = targets.gather(1, accepted[:, None])[:, 0]
             full.cache.rollback(real + accepted + 1)
-        full.cache.shrink()
-        counts = accepted.tolist()
-        chooser.record(block, k, drafted_at - start, _clock(device) - drafted_at, [counts[row] for row in live])
-        real, position = real + accepted + 1, position + accepted + 1
+            full.cache.shrink()
+            counts, drafted_rows, extras = accepted.tolist(), drafted.tolist(), bonus.tolist()
+            chooser.record(block, k, drafted_at - start, _clock(device) - drafted_at, [counts[row] for row in live])
+            real, position = real + accepted + 1, position + accepted + 1
         pending = bonus
+        held = [n + c + 1 for n, c in zip(held, counts)]
         stats.verify_steps += 1
         stats.drafted += k * len(live)
         stats.accepted += sum(counts[row] for row in live)
-        stats.cache_used_bytes.append(full.cache.held_bytes())
-        for row, (n, tokens, extra) in enumerate(zip(counts, drafted.tolist(), bonus.tolist())):
+        stats.cache_used_bytes.append(full.used_bytes(held))
+        for row, (n, tokens, extra) in enumerate(zip(counts, drafted_rows, extras)):
             _commit(produced, done, row, tokens[:n] + [extra], max_new_tokens, eos)
         if stream is not None:
             stream(bonus)

@@ -37,6 +37,7 @@ except ImportError:  # run as a file: put the repo root on the path
 
 import dynasparse
 from dynasparse import MLPSkipConfig
+from dynasparse.fit import skipped_per_gate
 from dynasparse.harness import zoo
 from dynasparse.table import table
 
@@ -76,20 +77,9 @@ def perplexity(model, held_out: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), held_out[:, 1:].flatten()).exp())
 
 
-@torch.no_grad()
 def skipped_per_block(optimized, held_out: torch.Tensor) -> list[float]:
-    """Share of held-out tokens each routed block's MLP skipped (hooks on the routed MLPs' inputs)."""
-    from dynasparse.passes.mlp_skip import routed_mlps
-
-    shares, handles = {}, []
-    for name, gate in routed_mlps(optimized.graph_module).items():
-        def hook(module, args, name=name):
-            keep = torch.ops.dynasparse.token_route(args[0], module.router_weight, module.router_bias)
-            shares[name] = 1.0 - float(keep.float().mean())
-        handles.append(gate.register_forward_pre_hook(hook))
-    optimized(input_ids=held_out)
-    for handle in handles:
-        handle.remove()
+    """Share of held-out tokens each routed block's MLP skipped, in block order."""
+    shares = skipped_per_gate(optimized, held_out)
     return [shares[name] for name in sorted(shares, key=lambda n: int(n.rsplit("_", 1)[1]))]
 
 

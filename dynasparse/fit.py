@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from dynasparse.api import OptimizedModel
 from dynasparse.errors import DynasparseError
+from dynasparse.ir.ops import TOKEN_ROUTE
 from dynasparse.passes.mlp_skip import RoutedMLP, routed_mlps, save_fitted
 from dynasparse.plans import MLP_SKIP_META
 from dynasparse.runtime.steps import logits_of
@@ -145,20 +146,32 @@ def _run(model: OptimizedModel, gates: dict[str, RoutedMLP], ids: torch.Tensor, 
 
 
 @torch.no_grad()
-def _held_out(model: OptimizedModel, gates: dict[str, RoutedMLP], ids: torch.Tensor
-              ) -> tuple[float, dict[str, float]]:
-    teacher = _run(model, gates, ids, dense=True)
+def skipped_per_gate(model: OptimizedModel, ids: torch.Tensor) -> dict[str, float]:
+    """Share of the tokens of ``ids`` each gate skips, as inference decides (the routed model's own pass)."""
+    return _routed_pass(model, _gates(model), ids)[1]
+
+
+def _routed_pass(model: OptimizedModel, gates: dict[str, RoutedMLP], ids: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """(logits of the routed model, share of tokens each gate skipped), the decisions read by hooks."""
     skipped = {}
 
-    def decisions(name: str):  # the router's decisions on the MLP's input, as inference takes them
+    def decisions(name: str):
         def hook(gate: RoutedMLP, args: tuple) -> None:
-            keep = torch.ops.dynasparse.token_route(args[0], gate.router_weight, gate.router_bias)
+            keep = TOKEN_ROUTE(args[0], gate.router_weight, gate.router_bias)
             skipped[name] = 1.0 - float(keep.float().mean())
         return hook
     handles = [gate.register_forward_pre_hook(decisions(name)) for name, gate in gates.items()]
     try:
-        student = _run(model, gates, ids, dense=False)
+        return _run(model, gates, ids, dense=False), skipped
     finally:
         for handle in handles:
             handle.remove()
+
+
+@torch.no_grad()
+def _held_out(model: OptimizedModel, gates: dict[str, RoutedMLP], ids: torch.Tensor
+              ) -> tuple[float, dict[str, float]]:
+    teacher = _run(model, gates, ids, dense=True)
+    student, skipped = _routed_pass(model, gates, ids)
     return float(_distill_loss(student, teacher)), skipped

@@ -16,9 +16,14 @@ import torch
 KEEP_ALL = 2.0  # an untrained router's bias: every token runs the MLP, and training moves it in a few dozen steps
 
 
+def router_logits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """fp32 [...]: one logit per token of ``x`` [..., D]; fit trains through its sigmoid."""
+    return x.float() @ weight.float() + bias.float()
+
+
 def route_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Boolean [...]: the tokens of ``x`` [..., D] whose router logit is positive."""
-    return (x.float() @ weight.float() + bias.float()) > 0
+    return router_logits(x, weight, bias) > 0
 
 
 def adapter(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

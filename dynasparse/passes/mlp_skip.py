@@ -23,7 +23,7 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import copy_meta, fake, module_paths
 from dynasparse.ir.ops import TOKEN_ROUTE
-from dynasparse.kernels.mlp_skip import KEEP_ALL, adapter, routed
+from dynasparse.kernels.mlp_skip import KEEP_ALL, adapter, routed, router_logits
 from dynasparse.plans import MLP_SKIP_META, MLPSkipPlan
 from dynasparse.registry import PassResult
 
@@ -80,7 +80,7 @@ class RoutedMLP(torch.nn.Module):
         if self.dense:
             return self.mlp(x)
         if self.fitting:
-            soft = torch.sigmoid(x.float() @ self.router_weight + self.router_bias)
+            soft = torch.sigmoid(router_logits(x, self.router_weight, self.router_bias))
             gate = (soft > 0.5).float() + soft - soft.detach()  # straight-through
             self.kept.append(gate.mean())
             gate = gate[..., None].to(x.dtype)

@@ -1,12 +1,13 @@
 """One ONNX export of a graph module: dynasparse ops lowered to standard ONNX, named inputs, dynamic dims.
 
-Ops whose torch reference has static shapes are exported by tracing that reference into the graph first
-(each technique's ``onnx_lowered`` ops, run as ``ExportedProgram.run_decompositions``), so they are spelled
-once, in torch; only ops the torch path cannot export (data-dependent gathers) have hand-written onnxscript
+Ops whose torch reference has static shapes are exported by tracing that reference in their place (each
+technique's ``onnx_lowered`` ops: their graph nodes call the reference while ``torch.export`` traces, which
+costs no second pass over the graph; ops called from Python are decomposed after), so they are spelled once, in torch; only ops the torch path cannot export (data-dependent gathers) have hand-written onnxscript
 translations (``onnx_translations``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -38,6 +39,27 @@ def auto_dims(tensors: list[torch.Tensor]) -> tuple:
     return tuple({i: Dim.AUTO for i in range(t.dim())} for t in tensors)
 
 
+@contextlib.contextmanager
+def lowered(module: torch.nn.Module, lowerings: dict):
+    """While open, the nodes of ``module``'s graph modules that call an op of ``lowerings`` call its torch
+    reference instead, so tracing the module traces the reference. The graphs are restored on exit."""
+    changed = []
+    for graph_module in {m for m in module.modules() if isinstance(m, torch.fx.GraphModule)}:
+        nodes = [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in lowerings]
+        for node in nodes:
+            changed.append((node, node.target))
+            node.target = lowerings[node.target]
+        if nodes:
+            graph_module.recompile()
+    try:
+        yield
+    finally:
+        for node, target in changed:
+            node.target = target
+        for graph_module in {node.graph.owning_module for node, _ in changed}:
+            graph_module.recompile()
+
+
 def onnx_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, opset_version: int,
                  optimize: bool = True, **names):
     """``torch.onnx.export`` (dynamo) of ``module`` with every technique's lowerings and translations."""
@@ -51,9 +73,11 @@ def onnx_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sha
     try:
         # captured the way torch.onnx.export captures (size-oblivious 0/1 dims, runtime asserts over guards)
         with torch.no_grad(), quiet_pytree_notice(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
-            program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False,
-                                          prefer_deferred_runtime_asserts_over_guards=True)
-            program = program.run_decompositions(lowerings)
+            with lowered(module, lowerings):
+                program = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False,
+                                              prefer_deferred_runtime_asserts_over_guards=True)
+            if any(n.target in lowerings for n in program.graph.nodes):  # called from Python, not a graph node
+                program = program.run_decompositions(lowerings)
             return torch.onnx.export(program, dynamo=True, opset_version=opset_version,
                                      custom_translation_table=translations, verbose=False, optimize=optimize,
                                      **names)

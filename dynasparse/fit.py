@@ -1,5 +1,9 @@
 """``dynasparse.fit``: train the gates a config inserted, on a frozen model, by distillation from it.
 
+Two kinds of gates train here. MLP routers (``MLPSkipConfig``) are described below. Learned exit gates
+(``ExitGateConfig(criterion="learned")``, JEI-DNN) learn from one pass of the model over the data whether
+each exit's prediction equals the full model's (``passes.exit_learning``).
+
 Only the gates' own parameters train (``RoutedMLP``'s router and adapter); the model's weights are neither
 touched nor copied: they are frozen for the run and their ``requires_grad`` flags restored after. The
 teacher is the same graph with its gates bypassed, so no second model is held. The loss is the KL of the
@@ -23,21 +27,25 @@ from tqdm import tqdm
 from dynasparse.api import OptimizedModel
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.ops import TOKEN_ROUTE
-from dynasparse.passes.mlp_skip import RoutedMLP, routed_mlps, save_fitted
+from dynasparse.passes.exit_learning import fit_learned_gates, learned_plan, save_learned_gates
+from dynasparse.passes.mlp_skip import RoutedMLP, routed_mlps, save_mlp_gates
 from dynasparse.plans import MLP_SKIP_META
 from dynasparse.runtime.steps import logits_of
 
 
 @dataclass
 class FitReport:
-    """What a fit did: the training loss per step, and on held-out rows the KL from the teacher and the
-    share of tokens each routed block skips (decisions as inference takes them)."""
+    """What a fit did. MLP routers: the training loss per step, and on held-out rows the KL from the teacher
+    and the share of tokens each routed block skips (decisions as inference takes them). Learned exits, on
+    held-out positions: ``exits`` (the share of predictions the exits change, the share that exit early,
+    blocks run, the thresholds, each gate's accuracy at telling whether its prediction is the final one)."""
 
     steps: int
     seconds: float
     loss: list[float] = field(default_factory=list)
     held_out_kl: float = 0.0
     skipped: dict[str, float] = field(default_factory=dict)  # routed module -> share of held-out tokens skipped
+    exits: dict = field(default_factory=dict)
 
     @property
     def skipped_total(self) -> float:
@@ -47,15 +55,16 @@ class FitReport:
         return {**asdict(self), "skipped_total": self.skipped_total}
 
 
-def _gates(model: OptimizedModel) -> dict[str, RoutedMLP]:
+def _optimized(model: OptimizedModel) -> OptimizedModel:
     if not isinstance(model, OptimizedModel):
         raise DynasparseError(f"fit trains the gates dynasparse.optimize inserted; got {type(model).__name__}. "
-                              "Call dynasparse.optimize(model, MLPSkipConfig(...)) first and fit its result")
-    gates = routed_mlps(model.graph_module)
-    if not gates:
-        raise DynasparseError("this model has no trainable gates: optimize it with a config that inserts them "
-                              "(MLPSkipConfig)")
-    return gates
+                              "Call dynasparse.optimize(model, MLPSkipConfig(...) or ExitGateConfig(criterion="
+                              "'learned')) first and fit its result")
+    return model
+
+
+def _gates(model: OptimizedModel) -> dict[str, RoutedMLP]:
+    return routed_mlps(_optimized(model).graph_module)
 
 
 def _target(model: OptimizedModel) -> float:
@@ -75,29 +84,71 @@ def _forward(model: OptimizedModel, ids: torch.Tensor) -> torch.Tensor:
 def fit(model: OptimizedModel, data: torch.Tensor, *, steps: int = 200, batch_size: int = 4, lr: float = 0.01,
         penalty: float = 100.0, held_out: float = 0.1, seed: int = 0, progress: bool | None = None,
         save: str | Path | None = None) -> FitReport:
-    """Train ``model``'s gates on ``data`` [N, T] (token ids of offline text, one row per sample).
+    """Train ``model``'s gates on ``data``: token ids [N, T] of offline text, one row per sample (learned exit
+    gates also take a list of batches called like the example inputs: dicts of keyword tensors or tuples).
 
-    ``held_out`` of the rows (at least one) are kept out of training for the report. ``penalty`` weighs
-    the squared gap between the kept share and ``1 - target_skip`` (two-sided: skipping more than asked
-    costs quality the target did not ask for). Deterministic under ``seed``.
-    ``save``: write the fitted parameters there (safetensors; the JSON goes beside it).
+    ``held_out`` of the rows or batches (at least one) are kept out of training for the report (and, for
+    learned exits with a ``max_quality_drop`` or ``target_speedup``, to choose the threshold on).
+    MLP routers: ``steps`` of Adam (``lr``) on ``batch_size`` rows; ``penalty`` weighs the squared gap between
+    the kept share and ``1 - target_skip`` (two-sided: skipping more than asked costs quality the target did
+    not ask for). Deterministic under ``seed``. ``save``: write the fitted parameters there (safetensors; the
+    JSON goes beside it); ``MLPSkipConfig(fitted=...)`` / ``ExitGateConfig(fitted=...)`` load them.
     """
-    gates = _gates(model)
-    if data.dim() != 2 or data.dtype not in (torch.long, torch.int):
-        raise DynasparseError(f"fit takes token ids [rows, tokens] (int64), got {tuple(data.shape)} {data.dtype}")
-    n_held = max(1, math.ceil(held_out * data.shape[0]))
-    if data.shape[0] - n_held < batch_size or data.shape[1] < 8:
-        raise DynasparseError(f"fit needs at least batch_size + held-out rows ({batch_size} + {n_held}) of 8+ "
-                              f"tokens; got {data.shape[0]} rows of {data.shape[1]}. Give more or longer rows")
-    target = _target(model)
+    routers, exits = _gates(model), learned_plan(model.graph_module)
+    if not routers and exits is None:
+        raise DynasparseError("this model has no trainable gates: optimize it with a config that inserts them "
+                              "(MLPSkipConfig, or ExitGateConfig(criterion='learned'))")
+    if routers and exits is not None and save is not None:
+        raise DynasparseError("fit(save=...) writes one kind of gate per file and this model has MLP routers and "
+                              "learned exits: fit and save them on models optimized with one config each")
+    ids = isinstance(data, torch.Tensor)
+    if routers or ids:
+        _check_ids(data, batch_size)
+    count = data.shape[0] if ids else len(data)
+    n_held = max(1, math.ceil(held_out * count))
+    if count - n_held < (batch_size if ids else 1):
+        raise DynasparseError(f"fit needs more than {n_held} held-out {'rows' if ids else 'batches'} to train on; "
+                              f"got {count}. Give more data or a smaller held_out")
     train, held = data[:-n_held], data[-n_held:]
+    report = FitReport(steps if routers else 0, 0.0)
+    begin = time.perf_counter()
+    if routers:
+        _fit_routers(model, routers, train, held, report, steps=steps, batch_size=batch_size, lr=lr,
+                     penalty=penalty, seed=seed, progress=progress)
+    if exits is not None:
+        report.exits = fit_learned_gates(model.graph_module, exits, _batches(train, batch_size),
+                                         _batches(held, batch_size))
+    report.seconds = time.perf_counter() - begin
+    if save is not None:
+        (save_mlp_gates if routers else save_learned_gates)(model.graph_module, save)
+    return report
+
+
+def _check_ids(data, batch_size: int) -> None:
+    if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype not in (torch.long, torch.int):
+        shape = f"{tuple(data.shape)} {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
+        raise DynasparseError(f"fit takes token ids [rows, tokens] (int64) for MLP routers, got {shape}")
+    if data.shape[0] < batch_size + 1 or data.shape[1] < 8:
+        raise DynasparseError(f"fit needs at least batch_size + held-out rows ({batch_size} + 1) of 8+ tokens; got "
+                              f"{data.shape[0]} rows of {data.shape[1]}. Give more or longer rows")
+
+
+def _batches(data, batch_size: int) -> list:
+    """Token-id rows in batches of ``batch_size`` (called as ``input_ids=``), or the batches given."""
+    if isinstance(data, torch.Tensor):
+        return [{"input_ids": data[i:i + batch_size]} for i in range(0, data.shape[0], batch_size)]
+    return list(data)
+
+
+def _fit_routers(model: OptimizedModel, gates: dict[str, RoutedMLP], train: torch.Tensor, held: torch.Tensor,
+                 report: FitReport, *, steps: int, batch_size: int, lr: float, penalty: float, seed: int,
+                 progress: bool | None) -> None:
+    target = _target(model)
     fitted = [p for gate in gates.values() for p in gate.fitted_parameters().values()]
     frozen = {p: p.requires_grad for p in model.graph_module.parameters()}
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(fitted, lr=lr)
-    report = FitReport(steps, 0.0)
     show = progress if progress is not None else sys.stderr.isatty()
-    begin = time.perf_counter()
     try:
         for p in frozen:
             p.requires_grad_(False)
@@ -125,11 +176,7 @@ def fit(model: OptimizedModel, data: torch.Tensor, *, steps: int = 200, batch_si
             p.requires_grad_(flag)
         for p in fitted:
             p.requires_grad_(False)
-    report.seconds = time.perf_counter() - begin
     report.held_out_kl, report.skipped = _held_out(model, gates, held)
-    if save is not None:
-        save_fitted(model.graph_module, save)
-    return report
 
 
 def _set(gates: dict[str, RoutedMLP], dense: bool, fitting: bool) -> None:
@@ -148,7 +195,10 @@ def _run(model: OptimizedModel, gates: dict[str, RoutedMLP], ids: torch.Tensor, 
 @torch.no_grad()
 def skipped_per_gate(model: OptimizedModel, ids: torch.Tensor) -> dict[str, float]:
     """Share of the tokens of ``ids`` each gate skips, as inference decides (the routed model's own pass)."""
-    return _routed_pass(model, _gates(model), ids)[1]
+    gates = _gates(model)
+    if not gates:
+        raise DynasparseError("this model has no MLP routers: optimize it with MLPSkipConfig first")
+    return _routed_pass(model, gates, ids)[1]
 
 
 def _routed_pass(model: OptimizedModel, gates: dict[str, RoutedMLP], ids: torch.Tensor

@@ -40,6 +40,9 @@ HEAD_SCORES = str(Path(__file__).parent / "data" / "llama_tiny_heads.json")  # r
 
 
 MLP_GATES = str(Path(__file__).parent / "data" / "llama_tiny_mlp_skip.safetensors")  # dynasparse.fit on llama()
+# learned exit gates fitted by dynasparse.fit (random tokens, a 20% / 30% quality target) on bert() / llama()
+ENCODER_EXIT_GATES = str(Path(__file__).parent / "data" / "bert_tiny_exit_learned.safetensors")
+EXIT_GATES = str(Path(__file__).parent / "data" / "llama_tiny_exit_learned.safetensors")
 
 REPEAT = (21, 22, 23, 24)  # stands in for dynasparse.repeat_prompt(tokenizer) on the tiny decoders
 
@@ -48,6 +51,8 @@ DEFAULTS = [
     Default("merge-prune", "encoder", TokenMergeConfig(r=4, mode="prune"), TokenMergeConfig(r=0, mode="prune")),
     Default("sparse-encoder", "encoder", _sparse(keep_ratio=0.5), _sparse(keep_ratio=1.0)),
     Default("exit-staged", "encoder", ExitGateConfig(threshold=0.3), ExitGateConfig(threshold=1.0)),
+    Default("exit-learned", "encoder", ExitGateConfig(criterion="learned", fitted=ENCODER_EXIT_GATES),
+            ExitGateConfig(criterion="learned", fitted=ENCODER_EXIT_GATES, threshold=1.0)),
     # a decode step over a cache exports dense attention (sparse chunks) or refuses (query-aware decode)
     *[Default(f"sparse-{name.replace('_', '-')}", "decoder", _sparse(keep_ratio=0.5, estimator=name, window=16),
               _sparse(keep_ratio=1.0, estimator=name, window=16), exports=False)

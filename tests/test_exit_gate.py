@@ -52,9 +52,9 @@ def _mixed_threshold(model, inputs: dict, config: ExitGateConfig) -> float:
     probe = dynasparse.optimize(model, config, example_kwargs=inputs)
     names = {n.name: n for n in probe.graph_module.graph.nodes}
     plan = probe.runner.plan
-    from dynasparse.passes.exit_calibration import _runs
+    from dynasparse.passes.exit_calibration import recorded_runs
 
-    values, _ = next(_runs(probe.graph_module, [inputs], {plan.gates[0].confidence}))
+    values, _ = next(recorded_runs(probe.graph_module, [inputs], {plan.gates[0].confidence}))
     assert names  # the gate node exists
     return float(values[plan.gates[0].confidence].median())
 

@@ -397,6 +397,22 @@ def _exit_confidence_fake(logits, hidden, previous, criterion):
 EXIT_CONFIDENCE = torch.ops.dynasparse.exit_confidence.default
 
 
+@dynasparse_op("learned_exit")
+def learned_exit(logits: torch.Tensor, previous: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence [B] in fp32, prediction = argmax of ``logits``) of a learned exit gate (JEI-DNN): a
+    logistic map of the exit's and the previous exit's logits, fitted by ``dynasparse.fit``."""
+    return exit_gate.learned_confidence(logits, previous, weight, bias)
+
+
+@torch.library.register_fake(learned_exit)
+def _learned_exit_fake(logits, previous, weight, bias):
+    return _exit_confidence_fake(logits, previous, previous, "learned")
+
+
+LEARNED_EXIT = torch.ops.dynasparse.learned_exit.default
+
+
 # --- MLP skipping (dynasparse.kernels.mlp_skip has the semantics) ------------------------------------------------
 
 @dynasparse_op("token_route")

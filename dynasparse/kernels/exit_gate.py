@@ -10,6 +10,9 @@ whether a token exits at this layer. All three are computed in fp32 (fp16/bf16 l
 Logits may hold -inf (masked vocabulary entries; their probability is 0 and 0 * log 0 counts as 0), but every
 row needs at least one finite value.
 
+``learned_features``: what a learned gate (JEI-DNN) reads at an exit: the three scores above, and how the
+exit's prediction relates to the previous exit's (agreement, PABEE's signal, in probabilities).
+
 ``compact_rows``: the rows that did not exit, gathered to the front (``x.index_select(0, index)``), so the
 next layers run on fewer rows.
 
@@ -67,9 +70,11 @@ def compact_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 # --- the gate: criteria and the exit decision ----------------------------------------------------------------
 
-CRITERIA = ("max_prob", "margin", "entropy", "saturation", "patience")
-# exit when the confidence is strictly above: patience gates on agreement, its threshold on max_prob is optional
-DEFAULT_THRESHOLDS = {"max_prob": 0.9, "margin": 0.8, "entropy": 0.8, "saturation": 0.99, "patience": 0.0}
+CRITERIA = ("max_prob", "margin", "entropy", "saturation", "patience", "learned")
+# exit when the confidence is strictly above: patience gates on agreement, its threshold on max_prob is optional;
+# a learned gate's confidence is its estimate that the exit predicts what the full model would
+DEFAULT_THRESHOLDS = {"max_prob": 0.9, "margin": 0.8, "entropy": 0.8, "saturation": 0.99, "patience": 0.0,
+                      "learned": 0.9}
 _LOGIT_ROW = {"max_prob": 0, "margin": 1, "entropy": 2, "patience": 0}
 
 
@@ -87,6 +92,31 @@ def gate_confidence(logits: torch.Tensor, hidden: torch.Tensor, previous: torch.
     else:
         per_position = logit_confidence(logits)[_LOGIT_ROW[criterion]]
     return per_position.reshape(batch, -1).amin(1), logits.argmax(-1)
+
+
+LEARNED_FEATURES = ("max_prob", "margin", "entropy", "prob_of_previous", "agrees_with_previous", "previous_max_prob")
+
+
+def learned_features(logits: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """[..., 6] float32 features of each position of an exit's logits [..., V] and the previous exit's
+    (the same logits at the first gate), in ``LEARNED_FEATURES`` order."""
+    scores = logit_confidence(logits)
+    x, before = logits.float(), previous.float()
+    guess = before.argmax(-1, keepdim=True)
+    prob_of_previous = (x.gather(-1, guess) - x.logsumexp(-1, keepdim=True)).exp()[..., 0]
+    agrees = (logits.argmax(-1) == guess[..., 0]).float()
+    previous_max = (before.amax(-1) - before.logsumexp(-1)).exp()
+    return torch.stack([*scores, prob_of_previous, agrees, previous_max], dim=-1)
+
+
+def learned_confidence(logits: torch.Tensor, previous: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(confidence [B] fp32, prediction) of a learned gate: sigmoid of a logistic map of ``learned_features``,
+    a row as confident as its least confident position. Zero weights give 0.5 everywhere, below the default
+    threshold: an unfitted gate never exits."""
+    features = learned_features(logits, previous)
+    per_position = torch.sigmoid(features @ weight.float() + bias.float())
+    return per_position.reshape(logits.shape[0], -1).amin(1), logits.argmax(-1)
 
 
 def exit_decision(confidence: torch.Tensor, prediction: torch.Tensor, previous: torch.Tensor | None,

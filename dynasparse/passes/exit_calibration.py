@@ -17,26 +17,30 @@ from dynasparse.kernels.exit_gate import exit_decision
 from dynasparse.passes.base import calibration_call
 
 
-class _Recorder(torch.fx.Interpreter):
-    """Runs the graph and keeps the values of the named nodes."""
+class Recorder(torch.fx.Interpreter):
+    """Runs the graph and keeps the values of the named nodes (``keep(node, value)`` of them: a recorder
+    may keep a summary instead of a large value)."""
 
     def __init__(self, gm: torch.fx.GraphModule, names: set[str]):
         super().__init__(gm)
         self.names, self.values = names, {}
 
+    def keep(self, node: torch.fx.Node, value):
+        return value
+
     def run_node(self, n):
         value = super().run_node(n)
         if n.name in self.names:
-            self.values[n.name] = value
+            self.values[n.name] = self.keep(n, value)
         return value
 
 
-def _runs(gm: torch.fx.GraphModule, batches: Iterable, names: set[str]):
+def recorded_runs(gm: torch.fx.GraphModule, batches: Iterable, names: set[str], recorder_type: type = Recorder):
     """Each calibration batch's recorded values and flat outputs, with a clear error for a bad batch."""
     count = 0
     for count, batch in enumerate(batches, start=1):
         args, kwargs = calibration_call(batch)
-        recorder = _Recorder(gm, names)
+        recorder = recorder_type(gm, names)
         try:
             flat = tree_flatten_spec((args, kwargs), gm._in_spec)
             with torch.no_grad():
@@ -56,7 +60,7 @@ def _fit_tuned_heads(gm: torch.fx.GraphModule, plan, batches: list) -> None:
     names = {n.name: n for n in gm.graph.nodes}
     sources = [names[g.hidden].args[0].name for g in plan.gates]
     sums: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for values, _ in _runs(gm, batches, set(sources) | {plan.final_hidden}):
+    for values, _ in recorded_runs(gm, batches, set(sources) | {plan.final_hidden}):
         target = values[plan.final_hidden].reshape(-1, values[plan.final_hidden].shape[-1]).double()
         for i, source in enumerate(sources):
             x = values[source].reshape(-1, target.shape[-1]).double()
@@ -74,9 +78,9 @@ def _fit_tuned_heads(gm: torch.fx.GraphModule, plan, batches: list) -> None:
         getattr(gm, f"exit_{gate.block}_bias").copy_(solution[-1].to(weight.dtype))
 
 
-def _trade_off(confidence: torch.Tensor, predictions: list[torch.Tensor], final: torch.Tensor, plan,
-               threshold: float) -> dict:
-    """Simulate the runtime's exits at one threshold for every gate."""
+def trade_off(confidence: torch.Tensor, predictions: list[torch.Tensor], final: torch.Tensor, plan,
+              thresholds: list[float]) -> dict:
+    """Simulate the runtime's exits at one threshold per gate."""
     rows = final.shape[0]
     exited = torch.zeros(rows, dtype=torch.bool)
     agree = torch.ones(rows, dtype=torch.bool)
@@ -84,7 +88,7 @@ def _trade_off(confidence: torch.Tensor, predictions: list[torch.Tensor], final:
     count = torch.zeros(rows, dtype=torch.long)
     previous = None
     for g, gate in enumerate(plan.gates):
-        fire, count = exit_decision(confidence[g], predictions[g], previous, count, threshold,
+        fire, count = exit_decision(confidence[g], predictions[g], previous, count, thresholds[g],
                                     plan.config.criterion, plan.config.patience)
         new = fire & ~exited
         agree = torch.where(new, (predictions[g] == final).reshape(rows, -1).all(1), agree)
@@ -92,7 +96,7 @@ def _trade_off(confidence: torch.Tensor, predictions: list[torch.Tensor], final:
         exited |= fire
         previous = predictions[g]
     mean_blocks = float(blocks.mean())
-    return {"threshold": threshold, "quality_drop": 1.0 - float(agree.float().mean()),
+    return {"threshold": thresholds[0], "quality_drop": 1.0 - float(agree.float().mean()),
             "exit_share": float(exited.float().mean()), "mean_blocks": mean_blocks,
             "est_speedup": plan.num_blocks / mean_blocks}
 
@@ -112,27 +116,44 @@ def _choose(curve: list[dict], config) -> dict:
 
 
 def calibrate(gm: torch.fx.GraphModule, plan, calibration: Iterable) -> list[str]:
-    """Fit tuned heads (if asked) and choose thresholds; fills ``plan.thresholds`` / ``plan.curve``."""
+    """Fit tuned heads (if asked) and choose thresholds; fills ``plan.thresholds`` / ``plan.curve``.
+    Learned gates' thresholds are left to ``dynasparse.fit``, which trains the gates first."""
     batches = list(calibration)
     notes = []
     if plan.config.head == "tuned":
         _fit_tuned_heads(gm, plan, batches)
         notes.append(f"exit_gate: tuned heads fitted on {len(batches)} calibration batches")
-    if plan.config.max_quality_drop is None and plan.config.target_speedup is None:
-        return notes  # thresholds given; only the heads were fitted
+    if plan.config.chooses_threshold and plan.config.criterion != "learned":
+        notes.extend(choose_thresholds(gm, plan, batches))
+    return notes
+
+
+def gate_outcomes(gm: torch.fx.GraphModule, plan, batches: Iterable
+                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    """(confidence [gates, rows], each gate's predictions, the full model's predictions) over ``batches``."""
     names = {n for g in plan.gates for n in (g.confidence, g.prediction)}
     confidence, predictions, final = [], [[] for _ in plan.gates], []
-    for values, outputs in _runs(gm, batches, names):
+    for values, outputs in recorded_runs(gm, batches, names):
         confidence.append(torch.stack([values[g.confidence] for g in plan.gates]))
         for g, gate in enumerate(plan.gates):
             predictions[g].append(values[gate.prediction])
         final.append(outputs[plan.logits_index].argmax(-1))
-    confidence = torch.cat(confidence, dim=1)
-    predictions = [torch.cat(p) for p in predictions]
-    final = torch.cat(final)
+    return torch.cat(confidence, dim=1), [torch.cat(p) for p in predictions], torch.cat(final)
+
+
+def choose_thresholds(gm: torch.fx.GraphModule, plan, batches: Iterable) -> list[str]:
+    """The one threshold (for every gate) that meets the config's target on ``batches``."""
+    return pick_threshold(plan, *gate_outcomes(gm, plan, batches))
+
+
+def pick_threshold(plan, confidence: torch.Tensor, predictions: list[torch.Tensor], final: torch.Tensor
+                   ) -> list[str]:
+    """Try thresholds at the quantiles of ``confidence`` [gates, rows] and keep the one that meets the
+    config's target; fills ``plan.thresholds`` and ``plan.curve``."""
+    notes = []
     grid = torch.quantile(confidence.flatten().double(), torch.linspace(0, 1, 101, dtype=torch.float64))
     candidates = sorted({round(float(t), 6) for t in grid} | {1.0})
-    plan.curve = [_trade_off(confidence, predictions, final, plan, t) for t in candidates]
+    plan.curve = [trade_off(confidence, predictions, final, plan, [t] * len(plan.gates)) for t in candidates]
     chosen = _choose(plan.curve, plan.config)
     plan.thresholds = [chosen["threshold"]] * len(plan.gates)
     notes.append(f"exit_gate: threshold {chosen['threshold']:.4g} chosen on {final.shape[0]} calibration rows: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -21,8 +22,9 @@ from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import fake, propagate_fake_values
-from dynasparse.ir.ops import EXIT_CONFIDENCE
-from dynasparse.kernels.exit_gate import CRITERIA, DEFAULT_THRESHOLDS
+from dynasparse.ir.ops import EXIT_CONFIDENCE, LEARNED_EXIT
+from dynasparse.kernels.exit_gate import CRITERIA, DEFAULT_THRESHOLDS, LEARNED_FEATURES
+from dynasparse.passes.exit_learning import load_learned_gates
 from dynasparse.plans import EXIT_META, STREAM_STATE, ExitPlan, Gate
 from dynasparse.registry import PassResult
 
@@ -47,9 +49,13 @@ class ExitGateConfig(BaseConfig):
     most 1, so ``threshold=1.0`` never exits. Confidence is read from the model's first output as logits
     over its last dimension; a row with several positions exits when all of them are confident.
 
+    ``learned`` (JEI-DNN): a logistic gate per exit reads the exit's and the previous exit's logits and
+    estimates the chance that the exit predicts what the full model would; ``dynasparse.fit`` trains it on
+    the frozen model (untrained, it never exits) and ``fitted=PATH`` loads what fit saved.
+
     ``threshold=None`` takes the criterion's default, or with ``max_quality_drop`` (share of calibration
     rows whose prediction may change) or ``target_speedup`` (estimated from blocks run) is chosen on
-    ``optimize(..., calibration=...)``.
+    ``optimize(..., calibration=...)`` (for learned gates, by ``dynasparse.fit`` on its held-out rows).
 
     ``mode``: ``staged`` (rows leave the batch at each gate, the rest continue compacted), ``whole_batch``
     (one graph, ``torch.cond`` exits when every row is confident; exports to ONNX ``If``), ``draft``
@@ -70,6 +76,7 @@ class ExitGateConfig(BaseConfig):
     target_speedup: float | None = None
     draft_tokens: int = 8
     decode_schedule: tuple[int, int] | None = None
+    fitted: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -117,13 +124,24 @@ class ExitGateConfig(BaseConfig):
             self.check_range("max_quality_drop", 0.0, 1.0, high_open=True)
         if self.target_speedup is not None and not self.target_speedup > 1.0:
             raise DynasparseError(f"{name}.target_speedup={self.target_speedup!r} must be > 1")
+        if self.fitted is not None and self.criterion != "learned":
+            raise DynasparseError(f"{name}.fitted loads learned gates: give criterion='learned' with it")
+        if self.fitted is not None and not Path(self.fitted).is_file():
+            raise DynasparseError(f"{name}.fitted={self.fitted!r} is not a file; give the path "
+                                  "dynasparse.fit(..., save=PATH) wrote, or leave it out (gates never exit)")
         if self.mode == "whole_batch" and self.criterion == "patience":
             raise DynasparseError(f"{name}(mode='whole_batch'): the patience criterion carries state from gate "
                                   "to gate per row; use mode='staged' or another criterion")
 
     @property
+    def chooses_threshold(self) -> bool:
+        return self.max_quality_drop is not None or self.target_speedup is not None
+
+    @property
     def calibrates(self) -> bool:
-        return self.head == "tuned" or self.max_quality_drop is not None or self.target_speedup is not None
+        """Whether optimize needs calibration data: tuned heads, or a target to choose the threshold for
+        (a learned gate's is chosen by ``dynasparse.fit``, once the gates are trained)."""
+        return self.head == "tuned" or (self.chooses_threshold and self.criterion != "learned")
 
     def thresholds(self, num_gates: int) -> list[float]:
         """One threshold per gate (the criterion's default when none was given or calibrated)."""
@@ -230,6 +248,7 @@ class ExitGatePass:
         if logits is None:
             raise DynasparseError("the model returns no tensor: an exit gate has no output to read confidence from")
         gates: list[Gate] = []
+        previous_logits: Node | None = None  # what a learned gate compares with: the last gate's logits
         for b in chosen:
             block = analysis.blocks[b]
             label = f"gate after block {b} ({block.module})"
@@ -242,7 +261,9 @@ class ExitGatePass:
                 result.left_dense[label] = "the block changes the number of tokens (token merging): saturation " \
                                            "compares states of one shape"
             else:
-                gates.append(self._insert_gate(gm, b, block.output, block.input, head, last, logits))
+                gate, previous_logits = self._insert_gate(gm, b, block.output, block.input, head, last, logits,
+                                                          previous_logits)
+                gates.append(gate)
                 result.applied.append(label)
         if not gates:
             raise DynasparseError("no exit gate could be placed: " + "; ".join(
@@ -255,6 +276,10 @@ class ExitGatePass:
         propagate_fake_values(gm)
         plan = ExitPlan(c, gates, c.thresholds(len(gates)), len(analysis.blocks), last.name,
                         output_nodes(gm).index(logits), [b.output.name for b in analysis.blocks])
+        if c.fitted is not None:
+            result.notes.append(load_learned_gates(gm, plan, c.fitted))
+        elif c.criterion == "learned":
+            result.notes.append("exit_gate: learned gates never exit until dynasparse.fit trains them")
         if self.uses_calibration:
             from dynasparse.passes.exit_calibration import calibrate
 
@@ -269,7 +294,7 @@ class ExitGatePass:
         return result
 
     def _insert_gate(self, gm: torch.fx.GraphModule, b: int, hidden: Node, previous: Node | None,
-                     head: list[Node], last: Node, logits: Node) -> Gate:
+                     head: list[Node], last: Node, logits: Node, previous_logits: Node | None) -> tuple[Gate, Node]:
         graph = gm.graph
         with graph.inserting_before(hidden.next):
             read = hidden
@@ -283,12 +308,20 @@ class ExitGatePass:
                 read.meta["nn_module_stack"] = dict(hidden.meta.get("nn_module_stack", {}))
             outputs = copy_head(gm, head, last, read, stream_after(gm, b))
             gate_logits = outputs[output_nodes(gm).index(logits)]
-            pair = graph.call_function(EXIT_CONFIDENCE, (gate_logits, hidden, previous if previous is not None
-                                                         else hidden, self.config.criterion))
+            if self.config.criterion == "learned":
+                gm.register_buffer(f"exit_{b}_gate_weight", torch.zeros(len(LEARNED_FEATURES)))
+                gm.register_buffer(f"exit_{b}_gate_bias", torch.zeros(()))
+                pair = graph.call_function(LEARNED_EXIT, (gate_logits, gate_logits if previous_logits is None else previous_logits,
+                                                          graph.get_attr(f"exit_{b}_gate_weight"),
+                                                          graph.get_attr(f"exit_{b}_gate_bias")))
+            else:
+                pair = graph.call_function(EXIT_CONFIDENCE, (gate_logits, hidden, previous if previous is not None
+                                                             else hidden, self.config.criterion))
             confidence = graph.call_function(operator.getitem, (pair, 0))
             prediction = graph.call_function(operator.getitem, (pair, 1))
-        return Gate(b, read.name, confidence.name, prediction.name, [o.name for o in outputs], prediction.name,
+        gate = Gate(b, read.name, confidence.name, prediction.name, [o.name for o in outputs], prediction.name,
                     hidden.name)
+        return gate, gate_logits
 
     @staticmethod
     def _cut_after(gm: torch.fx.GraphModule, gate: Gate) -> None:

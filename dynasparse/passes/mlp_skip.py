@@ -11,11 +11,9 @@ identity (every token kept), and ``dynasparse.fit`` trains them on a frozen mode
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch.fx import Node
 
 from dynasparse.config import BaseConfig, config_type
@@ -24,6 +22,7 @@ from dynasparse.ir.analysis import GraphAnalysis
 from dynasparse.ir.nodes import copy_meta, fake, module_paths
 from dynasparse.ir.ops import TOKEN_ROUTE
 from dynasparse.kernels.mlp_skip import KEEP_ALL, adapter, routed, router_logits
+from dynasparse.passes.fitted import load_fitted, save_fitted
 from dynasparse.plans import MLP_SKIP_META, MLPSkipPlan
 from dynasparse.registry import PassResult
 
@@ -93,44 +92,14 @@ def routed_mlps(gm: torch.fx.GraphModule) -> dict[str, RoutedMLP]:
     return {name: module for name, module in gm.named_modules() if isinstance(module, RoutedMLP)}
 
 
-def _layout(gm: torch.fx.GraphModule) -> dict:
-    plan = gm.meta[MLP_SKIP_META]
-    gates = routed_mlps(gm)
-    return {"config": {k: v for k, v in plan.config.to_dict().items() if k != "fitted"},
-            "modules": {name: {key: list(p.shape) for key, p in gate.fitted_parameters().items()}
-                        for name, gate in gates.items()}}
+def _fitted(gm: torch.fx.GraphModule) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: dict(gate.fitted_parameters()) for name, gate in routed_mlps(gm).items()}
 
 
-def save_fitted(gm: torch.fx.GraphModule, path: str | Path) -> Path:
-    """Write the gates' fitted parameters (``path``, safetensors) and their layout (``path`` + ``.json``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"{name}.{key}": p.detach().contiguous().cpu()
-               for name, gate in routed_mlps(gm).items() for key, p in gate.fitted_parameters().items()}
-    save_file(tensors, str(path))
-    path.with_name(path.name + ".json").write_text(json.dumps(_layout(gm), indent=1))
-    return path
-
-
-def load_fitted(gm: torch.fx.GraphModule, path: str | Path) -> None:
-    """Load fitted parameters into ``gm``'s gates; a file fitted on another model or config is named as such."""
-    path = Path(path)
-    layout_path = path.with_name(path.name + ".json")
-    if not layout_path.is_file():
-        raise DynasparseError(f"{layout_path} is missing: fitted gates are a safetensors file and the JSON "
-                              "dynasparse.fit wrote beside it")
-    saved, mine = json.loads(layout_path.read_text()), _layout(gm)
-    if saved["modules"] != mine["modules"]:
-        missing = sorted(set(saved["modules"]) ^ set(mine["modules"]))
-        other = [n for n in set(saved["modules"]) & set(mine["modules"]) if saved["modules"][n] != mine["modules"][n]]
-        raise DynasparseError(f"{path} was fitted on another model or config: gates only on one side: {missing}; "
-                              f"gates of other shapes: {sorted(other)} (saved {saved['modules'].get((other or [''])[0])}"
-                              f", here {mine['modules'].get((other or [''])[0])})")
-    tensors = load_file(str(path))
-    with torch.no_grad():
-        for name, gate in routed_mlps(gm).items():
-            for key, p in gate.fitted_parameters().items():
-                p.copy_(tensors[f"{name}.{key}"].to(p.device, p.dtype))
+def save_mlp_gates(gm: torch.fx.GraphModule, path: str | Path) -> Path:
+    """Write the routers' and adapters' fitted parameters (safetensors, the layout in a JSON beside it)."""
+    config = {k: v for k, v in gm.meta[MLP_SKIP_META].config.to_dict().items() if k != "fitted"}
+    return save_fitted(path, _fitted(gm), {"config": config})
 
 
 class MLPSkipPass:
@@ -192,7 +161,7 @@ class MLPSkipPass:
         result.num_matches = len(plan.modules)
         gm.meta[MLP_SKIP_META] = plan
         if self.config.fitted is not None:
-            load_fitted(gm, self.config.fitted)
+            load_fitted(self.config.fitted, _fitted(gm))
         else:
             result.notes.append("mlp_skip: routers keep every token until dynasparse.fit trains them")
         gm.graph.lint()

@@ -11,7 +11,7 @@ import torch
 from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 from dynasparse.export.exit_gate import export_stages
-from dynasparse.ir.ops import EXIT_CONFIDENCE
+from dynasparse.ir.ops import EXIT_CONFIDENCE, LEARNED_EXIT
 from dynasparse.passes.exit_gate import ExitGateConfig, ExitGatePass
 from dynasparse.plans import CACHE_META, EXIT_META, EXIT_METADATA
 from dynasparse.registry import Stage, Technique, register
@@ -32,8 +32,8 @@ class ExitGates(Technique):
     config = ExitGateConfig
     pass_class = ExitGatePass
     stage = Stage.EXITS
-    ops = (EXIT_CONFIDENCE,)
-    onnx_lowered = (EXIT_CONFIDENCE,)
+    ops = (EXIT_CONFIDENCE, LEARNED_EXIT)
+    onnx_lowered = (EXIT_CONFIDENCE, LEARNED_EXIT)
 
     def runner(self, graph_module: torch.fx.GraphModule) -> torch.nn.Module | None:
         return StagedModel(graph_module) if _staged(graph_module) else None

@@ -7,8 +7,8 @@
 2. decoder: greedy decoding of the project's byte-level LM trained with the early-exit loss
    (``bytelm`` size ``small-exit``): plain greedy vs self-speculative decoding, its drafter and draft length
    chosen per round (the default) or drafting with each of its first blocks (tokens/s, acceptance, rounds per
-   drafter, whether the output equals plain greedy), and vs per-token exits (CALM;
-   and SkipDecode's schedule; tokens/s, blocks per token, share of tokens equal to plain greedy).
+   drafter, whether the output equals plain greedy), and vs per-token exits (CALM thresholds, SkipDecode's
+   schedule, learned gates of JEI-DNN; tokens/s, blocks per token, share of tokens equal to plain greedy).
 
     python benchmarks/early_exit.py [--quick] [--parts classifier decoder]
 """
@@ -157,8 +157,19 @@ def _decode(model, prompts: torch.Tensor, new_tokens: int, repeats: int, config:
     return statistics.median(speeds), out
 
 
+def _learned_exits(model, target: float) -> ExitGateConfig:
+    """Learned exit gates (JEI-DNN) fitted on training bytes (seconds), the threshold chosen on a held-out
+    quarter for ``target`` (the share of next-byte predictions, teacher-forced, the exits may change)."""
+    path = CACHE.parent / f"bytelm-small-exit-learned-{target}.safetensors"
+    rows = bytelm.encode(bytelm.corpus("train"))[:96 * 128].reshape(96, 128)
+    gated = dynasparse.optimize(model, ExitGateConfig(criterion="learned", max_quality_drop=target),
+                                example_kwargs={"input_ids": rows[:2]})
+    dynasparse.fit(gated, rows, held_out=0.25, save=path)
+    return ExitGateConfig(criterion="learned", fitted=str(path))
+
+
 def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, new_tokens: int,
-                 prompt_len: int, repeats: int, sizes: list[str]) -> str:
+                 prompt_len: int, repeats: int, sizes: list[str], learned_targets: list[float]) -> str:
     rows, data = [], {}
     tokens = bytelm.heldout_tokens(batch * 4096)
     prompts = torch.stack([tokens[i * 4096:i * 4096 + prompt_len] for i in range(batch)])
@@ -183,6 +194,8 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, n
                 print(rows[-1], flush=True)
             exits = [(f"per-token exit, max_prob > {t}", ExitGateConfig(threshold=t)) for t in thresholds]
             exits.append(("SkipDecode schedule 4 → 2 blocks", ExitGateConfig(decode_schedule=(4, 2))))
+            exits += [(f"per-token exit, learned gates (changed <= {q:.0%} when fitted)", _learned_exits(model, q))
+                      for q in learned_targets] if size == "small-exit" else []
             for name, config in (exits if size == "small-exit" else []):
                 speed, out = _decode(model, prompts, new_tokens, repeats, config)
                 same = float((out.sequences == plain.sequences)[:, prompt_len:].float().mean())
@@ -208,6 +221,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--draft-blocks", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--token-thresholds", type=float, nargs="+", default=[0.3, 0.6, 0.9])
+    parser.add_argument("--learned-targets", type=float, nargs="+", default=[0.05, 0.2],
+                        help="learned per-token exits: the share of predictions fit may let them change")
     parser.add_argument("--lm-batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=256)
@@ -222,7 +237,7 @@ def main() -> None:
         print(classifier_part(args.thresholds, args.quality_targets, args.batch, args.repeats), flush=True)
     if "decoder" in args.parts:
         print(decoder_part(args.draft_blocks, args.token_thresholds, args.lm_batch, args.new_tokens,
-                           args.prompt_len, args.repeats, args.sizes), flush=True)
+                           args.prompt_len, args.repeats, args.sizes, args.learned_targets), flush=True)
 
 
 if __name__ == "__main__":

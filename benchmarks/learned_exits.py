@@ -7,8 +7,8 @@ classifier), so earlier layers classify too. Paragraphs split 60 / 20 / 20: trai
 Each exit rule gets the same calibration split to reach the same quality target (the share of predictions
 that may differ from the full model's): ``max_prob`` and ``patience`` (PABEE) choose their threshold on it;
 ``learned`` gates train on half of it with ``dynasparse.fit`` and choose their threshold on the other half.
-On the test split: accuracy, predictions changed, blocks run, and measured paragraphs/s of the staged runtime
-against the Hugging Face model. A second table sweeps every rule's threshold on the test split and reports the
+On the test split: accuracy, predictions changed, blocks run, and paragraphs/s of the staged runtime against
+the Hugging Face model (timed interleaved, median of the repeats). A second table sweeps every rule's threshold on the test split and reports the
 fewest blocks each rule needs to hold a given accuracy: the rules compared at equal accuracy.
 
     python -m benchmarks.learned_exits [--quick]
@@ -18,10 +18,8 @@ from __future__ import annotations
 import argparse
 import ast
 import random
-import statistics
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import torch
@@ -36,6 +34,7 @@ except ImportError:  # run as a file: put the repo root on the path
 import dynasparse
 from benchmarks.kv_eviction import _save
 from dynasparse import ExitGateConfig
+from dynasparse.harness.bench import Case, compare
 from dynasparse.harness.zoo import minilm_path
 from dynasparse.kernels.exit_gate import exit_decision
 from dynasparse.passes.exit_calibration import gate_outcomes
@@ -114,17 +113,6 @@ def _batches(inputs: dict, size: int) -> list[dict]:
     return [{k: v[i:i + size] for k, v in inputs.items()} for i in range(0, count, size)]
 
 
-def _throughput(run, batches: list[dict], repeats: int) -> float:
-    """Paragraphs per second over the batches, the median of ``repeats`` passes after a warm-up."""
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        for batch in batches:
-            run(batch)
-        times.append(time.perf_counter() - start)
-    return sum(len(b["input_ids"]) for b in batches) / statistics.median(times[1:])
-
-
 def _optimized(model, config: ExitGateConfig, example: dict, calibration: list[dict]):
     optimized = dynasparse.optimize(model, config, example_kwargs=example,
                                     calibration=calibration if config.calibrates else None)
@@ -170,49 +158,46 @@ def run(targets: list[float], batch: int, repeats: int) -> str:
     test, calibration = _batches(test_inputs, batch), _batches(calibration_inputs, batch)
     example = test[0]
     rules = {"max_prob": {}, "patience": {"patience": 2}, "learned": {}}
-    rows, data = [], {}
     with torch.inference_mode():
         full = torch.cat([model(**b).logits.argmax(-1) for b in test])
-        full_accuracy = float((full == test_y).float().mean())
-        base = _throughput(lambda b: model(**b), test, repeats)
-    layers = model.config.num_hidden_layers
-    rows.append(["full model (Hugging Face, eager)", "—", f"{full_accuracy:.2%}", "—", f"{layers:.2f}", f"{base:.0f}",
-                 "1.00x"])
-    data["full"] = {"accuracy": full_accuracy, "rows_per_s": base}
-    print(rows[-1], flush=True)
+    full_accuracy = float((full == test_y).float().mean())
     accuracies = [full_accuracy - drop for drop in (0.0, 0.005, 0.01, 0.02)]
-    fewest = {}
+    cases, quality, fewest = [], {}, {}
     for rule, extra in rules.items():
         for target in targets:
             config = ExitGateConfig(criterion=rule, max_quality_drop=target, **extra)
-            start = time.perf_counter()
             optimized = _optimized(model, config, example, calibration)
-            setup = time.perf_counter() - start
             with torch.inference_mode():
                 predictions, blocks = [], []
                 for b in test:
                     predictions.append(optimized(**b).logits.argmax(-1))
                     blocks.append(optimized.exit_blocks + 1)
-                speed = _throughput(lambda b: optimized(**b), test, repeats)
             answer = torch.cat(predictions)
-            accuracy = float((answer == test_y).float().mean())
-            changed = float((answer != full).float().mean())
-            mean_blocks = float(torch.cat(blocks).float().mean())
-            threshold = optimized.runner.plan.thresholds[0]
-            rows.append([f"{rule} ({threshold:.3g})", f"{target:.0%}", f"{accuracy:.2%}", f"{changed:.1%}",
-                         f"{mean_blocks:.2f}", f"{speed:.0f}", f"{speed / base:.2f}x"])
-            data[f"{rule} {target}"] = {"threshold": threshold, "accuracy": accuracy, "changed": changed,
-                                        "mean_blocks": mean_blocks, "rows_per_s": speed, "speedup": speed / base,
-                                        "setup_seconds": setup}
-            print(rows[-1], flush=True)
+            name = f"{rule}, changed <= {target:.0%} ({optimized.runner.plan.thresholds[0]:.3g})"
+            quality[name] = { "accuracy": float((answer == test_y).float().mean()),
+                             "changed": float((answer != full).float().mean()),
+                             "mean_blocks": float(torch.cat(blocks).float().mean())}
+            cases.append(Case(name, lambda o=optimized: [o(**b) for b in test]))
+            print(name, quality[name], flush=True)
         with torch.inference_mode():
             fewest[rule] = _fewest_blocks(optimized, test, test_y, accuracies)
+    timed = compare(Case("full model (Hugging Face, eager)", lambda: [model(**b) for b in test]), cases,
+                    warmup=1, repeats=repeats, measure_memory=False)
+    layers = model.config.num_hidden_layers
+    rows, data = [], {"full": {"accuracy": full_accuracy, "rows_per_s": len(test_y) / timed[0].median_s}}
+    rows.append([timed[0].name, f"{full_accuracy:.2%}", "—", f"{layers:.2f}",
+                 f"{len(test_y) / timed[0].median_s:.0f}", "1.00x"])
+    for row in timed[1:]:
+        q = quality[row.name]
+        rows.append([row.name, f"{q['accuracy']:.2%}", f"{q['changed']:.1%}",
+                     f"{q['mean_blocks']:.2f}", f"{len(test_y) / row.median_s:.0f}", f"{row.speedup:.2f}x"])
+        data[row.name] = {**q, "rows_per_s": len(test_y) / row.median_s, "speedup": row.speedup}
     data["fewest_blocks"] = {"accuracies": accuracies, **fewest}
     title = (f"Learned exit gates vs thresholds: MiniLM (6 layers) fine-tuned to name a docstring paragraph's stdlib "
              f"package ({len(PACKAGES)} classes), {len(test_y)} test paragraphs of {MAX_TOKENS} tokens in batches "
              f"of {batch}, CPU ({torch.get_num_threads()} threads); gates after layers 1..5")
     markdown = f"# {title}\n\n" + table(
-        ["exit rule (threshold)", "target: predictions changed", "test accuracy", "changed on test", "layers / row",
+        ["exit rule, calibration target (threshold)", "test accuracy", "changed on test", "layers / row",
          "rows/s", "speedup"], rows, markdown=True)
     sweep = [[f"{a:.2%} ({(a - full_accuracy) * 100:+.1f} pts)"] + [
         "—" if fewest[r][i] is None else f"{fewest[r][i]:.2f}" for r in rules] for i, a in enumerate(accuracies)]
@@ -226,7 +211,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.01, 0.03])
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="smoke run: one target, one repeat")
     args = parser.parse_args()
     if args.quick:

@@ -59,17 +59,17 @@ def _outcomes(gm: torch.fx.GraphModule, plan: ExitPlan, batches: Iterable
 def _logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight, bias) minimizing the mean binary cross-entropy of ``sigmoid(x @ weight + bias)`` against
     ``y``, plus an L2 term that keeps the weights finite when a gate is always (or never) right."""
-    x, y = x.double(), y.double()
-    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+    with torch.inference_mode(False), torch.enable_grad():  # fit may be called under inference mode
+        x, y = x.double().clone(), y.double().clone()
+        weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+        bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
 
-    def loss() -> torch.Tensor:
-        optimizer.zero_grad()
-        value = F.binary_cross_entropy_with_logits(x @ weight + bias, y) + l2 * weight.square().sum()
-        value.backward()
-        return value
-    with torch.enable_grad():
+        def loss() -> torch.Tensor:
+            optimizer.zero_grad()
+            value = F.binary_cross_entropy_with_logits(x @ weight + bias, y) + l2 * weight.square().sum()
+            value.backward()
+            return value
         optimizer.step(loss)
     return weight.detach(), bias.detach()
 

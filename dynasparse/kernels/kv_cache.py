@@ -402,6 +402,42 @@ def _append_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     return out.transpose(1, 2).contiguous()
 
 
+def _append_packed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, keys: torch.Tensor,
+                   values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor,
+                   rule: Policy, window: int, pool: int, high: int) -> torch.Tensor:
+    """Rows of different lengths, each packed from slot 0 (slot == position, as self-speculative rounds
+    leave them), take T real tokens with causal attention: row b's go to slots ``seen[b] ..``, and query i
+    sees its row's slots up to ``seen[b] + i``: the general path without its padding and hole bookkeeping."""
+    batch, q_heads, length, _ = q.shape
+    step_pos = seen[:, None] + torch.arange(length, device=q.device)  # [B, T]
+    target = step_pos[:, None, :].expand(batch, k.shape[1], length)
+    keys.scatter_(2, target[..., None].expand_as(k), k.to(keys.dtype))
+    values.scatter_(2, target[..., None].expand_as(v), v.to(values.dtype))
+    positions.scatter_(2, target, target)
+    filled = high + length
+    visible = (torch.arange(filled, device=q.device) <= step_pos[:, None, :, None]).expand(
+        batch, q_heads, length, filled)
+    out = attention_sdpa(q, keys[:, :, :filled], values[:, :, :filled], visible, False, scale)
+    observed = rule.observe(torch.ones(batch, length, dtype=torch.bool, device=q.device), window)
+    masses = None
+    if rule.uses_attention and not masses_skipped():
+        slot_masses = _slot_masses(q, keys[:, :, :filled], visible, scale, observed, rule)
+        fresh = torch.arange(filled, device=q.device) >= seen[:, None, None]
+        masses = slot_masses.masked_fill(fresh, 0.0), slot_masses.gather(-1, target)
+    cache_scores, new_scores = rule.update(step_candidates(
+        (keys, values, positions, scores), filled, (q, k, v), step_pos, masses, observed, scale, pool))
+    scores[..., :filled] = cache_scores
+    scores.scatter_(2, target, new_scores)
+    seen.add_(length)
+    return out.transpose(1, 2).contiguous()
+
+
+def _packed(positions: torch.Tensor, seen: torch.Tensor, high: int) -> bool:
+    """True when each row's cached tokens fill its first ``seen`` slots, and only those (of the first ``high``)."""
+    held = positions[..., :high] >= 0
+    return bool((held == (torch.arange(high, device=seen.device) < seen[:, None, None])).all())
+
+
 def _evict_one_alike(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, keys: torch.Tensor,
                      values: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor,
                      rule: Policy, sink: int, recent: int) -> torch.Tensor:
@@ -444,6 +480,8 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
     * rows alike (same length, no padding, causal) and no emptied slot: an append is slice writes and one
       SDPA call; a decode step into full caches is ``_evict_one_alike``;
+    * rows of different lengths, each packed from slot 0, no padding, causal, room for the step: an append
+      is ``_append_packed``;
     * otherwise, while no row has to evict: append at slot == position, one SDPA call with a slot mask
       (slots emptied by a rollback or a shrink stay out of it);
     * steps that evict otherwise: the reference.
@@ -459,6 +497,9 @@ def kv_cache_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
                                  window, pool)
         if length == 1 and high >= capacity and _no_holes(positions, capacity):
             return _evict_one_alike(q, k, v, scale, keys, values, positions, scores, seen, rule, sink, recent)
+    elif high + length <= capacity and _plain_causal(mask, is_causal, batch, length, q.device) \
+            and _packed(positions, seen, high):
+        return _append_packed(q, k, v, scale, keys, values, positions, scores, seen, rule, window, pool, high)
     allowed = allowed_new(mask, is_causal, batch, length, q.device)
     if allowed is None:
         key_valid = query_valid = torch.ones(batch, length, dtype=torch.bool, device=q.device)

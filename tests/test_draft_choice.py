@@ -47,3 +47,20 @@ def test_the_shallow_drafter_that_is_accepted_wins_with_long_drafts():
     block, k = chooser.choose()
     assert block == 0 and k >= 4
     assert chooser.rounds["blocks 0..0"] >= 25
+
+
+def test_a_drafter_pays_again_once_plain_steps_slow_down():
+    """Rows left at different lengths by a draft round make every later step dearer (the cache's general
+    path): compared with the plain steps measured before that, drafting would look dearer than it is."""
+    chooser = DraftChooser((0,), depth=4, longest=6)
+    desynced = False
+    for _ in range(30):
+        block, k = chooser.choose()
+        step = 1.4 if desynced else 1.0
+        if block is None:
+            chooser.record(None, 0, 0.0, step, [0] * 4)
+            continue
+        chooser.record(block, k, k * 0.35, 1.4 + 0.1 * k, [k] * 4)
+        desynced = True
+    assert chooser.choose()[0] == 0
+    assert chooser.rounds["blocks 0..0"] >= 20

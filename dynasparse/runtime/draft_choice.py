@@ -3,10 +3,13 @@
 A round that drafts ``k`` tokens from blocks 0..i costs ``k`` draft steps and one verify pass over ``k + 1``
 tokens, and yields ``1 + a + ... + a^k`` tokens on average, ``a`` being the chance that the full model
 agrees with a draft whose earlier drafts it accepted. Plain decoding yields one token per single-token
-pass. The chooser keeps what was measured (each kind of pass's seconds, the first two rounds being plain
-steps whose faster one is the reference; per block, the drafts accepted and the rows whose round ended at a
-rejected draft) and picks, each round, the block and length with the most
-expected tokens per second, or plain decoding when nothing is expected to beat it by ``MARGIN``.
+pass. The chooser keeps what was measured (each kind of pass's seconds; per block, the drafts accepted and
+the rows whose round ended at a rejected draft) and picks, each round, the block and length with the most
+expected tokens per second, or plain decoding when nothing is expected to beat it by ``MARGIN``. The plain
+step it compares with is the faster of the last two measured (the first two rounds are plain steps: the
+first after the prompt runs cold). Recent, because a plain step's cost changes during a generation: once a
+draft round has left rows at different lengths, every later step (plain or verify) takes the cache's
+general path, and a reference timed before that would make every draft look dearer than it is.
 
 A block not tried yet is tried with one draft only while it could still pay were every draft accepted
 (an unmeasured draft step is guessed at its share of the depth, an unmeasured verify pass at the longest
@@ -20,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 MARGIN = 1.05  # drafting must be expected this much faster than plain decoding: estimates are noisy
-PLAIN_SAMPLES = 2  # plain steps timed before any drafting; the fastest is the reference (the first runs cold)
+PLAIN_SAMPLES = 2  # the reference is the faster of the last this many plain steps (the first runs cold)
 SMOOTHING = 0.3  # weight of a new timing in its running average
 
 
@@ -80,7 +83,7 @@ class DraftChooser:
     def choose(self) -> tuple[int | None, int]:
         if len(self.plain_seconds) < PLAIN_SAMPLES:  # every estimate is relative to a plain step
             return None, 0
-        plain = min(self.plain_seconds)  # the steady state: slower samples are noise, not cost
+        plain = min(self.plain_seconds[-PLAIN_SAMPLES:])  # recent: the cost changes once rows desync
         best, choice = MARGIN, (None, 0)
         for drafter in self.drafters.values():
             if drafter.tried:

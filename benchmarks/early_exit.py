@@ -33,6 +33,7 @@ import dynasparse
 from benchmarks.kv_eviction import _save
 from dynasparse import ExitGateConfig
 from dynasparse.harness import bytelm
+from dynasparse.harness.bench import Case, compare
 from dynasparse.table import table
 
 CACHE = Path("~/.cache/dynasparse/vit-digits-v1.pt").expanduser()
@@ -147,14 +148,15 @@ def classifier_part(thresholds: list[float], targets: list[float], batch: int, r
     return _save("early_exit_classifier", markdown, {"title": title, "results": data})
 
 
-def _decode(model, prompts: torch.Tensor, new_tokens: int, repeats: int, config: ExitGateConfig | None = None):
-    """(median decoded tokens/s over ``repeats`` runs after a warm-up that captures the graphs, last output)."""
-    dynasparse.generate(model, prompts, max_new_tokens=4, early_exit=config)
-    speeds, out = [], None
-    for _ in range(repeats):
+def _generation(model, prompts: torch.Tensor, new_tokens: int, config: ExitGateConfig | None, last: dict) -> Case:
+    """A case for ``compare``: one generation, its decode tokens/s as the metric; ``last[name]`` keeps the
+    latest output (tokens and stats)."""
+    def run() -> dict:
         out = dynasparse.generate(model, prompts, max_new_tokens=new_tokens, early_exit=config)
-        speeds.append(out.stats.new_tokens * prompts.shape[0] / out.stats.decode_seconds)
-    return statistics.median(speeds), out
+        last[name] = out
+        return {"tokens_per_s": out.stats.new_tokens * prompts.shape[0] / out.stats.decode_seconds}
+    name = "plain greedy" if config is None else str(id(config))
+    return Case(name, run)
 
 
 def _learned_exits(model, target: float) -> ExitGateConfig:
@@ -175,38 +177,41 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, n
     prompts = torch.stack([tokens[i * 4096:i * 4096 + prompt_len] for i in range(batch)])
     for size in sizes:
         model = bytelm.load_or_train(size)
-        with torch.inference_mode():
-            base, plain = _decode(model, prompts, new_tokens, repeats)
-            rows.append([size, "plain greedy", "—", f"{base:.1f}", "1.00x", "—"])
-            data[f"{size} plain"] = {"tokens_per_s": base}
-            drafts = [("drafter and length chosen per round", None)]
-            drafts += [(f"draft with blocks 0..{block}", (block,)) for block in draft_blocks]
-            for name, blocks in drafts:
-                speed, out = _decode(model, prompts, new_tokens, repeats,
-                                     ExitGateConfig(after_blocks=blocks, mode="draft"))
+        settings = [("drafter and length chosen per round", ExitGateConfig(mode="draft"))]
+        settings += [(f"draft with blocks 0..{block}", ExitGateConfig(after_blocks=(block,), mode="draft"))
+                     for block in draft_blocks]
+        if size == "small-exit":
+            settings += [(f"per-token exit, max_prob > {t}", ExitGateConfig(threshold=t)) for t in thresholds]
+            settings.append(("SkipDecode schedule 4 → 2 blocks", ExitGateConfig(decode_schedule=(4, 2))))
+            settings += [(f"per-token exit, learned gates (changed <= {q:.0%} when fitted)", _learned_exits(model, q))
+                         for q in learned_targets]
+        last: dict = {}
+        cases = [_generation(model, prompts, new_tokens, config, last) for _, config in settings]
+        timed = compare(_generation(model, prompts, new_tokens, None, last), cases, warmup=1, repeats=repeats,
+                        measure_memory=False)
+        plain = last["plain greedy"]
+        base = timed[0].metrics["tokens_per_s"]
+        rows.append([size, "plain greedy", "—", f"{base:.1f}", "1.00x", "—"])
+        data[f"{size} plain"] = {"tokens_per_s": base}
+        for (name, config), case, row in zip(settings, cases, timed[1:]):
+            out, speed = last[case.name], row.metrics["tokens_per_s"]
+            entry = {"tokens_per_s": speed, "speedup": speed / base}
+            if config.mode == "draft":
                 same = torch.equal(out.sequences, plain.sequences)
                 chosen = ", ".join(f"{what} {n}" for what, n in sorted(out.stats.draft_rounds.items()))
                 rows.append([size, f"{name} (rounds: {chosen})", f"{out.stats.acceptance:.0%}", f"{speed:.1f}",
                              f"{speed / base:.2f}x", "yes" if same else "NO"])
-                data[f"{size} {name}"] = {"acceptance": out.stats.acceptance, "tokens_per_s": speed,
-                                          "speedup": speed / base, "equal_to_greedy": same,
-                                          "draft_rounds": out.stats.draft_rounds}
-                print(rows[-1], flush=True)
-            exits = [(f"per-token exit, max_prob > {t}", ExitGateConfig(threshold=t)) for t in thresholds]
-            exits.append(("SkipDecode schedule 4 → 2 blocks", ExitGateConfig(decode_schedule=(4, 2))))
-            exits += [(f"per-token exit, learned gates (changed <= {q:.0%} when fitted)", _learned_exits(model, q))
-                      for q in learned_targets] if size == "small-exit" else []
-            for name, config in (exits if size == "small-exit" else []):
-                speed, out = _decode(model, prompts, new_tokens, repeats, config)
+                entry.update(acceptance=out.stats.acceptance, equal_to_greedy=same, draft_rounds=out.stats.draft_rounds)
+            else:
                 same = float((out.sequences == plain.sequences)[:, prompt_len:].float().mean())
                 rows.append([size, f"{name} ({out.stats.blocks_per_token:.2f} blocks/token)", "—", f"{speed:.1f}",
                              f"{speed / base:.2f}x", f"{same:.0%} of tokens"])
-                data[f"{size} {name}"] = {"tokens_per_s": speed, "speedup": speed / base,
-                                          "blocks_per_token": out.stats.blocks_per_token, "tokens_equal_to_greedy": same}
-                print(rows[-1], flush=True)
+                entry.update(blocks_per_token=out.stats.blocks_per_token, tokens_equal_to_greedy=same)
+            data[f"{size} {name}"] = entry
+            print(rows[-1], flush=True)
     title = (f"Self-speculative greedy decoding, byte LM (4 blocks, d=256), batch {batch}, {prompt_len}-byte "
              f"held-out prompts, {new_tokens} new bytes, CPU ({torch.get_num_threads()} threads), median of "
-             f"{repeats} runs")
+             f"{repeats} runs, every row timed interleaved with the others")
     markdown = f"# {title}\n\n" + table(["model", "decoding", "drafts accepted", "tokens/s", "speedup",
                                          "equals plain greedy"], rows, markdown=True)
     return _save("early_exit_decoder", markdown, {"title": title, "results": data})

@@ -40,7 +40,8 @@ HEAD_SCORES = str(Path(__file__).parent / "data" / "llama_tiny_heads.json")  # r
 
 
 MLP_GATES = str(Path(__file__).parent / "data" / "llama_tiny_mlp_skip.safetensors")  # dynasparse.fit on llama()
-# learned exit gates fitted by dynasparse.fit (random tokens, a 20% / 30% quality target) on bert() / llama()
+# learned exit gates fitted by dynasparse.fit (random tokens, a 20% / 30% quality target) on bert() / llama();
+# `python tests/data/make_exit_gates.py` (from the repo root) writes them again
 ENCODER_EXIT_GATES = str(Path(__file__).parent / "data" / "bert_tiny_exit_learned.safetensors")
 EXIT_GATES = str(Path(__file__).parent / "data" / "llama_tiny_exit_learned.safetensors")
 

@@ -148,14 +148,14 @@ def classifier_part(thresholds: list[float], targets: list[float], batch: int, r
     return _save("early_exit_classifier", markdown, {"title": title, "results": data})
 
 
-def _generation(model, prompts: torch.Tensor, new_tokens: int, config: ExitGateConfig | None, last: dict) -> Case:
+def _generation(name: str, model, prompts: torch.Tensor, new_tokens: int, config: ExitGateConfig | None,
+                last: dict) -> Case:
     """A case for ``compare``: one generation, its decode tokens/s as the metric; ``last[name]`` keeps the
     latest output (tokens and stats)."""
     def run() -> dict:
         out = dynasparse.generate(model, prompts, max_new_tokens=new_tokens, early_exit=config)
         last[name] = out
         return {"tokens_per_s": out.stats.new_tokens * prompts.shape[0] / out.stats.decode_seconds}
-    name = "plain greedy" if config is None else str(id(config))
     return Case(name, run)
 
 
@@ -186,15 +186,15 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, n
             settings += [(f"per-token exit, learned gates (changed <= {q:.0%} when fitted)", _learned_exits(model, q))
                          for q in learned_targets]
         last: dict = {}
-        cases = [_generation(model, prompts, new_tokens, config, last) for _, config in settings]
-        timed = compare(_generation(model, prompts, new_tokens, None, last), cases, warmup=1, repeats=repeats,
-                        measure_memory=False)
+        cases = [_generation(name, model, prompts, new_tokens, config, last) for name, config in settings]
+        timed = compare(_generation("plain greedy", model, prompts, new_tokens, None, last), cases, warmup=1,
+                        repeats=repeats, measure_memory=False)
         plain = last["plain greedy"]
         base = timed[0].metrics["tokens_per_s"]
         rows.append([size, "plain greedy", "—", f"{base:.1f}", "1.00x", "—"])
         data[f"{size} plain"] = {"tokens_per_s": base}
-        for (name, config), case, row in zip(settings, cases, timed[1:]):
-            out, speed = last[case.name], row.metrics["tokens_per_s"]
+        for (name, config), row in zip(settings, timed[1:]):
+            out, speed = last[name], row.metrics["tokens_per_s"]
             entry = {"tokens_per_s": speed, "speedup": speed / base}
             if config.mode == "draft":
                 same = torch.equal(out.sequences, plain.sequences)

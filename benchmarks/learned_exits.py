@@ -36,8 +36,7 @@ from benchmarks.kv_eviction import _save
 from dynasparse import ExitGateConfig
 from dynasparse.harness.bench import Case, compare
 from dynasparse.harness.zoo import minilm_path
-from dynasparse.kernels.exit_gate import exit_decision
-from dynasparse.passes.exit_calibration import gate_outcomes
+from dynasparse.passes.exit_calibration import gate_outcomes, simulate_exits
 from dynasparse.table import table
 
 PACKAGES = ("asyncio", "email", "http", "importlib", "logging", "unittest", "urllib", "xml")
@@ -121,23 +120,6 @@ def _optimized(model, config: ExitGateConfig, example: dict, calibration: list[d
     return optimized
 
 
-def _exits(confidence: torch.Tensor, predictions: list[torch.Tensor], final: torch.Tensor, plan,
-           threshold: float) -> tuple[torch.Tensor, float]:
-    """(each row's prediction, mean blocks run) when every gate takes ``threshold``: the staged runtime's rule."""
-    answer, blocks = final.clone(), torch.full(final.shape, float(plan.num_blocks))
-    exited = torch.zeros(final.shape, dtype=torch.bool)
-    count, previous = torch.zeros(final.shape, dtype=torch.long), None
-    for g, gate in enumerate(plan.gates):
-        fire, count = exit_decision(confidence[g], predictions[g], previous, count, threshold,
-                                    plan.config.criterion, plan.config.patience)
-        new = fire & ~exited
-        answer = torch.where(new, predictions[g], answer)
-        blocks = torch.where(new, torch.full_like(blocks, gate.block + 1), blocks)
-        exited |= fire
-        previous = predictions[g]
-    return answer, float(blocks.mean())
-
-
 def _fewest_blocks(optimized, test: list[dict], labels: torch.Tensor, accuracies: list[float]) -> list[float | None]:
     """For each accuracy, the fewest mean blocks any threshold of this rule reaches while holding it (test split)."""
     plan = optimized.runner.plan
@@ -145,8 +127,8 @@ def _fewest_blocks(optimized, test: list[dict], labels: torch.Tensor, accuracies
     grid = torch.quantile(confidence.flatten().double(), torch.linspace(0, 1, 201, dtype=torch.float64))
     points = []
     for threshold in sorted({float(t) for t in grid} | {1.0}):
-        answer, blocks = _exits(confidence, predictions, final, plan, threshold)
-        points.append((float((answer == labels).float().mean()), blocks))
+        answer, blocks, _ = simulate_exits(confidence, predictions, final, plan, [threshold] * len(plan.gates))
+        points.append((float((answer == labels).float().mean()), float(blocks.mean())))
     return [min((b for a, b in points if a >= target - 1e-9), default=None) for target in accuracies]
 
 

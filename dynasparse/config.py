@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 from typing import Any, ClassVar
 
 from dynasparse.errors import DynasparseError
@@ -41,6 +42,12 @@ class BaseConfig:
         value = getattr(self, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise DynasparseError(f"{type(self).__name__}.{name}={value!r} must be an int >= {low}")
+
+    def check_fitted(self, without: str) -> None:
+        """Raise a DynasparseError unless ``fitted`` is None or a file (``without``: what leaving it out does)."""
+        if self.fitted is not None and not Path(self.fitted).is_file():
+            raise DynasparseError(f"{type(self).__name__}.fitted={self.fitted!r} is not a file; give the path "
+                                  f"dynasparse.fit(..., save=PATH) wrote, or leave it out ({without})")
 
     def applies_to(self, layer: int | None) -> bool:
         return self.layers is None or layer in self.layers

@@ -103,12 +103,15 @@ def fit(model: OptimizedModel, data: torch.Tensor, *, steps: int = 200, batch_si
                               "learned exits: fit and save them on models optimized with one config each")
     ids = isinstance(data, torch.Tensor)
     if routers or ids:
-        _check_ids(data, batch_size)
+        _check_ids(data)
     count = data.shape[0] if ids else len(data)
     n_held = max(1, math.ceil(held_out * count))
-    if count - n_held < (batch_size if ids else 1):
-        raise DynasparseError(f"fit needs more than {n_held} held-out {'rows' if ids else 'batches'} to train on; "
-                              f"got {count}. Give more data or a smaller held_out")
+    if ids and (count - n_held < batch_size or data.shape[1] < 8):
+        raise DynasparseError(f"fit needs at least batch_size + held-out rows ({batch_size} + {n_held}) of 8+ "
+                              f"tokens; got {count} rows of {data.shape[1]}. Give more or longer rows")
+    if not ids and count - n_held < 1:
+        raise DynasparseError(f"fit needs more than {n_held} held-out batches to train on; got {count}. Give more "
+                              "batches or a smaller held_out")
     train, held = data[:-n_held], data[-n_held:]
     report = FitReport(steps if routers else 0, 0.0)
     begin = time.perf_counter()
@@ -124,13 +127,10 @@ def fit(model: OptimizedModel, data: torch.Tensor, *, steps: int = 200, batch_si
     return report
 
 
-def _check_ids(data, batch_size: int) -> None:
+def _check_ids(data) -> None:
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype not in (torch.long, torch.int):
         shape = f"{tuple(data.shape)} {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
         raise DynasparseError(f"fit takes token ids [rows, tokens] (int64) for MLP routers, got {shape}")
-    if data.shape[0] < batch_size + 1 or data.shape[1] < 8:
-        raise DynasparseError(f"fit needs at least batch_size + held-out rows ({batch_size} + 1) of 8+ tokens; got "
-                              f"{data.shape[0]} rows of {data.shape[1]}. Give more or longer rows")
 
 
 def _batches(data, batch_size: int) -> list:

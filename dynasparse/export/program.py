@@ -2,8 +2,9 @@
 
 Ops whose torch reference has static shapes are exported by tracing that reference in their place (each
 technique's ``onnx_lowered`` ops: their graph nodes call the reference while ``torch.export`` traces, which
-costs no second pass over the graph; ops called from Python are decomposed after), so they are spelled once, in torch; only ops the torch path cannot export (data-dependent gathers) have hand-written onnxscript
-translations (``onnx_translations``).
+costs no second pass over the graph; ops called from Python are decomposed after), so they are spelled
+once, in torch; only ops the torch path cannot export (data-dependent gathers) have hand-written
+onnxscript translations (``onnx_translations``).
 """
 from __future__ import annotations
 

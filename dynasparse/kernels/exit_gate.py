@@ -109,13 +109,18 @@ def learned_features(logits: torch.Tensor, previous: torch.Tensor) -> torch.Tens
     return torch.stack([*scores, prob_of_previous, agrees, previous_max], dim=-1)
 
 
+def learned_probability(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[...] fp32: a learned gate's estimate, per position, that the exit predicts what the full model would
+    (the logistic map of ``learned_features`` [..., 6])."""
+    return torch.sigmoid(features @ weight.float() + bias.float())
+
+
 def learned_confidence(logits: torch.Tensor, previous: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(confidence [B] fp32, prediction) of a learned gate: sigmoid of a logistic map of ``learned_features``,
-    a row as confident as its least confident position. Zero weights give 0.5 everywhere, below the default
+    """(confidence [B] fp32, prediction) of a learned gate: ``learned_probability`` of each position, a row
+    as confident as its least confident position. Zero weights give 0.5 everywhere, below the default
     threshold: an unfitted gate never exits."""
-    features = learned_features(logits, previous)
-    per_position = torch.sigmoid(features @ weight.float() + bias.float())
+    per_position = learned_probability(learned_features(logits, previous), weight, bias)
     return per_position.reshape(logits.shape[0], -1).amin(1), logits.argmax(-1)
 
 

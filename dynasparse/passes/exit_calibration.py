@@ -78,12 +78,13 @@ def _fit_tuned_heads(gm: torch.fx.GraphModule, plan, batches: list) -> None:
         getattr(gm, f"exit_{gate.block}_bias").copy_(solution[-1].to(weight.dtype))
 
 
-def trade_off(confidence: torch.Tensor, predictions: list[torch.Tensor], final: torch.Tensor, plan,
-              thresholds: list[float]) -> dict:
-    """Simulate the runtime's exits at one threshold per gate."""
+def simulate_exits(confidence: torch.Tensor, predictions: list[torch.Tensor], final: torch.Tensor, plan,
+                   thresholds: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The runtime's exits at one threshold per gate: (each row's prediction, blocks it runs, whether it
+    exited early)."""
     rows = final.shape[0]
+    answer = final.clone()
     exited = torch.zeros(rows, dtype=torch.bool)
-    agree = torch.ones(rows, dtype=torch.bool)
     blocks = torch.full((rows,), float(plan.num_blocks))
     count = torch.zeros(rows, dtype=torch.long)
     previous = None
@@ -91,10 +92,19 @@ def trade_off(confidence: torch.Tensor, predictions: list[torch.Tensor], final: 
         fire, count = exit_decision(confidence[g], predictions[g], previous, count, thresholds[g],
                                     plan.config.criterion, plan.config.patience)
         new = fire & ~exited
-        agree = torch.where(new, (predictions[g] == final).reshape(rows, -1).all(1), agree)
+        answer = torch.where(new.reshape(rows, *[1] * (final.dim() - 1)), predictions[g], answer)
         blocks = torch.where(new, torch.full_like(blocks, gate.block + 1), blocks)
         exited |= fire
         previous = predictions[g]
+    return answer, blocks, exited
+
+
+def trade_off(confidence: torch.Tensor, predictions: list[torch.Tensor], final: torch.Tensor, plan,
+              thresholds: list[float]) -> dict:
+    """What the exits at one threshold per gate change (rows whose prediction differs from the full model's)
+    and what they save (blocks run)."""
+    answer, blocks, exited = simulate_exits(confidence, predictions, final, plan, thresholds)
+    agree = (answer == final).reshape(final.shape[0], -1).all(1)
     mean_blocks = float(blocks.mean())
     return {"threshold": thresholds[0], "quality_drop": 1.0 - float(agree.float().mean()),
             "exit_share": float(exited.float().mean()), "mean_blocks": mean_blocks,

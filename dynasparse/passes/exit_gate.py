@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -126,9 +125,7 @@ class ExitGateConfig(BaseConfig):
             raise DynasparseError(f"{name}.target_speedup={self.target_speedup!r} must be > 1")
         if self.fitted is not None and self.criterion != "learned":
             raise DynasparseError(f"{name}.fitted loads learned gates: give criterion='learned' with it")
-        if self.fitted is not None and not Path(self.fitted).is_file():
-            raise DynasparseError(f"{name}.fitted={self.fitted!r} is not a file; give the path "
-                                  "dynasparse.fit(..., save=PATH) wrote, or leave it out (gates never exit)")
+        self.check_fitted("gates never exit")
         if self.mode == "whole_batch" and self.criterion == "patience":
             raise DynasparseError(f"{name}(mode='whole_batch'): the patience criterion carries state from gate "
                                   "to gate per row; use mode='staged' or another criterion")
@@ -311,9 +308,9 @@ class ExitGatePass:
             if self.config.criterion == "learned":
                 gm.register_buffer(f"exit_{b}_gate_weight", torch.zeros(len(LEARNED_FEATURES)))
                 gm.register_buffer(f"exit_{b}_gate_bias", torch.zeros(()))
-                pair = graph.call_function(LEARNED_EXIT, (gate_logits, gate_logits if previous_logits is None else previous_logits,
-                                                          graph.get_attr(f"exit_{b}_gate_weight"),
-                                                          graph.get_attr(f"exit_{b}_gate_bias")))
+                compared = gate_logits if previous_logits is None else previous_logits
+                weight, bias = graph.get_attr(f"exit_{b}_gate_weight"), graph.get_attr(f"exit_{b}_gate_bias")
+                pair = graph.call_function(LEARNED_EXIT, (gate_logits, compared, weight, bias))
             else:
                 pair = graph.call_function(EXIT_CONFIDENCE, (gate_logits, hidden, previous if previous is not None
                                                              else hidden, self.config.criterion))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.ops import LEARNED_EXIT
-from dynasparse.kernels.exit_gate import LEARNED_FEATURES, learned_features
+from dynasparse.kernels.exit_gate import LEARNED_FEATURES, learned_features, learned_probability
 from dynasparse.passes.exit_calibration import Recorder, pick_threshold, recorded_runs, trade_off
 from dynasparse.passes.fitted import load_fitted, save_fitted
 from dynasparse.plans import EXIT_META, ExitPlan
@@ -79,27 +79,25 @@ def fit_learned_gates(gm: torch.fx.GraphModule, plan: ExitPlan, train: list, hel
     """Train every learned gate of ``gm`` on ``train`` batches; report on ``held`` (and choose the threshold
     there when the config gives a target). Returns the held-out figures."""
     features, predictions, final = _outcomes(gm, plan, train)
-    tensors = gate_tensors(gm, plan)
-    for g, gate in enumerate(plan.gates):
-        weight, bias = _logistic(features[g], (predictions[g] == final).float())
-        own = tensors[f"exit_{gate.block}_gate"]
+    tensors = gate_tensors(gm, plan)  # in gate order
+    for own, x, prediction in zip(tensors.values(), features, predictions):
+        weight, bias = _logistic(x, (prediction == final).float())
         own["weight"].copy_(weight)
         own["bias"].copy_(bias)
     features, predictions, final = _outcomes(gm, plan, held)
-    confidence = torch.stack([torch.sigmoid(f @ t["weight"] + t["bias"])
-                              for f, t in zip(features, tensors.values())])
+    confidence = torch.stack([learned_probability(x, own["weight"], own["bias"])
+                              for x, own in zip(features, tensors.values())])
     notes = pick_threshold(plan, confidence, predictions, final) if plan.config.chooses_threshold else []
     row = trade_off(confidence, predictions, final, plan, plan.thresholds)
-    accuracy = {f"exit_{g.block}_gate": float(((c > 0.5) == (p == final)).float().mean())
-                for g, c, p in zip(plan.gates, confidence, predictions)}
+    accuracy = {name: float(((c > 0.5) == (p == final)).float().mean())
+                for name, c, p in zip(tensors, confidence, predictions)}
     return {**row, "thresholds": list(plan.thresholds), "gate_accuracy": accuracy, "positions": final.numel(),
             "notes": notes}
 
 
 def save_learned_gates(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     plan = learned_plan(gm)
-    config = {k: v for k, v in plan.config.to_dict().items() if k != "fitted"}
-    return save_fitted(path, gate_tensors(gm, plan), {"config": config, "thresholds": list(plan.thresholds)})
+    return save_fitted(path, gate_tensors(gm, plan), plan.config, {"thresholds": list(plan.thresholds)})
 
 
 def load_learned_gates(gm: torch.fx.GraphModule, plan: ExitPlan, path: str | Path) -> str:

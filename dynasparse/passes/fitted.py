@@ -12,16 +12,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from dynasparse.config import BaseConfig
 from dynasparse.errors import DynasparseError
 
 
-def save_fitted(path: str | Path, modules: dict[str, dict[str, torch.Tensor]], extra: dict | None = None) -> Path:
-    """Write ``modules`` (module name -> tensor name -> tensor) and their layout, plus ``extra`` (JSON)."""
+def save_fitted(path: str | Path, modules: dict[str, dict[str, torch.Tensor]], config: BaseConfig,
+                extra: dict | None = None) -> Path:
+    """Write ``modules`` (module name -> tensor name -> tensor), and beside them their layout, the config
+    they were fitted under (its ``fitted`` field left out) and ``extra`` (JSON)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({f"{name}.{key}": t.detach().contiguous().cpu() for name, tensors in modules.items()
                for key, t in tensors.items()}, str(path))
-    layout = {**(extra or {}), "modules": shapes(modules)}
+    settings = {k: v for k, v in config.to_dict().items() if k != "fitted"}
+    layout = {"config": settings, **(extra or {}), "modules": shapes(modules)}
     path.with_name(path.name + ".json").write_text(json.dumps(layout, indent=1))
     return path
 

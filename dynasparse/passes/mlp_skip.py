@@ -49,9 +49,7 @@ class MLPSkipConfig(BaseConfig):
         super().__post_init__()
         self.check_range("target_skip", 0.0, 1.0, low_open=True, high_open=True)
         self.check_int("adapter_rank", 0)
-        if self.fitted is not None and not Path(self.fitted).is_file():
-            raise DynasparseError(f"{type(self).__name__}.fitted={self.fitted!r} is not a file; give the path "
-                                  "dynasparse.fit(..., save=PATH) wrote, or leave it out (routers keep every token)")
+        self.check_fitted("routers keep every token")
 
 
 class RoutedMLP(torch.nn.Module):
@@ -98,8 +96,7 @@ def _fitted(gm: torch.fx.GraphModule) -> dict[str, dict[str, torch.Tensor]]:
 
 def save_mlp_gates(gm: torch.fx.GraphModule, path: str | Path) -> Path:
     """Write the routers' and adapters' fitted parameters (safetensors, the layout in a JSON beside it)."""
-    config = {k: v for k, v in gm.meta[MLP_SKIP_META].config.to_dict().items() if k != "fitted"}
-    return save_fitted(path, _fitted(gm), {"config": config})
+    return save_fitted(path, _fitted(gm), gm.meta[MLP_SKIP_META].config)
 
 
 class MLPSkipPass:

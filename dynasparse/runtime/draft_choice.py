@@ -123,8 +123,6 @@ class DraftChooser:
         (as cheap as a plain step until a longer one was measured)."""
         if tokens in self.verify_seconds:
             return self.verify_seconds[tokens]
-        if tokens == 1:
-            return plain
         longest = max(self.verify_seconds)
         per_token = (self.verify_seconds[longest] - plain) / (longest - 1) if longest > 1 else 0.0
         return plain + max(per_token, 0.0) * (tokens - 1)

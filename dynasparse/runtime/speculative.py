@@ -15,9 +15,10 @@ The drafter has no cache of its own: its blocks read and write the first layers 
 every layer for the pending token and the drafts; rejected ones are rolled back after it. Drafts never
 evict: the cache has reserve slots beyond its budget for a round's tokens, so a rollback never needs a slot
 that was given away; once a round is verified the cache shrinks back to the budget (``KVCache.shrink``),
-evicting among verified tokens only. Score-based policies keep the attention mass that drafts' queries gave
-to earlier tokens, so over such a bounded cache the tokens can depend on the rounds drafted; over a full,
-roomy or positional (streaming) cache they are plain greedy's.
+evicting among verified tokens only. Over a full or roomy cache the tokens are plain greedy's. Over a bounded
+one they depend on the rounds drafted, whatever the policy: a verify pass's later queries still see tokens
+a plain step would have evicted by then (and score-based policies keep the attention that drafts' queries
+gave), and the chooser picks rounds from timings.
 """
 from __future__ import annotations
 

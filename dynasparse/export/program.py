@@ -79,8 +79,33 @@ def onnx_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_sha
                                               prefer_deferred_runtime_asserts_over_guards=True)
             if any(n.target in lowerings for n in program.graph.nodes):  # called from Python, not a graph node
                 program = program.run_decompositions(lowerings)
+            drop_dynamic_squeezes(program)
             return torch.onnx.export(program, dynamo=True, opset_version=opset_version,
                                      custom_translation_table=translations, verbose=False, optimize=optimize,
                                      **names)
     finally:
         registration_log.setLevel(level)
+
+
+SQUEEZES = (torch.ops.aten.squeeze.dim, torch.ops.aten.squeeze.dims)
+
+
+def drop_dynamic_squeezes(program: torch.export.ExportedProgram) -> None:
+    """Squeezes of dynamic dims leave the graph, in place. A model's ``x.squeeze(1)`` on a token dim is a
+    no-op in torch whenever that dim is not 1, but ONNX's Squeeze fails on a dim that is not 1 (PixArt's output
+    projection). Exported dynamic dims are assumed not to be 1, as the capture's size-oblivious guards assume."""
+    graph = program.graph_module.graph
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in SQUEEZES]:
+        source, dims = node.args[0], node.args[1]
+        rank = source.meta["val"].dim()
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        static = [d for d in dims if not isinstance(source.meta["val"].shape[d % rank], torch.SymInt)]
+        if len(static) == len(dims):
+            continue
+        if static:
+            node.target, node.args = torch.ops.aten.squeeze.dims, (source, static)
+        else:
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+    program.graph_module.recompile()
+

@@ -235,6 +235,11 @@ class TokenMergePass:
                 result.left_dense[label] = "causal attention: merging would mix earlier and later tokens"
             elif (mid := find_mid(gm, block, sites[0].node)) is None:
                 result.left_dense[label] = "no residual-stream node between attention and MLP"
+            elif str(queries := fake(sites[0].node.args[0]).shape[-2]) != str(stream := fake(mid).shape[1]):
+                result.left_dense[label] = (f"attention reads {hint(queries)} tokens at the example where the "
+                                            f"residual stream holds {hint(stream)} (a joint attention over "
+                                            f"concatenated streams, as in SD3's MMDiT): merging needs attention "
+                                            f"over the stream's own tokens")
             else:
                 chosen.append((block, sites[0].node, mid))
         for block in analysis.blocks[:-1]:

@@ -20,7 +20,7 @@ from torch.fx import Node
 
 from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
-from dynasparse.ir.analysis import Block, GraphAnalysis
+from dynasparse.ir.analysis import AttentionSite, Block, GraphAnalysis
 from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, module_paths, propagate_fake_values
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
@@ -144,6 +144,11 @@ def _block_members(gm: torch.fx.GraphModule, block: Block) -> list[Node]:
     return [n for n in gm.graph.nodes if block.module in module_paths(n)]
 
 
+def _self_attention(site: AttentionSite) -> bool:
+    """Keys from the queries' own stream (a cross-attention reads another sequence, e.g. text)."""
+    return site.q_len == site.kv_len
+
+
 def find_mid(gm: torch.fx.GraphModule, block: Block, site_node: Node) -> Node | None:
     """The residual-stream node between the block's attention and its MLP (see module docstring)."""
     if block.input is None or block.output is None:
@@ -226,22 +231,23 @@ class TokenMergePass:
             label = f"block {block.index} ({block.module})"
             if self.config.layers is None and self.config.dense_first and block.index == 0:
                 result.left_dense[label] = "first block: dense by default (TokenMergeConfig.dense_first)"
-            elif len(sites) != 1:
-                result.left_dense[label] = f"{len(sites)} attention sites in one block; merging needs one"
-            elif sites[0].sparse:
+            elif len(own := [site for site in sites if _self_attention(site)]) != 1:
+                result.left_dense[label] = (f"{len(own)} self-attention sites in one block; merging needs one "
+                                            f"(beside any cross-attention)")
+            elif own[0].sparse:
                 result.left_dense[label] = ("block-sparse attention already planned here; list TokenMergeConfig "
                                             "before SparseAttentionConfig")
-            elif sites[0].causal:
+            elif own[0].causal:
                 result.left_dense[label] = "causal attention: merging would mix earlier and later tokens"
-            elif (mid := find_mid(gm, block, sites[0].node)) is None:
+            elif (mid := find_mid(gm, block, sites[-1].node)) is None:
                 result.left_dense[label] = "no residual-stream node between attention and MLP"
-            elif str(queries := fake(sites[0].node.args[0]).shape[-2]) != str(stream := fake(mid).shape[1]):
+            elif str(queries := fake(own[0].q).shape[-2]) != str(stream := fake(mid).shape[1]):
                 result.left_dense[label] = (f"attention reads {hint(queries)} tokens at the example where the "
                                             f"residual stream holds {hint(stream)} (a joint attention over "
                                             f"concatenated streams, as in SD3's MMDiT): merging needs attention "
                                             f"over the stream's own tokens")
-            else:
-                chosen.append((block, sites[0].node, mid))
+            else:  # merged after the block's last attention (a cross-attention's queries are the stream's)
+                chosen.append((block, own[0].node, mid))
         for block in analysis.blocks[:-1]:
             outside = [u for u in (block.output.users if block.output else ())
                        if analysis.blocks[block.index + 1].module not in module_paths(u)]
@@ -296,10 +302,9 @@ class TokenMergePass:
         merge_after = {block.index: (site, mid, step) for step, (block, site, mid) in enumerate(chosen)}
         example = length
         for block in analysis.blocks:
-            site_index = block.sites[0] if block.sites else None
-            if bias is not None and site_index is not None:  # attention after a merge sees merged keys
-                node = analysis.sites[site_index].node
-                node.args = node.args[:3] + (bias,) + node.args[4:]
+            if bias is not None:  # self-attention after a merge sees merged keys (cross-attention: other keys)
+                for site in (analysis.sites[i] for i in block.sites if _self_attention(analysis.sites[i])):
+                    site.node.args = site.node.args[:3] + (bias,) + site.node.args[4:]
             if block.index not in merge_after:
                 if source is not None:
                     source_after[block.index] = source.name

@@ -76,7 +76,8 @@ KV_HELP = (f"POLICY:BUDGET or full (default). POLICY: {', '.join(p for p in sort
 
 
 def parse_kv(text: str, unit: str = "tokens", head_scores: str | None = None,
-             retrieval_heads: float = 0.25, tier_bits: int | None = None) -> KVEvictionConfig:
+             retrieval_heads: float = 0.25, tier_bits: int | None = None,
+             other_heads: str = "streaming") -> KVEvictionConfig:
     """``POLICY:BUDGET`` (``h2o:0.25`` a share of the sequence, ``streaming:1024`` tokens) or ``full``."""
     policy, sep, budget = text.partition(":")
     usage = f"--kv {text!r}: give POLICY:BUDGET, e.g. kvzip:0.25 or streaming:1024, or full. {KV_HELP}"
@@ -89,7 +90,7 @@ def parse_kv(text: str, unit: str = "tokens", head_scores: str | None = None,
     except ValueError:
         raise DynasparseError(usage) from None
     return KVEvictionConfig(policy=policy, budget=value, unit=unit, head_scores=head_scores,
-                            retrieval_heads=retrieval_heads, tier_bits=tier_bits)
+                            retrieval_heads=retrieval_heads, tier_bits=tier_bits, other_heads=other_heads)
 
 
 def _prompt_text(args) -> str:
@@ -126,7 +127,7 @@ def cmd_generate(args) -> None:
 
     auto_heads = args.head_scores == "auto"
     kv = parse_kv(args.kv, args.kv_unit, None if auto_heads else args.head_scores, args.retrieval_heads,
-                  args.tier_bits)
+                  args.tier_bits, args.other_heads)
     text = _prompt_text(args)
     configs = _load_configs(args.config)
     entry = zoo.load(args.model, dtype=getattr(torch, args.dtype))
@@ -214,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="retrieval-head scores (calibrate_retrieval_heads); auto: compute once and cache. The "
                           "top --retrieval-heads share of KV heads keep BUDGET, the rest sinks + a recent window")
     gen.add_argument("--retrieval-heads", type=float, default=0.25, help="share of KV heads that keep the budget")
+    gen.add_argument("--other-heads", default="streaming", choices=["streaming", "policy"],
+                     help="with --head-scores: what the KV heads outside the retrieval share keep. streaming: sinks "
+                          "+ a recent window; policy: the retrieval heads keep every token and the others evict "
+                          "under POLICY in what BUDGET leaves")
     gen.add_argument("--tier-bits", type=int, choices=[2, 4, 8],
                      help="keep what leaves the cache quantized to this many bits (KIVI), inside the same BUDGET")
     gen.add_argument("--config", help="JSON file: more configs (sparse attention, exit gates, a KV config)")

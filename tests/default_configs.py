@@ -65,6 +65,10 @@ DEFAULTS = [
     # half the KV heads keep a KVzip-scored budget, the others sinks + recent (every head keeps all at zero)
     Default("kv-retrieval-heads", "decoder", _kv("kvzip", 32, head_scores=HEAD_SCORES, retrieval_heads=0.5),
             _kv("kvzip", 10_000, head_scores=HEAD_SCORES, retrieval_heads=1.0)),
+    # head-level budgets: the retrieval half keeps every token, the other heads a KVzip-scored share of the rest
+    Default("kv-whole-retrieval-heads", "decoder",
+            _kv("kvzip", 32, head_scores=HEAD_SCORES, retrieval_heads=0.5, other_heads="policy"),
+            _kv("kvzip", 10_000, head_scores=HEAD_SCORES, retrieval_heads=0.5, other_heads="policy")),
     # what leaves the cache is kept in an int4 tier (at zero: a budget that holds the sequence needs no tier);
     # KVzip re-reads after a repeat instruction, as the benchmarks run it
     Default("kv-int4-tier", "decoder", _kv("kvzip", 32, tier_bits=4, tier_group=8, tier_read=0.5, reread_prefix=REPEAT),
@@ -78,15 +82,16 @@ DEFAULTS = [
 
 # every pair of techniques on the same kind of model (one entry per technique)
 PAIRED = {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "sparse-query-aware-decode", "kv-h2o",
-          "kv-kvzip", "kv-retrieval-heads", "kv-int4-tier", "exit-draft", "mlp-skip"}
+          "kv-kvzip", "kv-retrieval-heads", "kv-whole-retrieval-heads", "kv-int4-tier", "exit-draft", "mlp-skip"}
 # query-aware decode reads the top keys on steps narrower than a block, decided on the step's width: a draft
 # round's verify step is narrower alone than in a padded batch, so that pair is not yet batch-invariant.
 # Self-speculative decoding chooses each round (drafter, length, or a plain step) for the whole batch from
 # measured acceptance and timings, and drafts' queries add attention mass to score-based caches: over a
-# bounded score-based cache a row's tokens depend on the rounds its batch drafted (streaming caches and
-# the full cache stay batch-invariant, tests/test_compositions.py)
+# bounded cache a row's tokens depend on the rounds its batch drafted (the full cache stays batch-invariant;
+# with the rounds fixed, bounded caches do too: tests/test_compositions.py)
 KNOWN_APART = {("sparse-query-aware-decode", "exit-draft"), ("kv-h2o", "exit-draft"), ("kv-kvzip", "exit-draft"),
-               ("kv-retrieval-heads", "exit-draft"), ("kv-int4-tier", "exit-draft")}
+               ("kv-retrieval-heads", "exit-draft"), ("kv-whole-retrieval-heads", "exit-draft"),
+               ("kv-int4-tier", "exit-draft")}
 PAIRS = [(a, b) for i, a in enumerate(DEFAULTS) for b in DEFAULTS[i + 1:]
          if a.kind == b.kind and type(a.sparse) is not type(b.sparse) and a.id in PAIRED and b.id in PAIRED]
 BATCH_INVARIANT_PAIRS = [(a, b) for a, b in PAIRS if (a.id, b.id) not in KNOWN_APART]

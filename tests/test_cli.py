@@ -47,6 +47,7 @@ def test_kv_spellings():
     assert parse_kv("kvzip:0.25", "bytes", "heads.json", 0.2) == KVEvictionConfig(
         policy="kvzip", budget=0.25, unit="bytes", head_scores="heads.json", retrieval_heads=0.2)
     assert parse_kv("kvzip:0.1", "bytes", tier_bits=4).tier_bits == 4
+    assert parse_kv("kvzip:0.1", "bytes", "heads.json", other_heads="policy").other_heads == "policy"
 
 
 def test_help_names_model_forms_and_policies(capsys):

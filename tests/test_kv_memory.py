@@ -9,6 +9,7 @@ import dynasparse
 from dynasparse.errors import DynasparseError
 from dynasparse.passes.retrieval_heads import HeadScores, calibrate_retrieval_heads
 from dynasparse.runtime.generate import decoder_for
+from dynasparse.runtime.kv_cache import site_sizes
 
 from conftest import left_padded_prompts
 
@@ -58,12 +59,40 @@ def test_head_groups_with_room_for_everything_equal_the_full_cache(head_scores):
     assert torch.equal(grouped.sequences, full.sequences)
 
 
+def test_whole_retrieval_heads_with_room_for_everything_equal_the_full_cache(head_scores):
+    model = llama()
+    full = generate(model, None)
+    config = kv(budget=64, head_scores=head_scores, retrieval_heads=0.5, other_heads="policy")
+    assert torch.equal(generate(model, config).sequences, full.sequences)
+
+
+# --- head-level budgets: retrieval heads keep every token, the others what the budget leaves ---------------------
+
+@pytest.mark.parametrize("tier_bits, budget", [(None, 0.75), (4, 0.5)])
+def test_whole_retrieval_heads_keep_every_token_and_the_others_the_rest(head_scores, tier_bits, budget):
+    model = llama()
+    config = kv("kvzip", budget=budget, unit="bytes", head_scores=head_scores, retrieval_heads=0.5,
+                other_heads="policy", tier_bits=tier_bits, tier_group=8)
+    ids, mask = prompts(length=40)
+    out = generate(model, config, ids, mask)
+    sites = decoder_for(model, [config]).graph_module.meta["dynasparse_kv_cache"].sites
+    assert [site.role for site in sites] == ["retrieval", "other", "retrieval", "other"]
+    sequence = ids.shape[1] + 10
+    held = [slots + blocks * 8 for slots, blocks in site_sizes(sites, config, sequence)]
+    assert held[0] >= sequence and held[2] >= sequence  # the whole sequence, hot or quantized
+    assert held[1] < sequence and held[3] < sequence
+    assert out.stats.cache_allocated_bytes <= budget * out.stats.cache_full_bytes
+
+
 # --- batched == alone ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("grouped, prefix", [(False, ()), (True, ()), (False, (11, 12, 13))])
-def test_batched_rows_equal_rows_alone(grouped, prefix, head_scores):
+@pytest.mark.parametrize("grouped, prefix, other_heads", [(False, (), "streaming"), (True, (), "streaming"),
+                                                         (False, (11, 12, 13), "streaming"), (True, (), "policy")])
+def test_batched_rows_equal_rows_alone(grouped, prefix, other_heads, head_scores):
+    """Budgets in tokens: a share of the sequence would differ between a padded batch and a row alone."""
     model = llama()
-    config = kv(budget=10, head_scores=head_scores if grouped else None, retrieval_heads=0.5, reread_prefix=prefix)
+    config = kv(budget=10, head_scores=head_scores if grouped else None, retrieval_heads=0.5, reread_prefix=prefix,
+                other_heads=other_heads)
     ids, mask = prompts()
     batched = generate(model, config, ids, mask)
     for row in range(ids.shape[0]):
@@ -183,10 +212,17 @@ def test_bad_input_fails_clearly(tmp_path, head_scores):
         kv("h2o", reread_prefix=(5, 6))
     with pytest.raises(DynasparseError, match="token ids"):
         kv(reread_prefix=(5, -1))
+    with pytest.raises(DynasparseError, match="other_heads='every'"):
+        kv(head_scores=head_scores, other_heads="every")
+    with pytest.raises(DynasparseError, match="give head_scores"):
+        kv(other_heads="policy")
+    with pytest.raises(DynasparseError, match="too small for other_heads='policy'"):
+        generate(model, kv(budget=0.3, unit="bytes", head_scores=head_scores, retrieval_heads=0.5, other_heads="policy"),
+                 *prompts(length=40))
 
 
 def test_configs_round_trip_through_json(head_scores):
-    config = kv(budget=0.25, unit="bytes", head_scores=head_scores, retrieval_heads=0.3)
+    config = kv(budget=0.25, unit="bytes", head_scores=head_scores, retrieval_heads=0.3, other_heads="policy")
     assert dynasparse.KVEvictionConfig.from_json(config.to_json()) == config
     config = kv(budget=0.25, reread_prefix=[7, 8, 9])  # a list from JSON comes back as the tuple
     assert dynasparse.KVEvictionConfig.from_json(config.to_json()) == config and config.reread_prefix == (7, 8, 9)

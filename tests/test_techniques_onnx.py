@@ -12,7 +12,9 @@ from default_configs import DEFAULTS, NEW_TOKENS, decoder_prompts, encoder_input
 # attention (h2o), an observation window (snapkv), a re-read of the context (kvzip) and per-head groups
 # (retrieval heads). Streaming, TOVA, key norms, h2o_mean and expected attention score from the same inputs
 # with plain tensor ops (positions cast to float, a softmax row, norms, a mean, query statistics).
-SAME_EXPORT_AS_TESTED = {"kv-streaming", "kv-tova", "kv-knorm", "kv-h2o_mean", "kv-expected_attention"}
+# Whole retrieval heads are the retrieval-heads export with KVzip (kv-kvzip) in the other group.
+SAME_EXPORT_AS_TESTED = {"kv-streaming", "kv-tova", "kv-knorm", "kv-h2o_mean", "kv-expected_attention",
+                         "kv-whole-retrieval-heads"}
 EXPORTED = [entry for entry in DEFAULTS if entry.exports and entry.id not in SAME_EXPORT_AS_TESTED]
 
 

@@ -60,10 +60,11 @@ class KVEvictionPass:
             if retrieval is not None and policy != "full":
                 kept = tuple(h for h in range(site.num_kv_heads) if (site.layer, h) in retrieval)
                 local = tuple(h for h in range(site.num_kv_heads) if h not in kept)
+                other = "streaming" if c.other_heads == "streaming" else "other"
                 groups = [(dataclasses.replace(cache, prefix=f"{cache.prefix}_{role}", num_kv_heads=len(heads),
-                                               policy=c.policy if role == "retrieval" else "streaming", role=role,
+                                               policy="streaming" if role == "streaming" else c.policy, role=role,
                                                heads=heads), heads)
-                          for role, heads in (("retrieval", kept), ("streaming", local)) if heads]
+                          for role, heads in (("retrieval", kept), (other, local)) if heads]
                 if len(groups) == 1:  # every head of the layer in one group: no split
                     groups = [(dataclasses.replace(groups[0][0], heads=()), ())]
             if c.tier_bits:  # what the budgeted (not streaming) caches evict is kept quantized
@@ -87,6 +88,10 @@ class KVEvictionPass:
                 budget = "every token" if group.policy == "full" else f"budget {c.budget!r} ({c.schedule})"
                 if group.role == "streaming":
                     budget = "sinks + recent window"
+                elif group.role == "retrieval" and c.other_heads == "policy":
+                    budget = "every token"
+                elif group.role == "other":
+                    budget = f"what budget {c.budget!r} leaves"
                 who = f"KV heads {list(heads)}" if heads else f"{site.num_kv_heads} KV heads"
                 role = "" if group.role == "all" else f" ({group.role} heads)"
                 tier = f", int{c.tier_bits} tier" if group.tier_bits else ""
@@ -213,6 +218,9 @@ class KVEvictionConfig(BaseConfig):
     once per model). The top ``retrieval_heads`` share of KV heads then keep the budget under ``policy``,
     the others only the sinks and the recent window (StreamingLLM), each group in caches of its own size,
     so the bytes really shrink; a byte budget is spread over the retrieval heads after the others' share.
+    ``other_heads="policy"`` turns the split around (head-level budgets, HeadKV / Ada-KV): the retrieval
+    heads keep every token (quantized, with ``tier_bits``) and the other heads evict under ``policy`` in
+    whatever the budget leaves.
     ``tier_bits`` (2, 4 or 8): a compressed tier (KIVI). When the budget cannot hold the whole sequence in
     the model's dtype, the cache keeps the sinks and the recent window in full precision and every older
     token, a block of ``tier_group`` tokens at a time, quantized (keys per channel over the block, values
@@ -237,6 +245,7 @@ class KVEvictionConfig(BaseConfig):
     unit: str = "tokens"
     head_scores: str | None = None
     retrieval_heads: float = 0.25
+    other_heads: str = "streaming"
     tier_bits: int | None = None
     tier_group: int = 32
     tier_read: float = 1.0
@@ -284,6 +293,13 @@ class KVEvictionConfig(BaseConfig):
                                   "policy='kvzip' and compress='after_prefill' (policy "
                                   f"{self.policy!r}, compress {self.compress!r} re-read nothing)")
         self.check_range("retrieval_heads", 0.0, 1.0, low_open=True)
+        if self.other_heads not in ("streaming", "policy"):
+            raise DynasparseError(f"{name}.other_heads={self.other_heads!r}; expected 'streaming' (the heads outside "
+                                  "the retrieval share keep sinks + recent window) or 'policy' (the retrieval heads "
+                                  "keep every token, the others evict under policy in what the budget leaves)")
+        if self.other_heads == "policy" and self.head_scores is None:
+            raise DynasparseError(f"{name}.other_heads='policy' splits KV heads by their retrieval scores: give "
+                                  "head_scores (dynasparse.calibrate_retrieval_heads)")
         if self.head_scores is not None and (self.schedule != "uniform" or isinstance(self.budget, tuple)
                                              or self.policy == "full"):
             raise DynasparseError(f"{name}: head_scores splits each layer's KV heads into retrieval and streaming "

@@ -87,6 +87,8 @@ def site_sizes(sites: Sequence[CacheSite], config: KVEvictionConfig, seq_len: in
         slot = max(((slot_bytes(s), token_bytes(s)) for s in evicting), default=(1, 1))
         budgets = iter(config.capacities(len(evicting), seq_len, slot) if evicting else [])
         return [(next(budgets), 0) if site.policy != "full" else (seq_len, 0) for site in sites]
+    if config.other_heads == "policy":
+        return _whole_retrieval_sizes(sites, config, seq_len)
     floor = min(config.sink + config.recent + 1, seq_len)
     fixed = {s.prefix: seq_len if s.policy == "full" else floor for s in sites if s.role != "retrieval"}
     retrieval = [s for s in sites if s.role == "retrieval"]
@@ -116,6 +118,43 @@ def site_sizes(sites: Sequence[CacheSite], config: KVEvictionConfig, seq_len: in
         else:
             sizes.append((min(tokens, seq_len), 0))
     return sizes
+
+
+def _whole_retrieval_sizes(sites: Sequence[CacheSite], config: KVEvictionConfig, seq_len: int
+                           ) -> list[tuple[int, int]]:
+    """``other_heads="policy"``: retrieval groups hold every token (a tiered one: sinks + recent window in
+    full precision, every block quantized), layers that do not evict hold the sequence, and the other groups
+    share the rest of the budget (with ``unit="bytes"``, by KV heads) or keep the budget's tokens."""
+    roomy = seq_len * max(token_bytes(s) for s in sites)  # more than any tier over the sequence takes
+    whole = {s.prefix: _tier_size(s, config, seq_len, seq_len - 1, roomy) if s.tier_bits else (seq_len, 0)
+             for s in sites if s.role == "retrieval" or s.policy == "full"}
+    others = [s for s in sites if s.prefix not in whole]
+    if config.unit != "bytes":
+        tokens = min(config.capacities(1, seq_len)[0], seq_len)
+        return [whole[s.prefix] if s.prefix in whole else _tier_size(s, config, seq_len, tokens, None)
+                if s.tier_bits else (tokens, 0) for s in sites]
+    budget = config.budget * seq_len * sum(token_bytes(s) for s in sites)  # per row
+    paid = sum(_size_bytes(s, *whole[s.prefix]) for s in sites if s.prefix in whole)
+    heads = sum(s.num_kv_heads for s in others)
+    sizes = {}
+    for site in others:
+        share = (budget - paid) * site.num_kv_heads / heads
+        if site.tier_bits:
+            sizes[site.prefix] = _tier_size(site, config, seq_len, seq_len - 1, share)
+        else:
+            sizes[site.prefix] = (min(math.floor((share - 8) / slot_bytes(site)) - 1, seq_len), 0)
+        if share <= 0 or sizes[site.prefix][0] < min(config.sink + config.recent + 1, seq_len):
+            raise DynasparseError(
+                f"{type(config).__name__}.budget={config.budget} of the bytes is too small for other_heads='policy' "
+                f"over {seq_len} tokens: the retrieval heads' whole context takes {paid / budget:.0%} of it and "
+                f"leaves the other heads too little; raise the budget or lower retrieval_heads")
+    return [whole.get(s.prefix) or sizes[s.prefix] for s in sites]
+
+
+def _size_bytes(site: CacheSite, slots: int, blocks: int) -> int:
+    """Bytes per row of a site with ``slots`` full-precision slots (+ the scratch slot) and ``blocks`` cold
+    blocks."""
+    return slot_bytes(site) * (slots + 1) + 8 + (blocks * tier_bytes(site) if blocks else 0)
 
 
 def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:

@@ -8,13 +8,14 @@ import dynasparse
 from default_configs import DEFAULTS, NEW_TOKENS, decoder_prompts, encoder_inputs, ids, model
 
 # Eviction policies export through one cache op and differ only in the score traced inside it. A decode
-# step's export costs 25-45 s on 2 cores, so ONNX Runtime runs one policy per kind of score: accumulated
-# attention (h2o), an observation window (snapkv), a re-read of the context (kvzip) and per-head groups
-# (retrieval heads). Streaming, TOVA, key norms, h2o_mean and expected attention score from the same inputs
-# with plain tensor ops (positions cast to float, a softmax row, norms, a mean, query statistics).
-# Whole retrieval heads are the retrieval-heads export with KVzip (kv-kvzip) in the other group.
-SAME_EXPORT_AS_TESTED = {"kv-streaming", "kv-tova", "kv-knorm", "kv-h2o_mean", "kv-expected_attention",
-                         "kv-whole-retrieval-heads"}
+# step's export costs 25-45 s on 2 cores, so ONNX Runtime runs one policy per kind of score: attention
+# masses taken over an observation window (snapkv), the most attention a re-read paid (kvzip) and per-head
+# groups (retrieval heads). h2o sums the same masses kvzip takes the max of; streaming, TOVA, key norms,
+# h2o_mean and expected attention score from the same inputs with plain tensor ops (positions cast to float,
+# a softmax row, norms, a mean, query statistics). Whole retrieval heads are the retrieval-heads export with
+# KVzip in the other group. Token merging's modes run through ONNX Runtime in test_token_merge_onnx.py.
+SAME_EXPORT_AS_TESTED = {"kv-h2o", "kv-streaming", "kv-tova", "kv-knorm", "kv-h2o_mean", "kv-expected_attention",
+                         "kv-whole-retrieval-heads", "merge-bipartite", "merge-prune"}
 EXPORTED = [entry for entry in DEFAULTS if entry.exports and entry.id not in SAME_EXPORT_AS_TESTED]
 
 

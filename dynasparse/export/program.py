@@ -108,4 +108,3 @@ def drop_dynamic_squeezes(program: torch.export.ExportedProgram) -> None:
             node.replace_all_uses_with(source)
             graph.erase_node(node)
     program.graph_module.recompile()
-

@@ -241,11 +241,11 @@ class TokenMergePass:
                 result.left_dense[label] = "causal attention: merging would mix earlier and later tokens"
             elif (mid := find_mid(gm, block, sites[-1].node)) is None:
                 result.left_dense[label] = "no residual-stream node between attention and MLP"
-            elif str(queries := fake(own[0].q).shape[-2]) != str(stream := fake(mid).shape[1]):
-                result.left_dense[label] = (f"attention reads {hint(queries)} tokens at the example where the "
-                                            f"residual stream holds {hint(stream)} (a joint attention over "
-                                            f"concatenated streams, as in SD3's MMDiT): merging needs attention "
-                                            f"over the stream's own tokens")
+            elif own[0].q_len != str(stream := fake(mid).shape[1]):
+                result.left_dense[label] = (f"attention reads {own[0].example_shape[1]} tokens at the example "
+                                            f"where the residual stream holds {hint(stream)} (a joint attention "
+                                            f"over concatenated streams, as in SD3's MMDiT): merging needs "
+                                            f"attention over the stream's own tokens")
             else:  # merged after the block's last attention (a cross-attention's queries are the stream's)
                 chosen.append((block, own[0].node, mid))
         for block in analysis.blocks[:-1]:

@@ -47,7 +47,7 @@ def _tier_size(site: CacheSite, config: KVEvictionConfig, seq_len: int, tokens: 
     group = site.tier_group
     hot = min(config.sink + config.recent + group, seq_len)
     most = math.ceil(max(seq_len - config.sink - config.recent, 0) / group)
-    hot_bytes = slot_bytes(site) * (hot + 1) + 8
+    hot_bytes = _size_bytes(site, hot, 0)
     if budget is None:
         blocks = (tokens - hot) // group
         least = f"{hot + group} tokens"
@@ -67,7 +67,7 @@ def _share(site: CacheSite, config: KVEvictionConfig, seq_len: int) -> tuple[int
     """(tokens the budget holds in full precision, its bytes per row with ``unit="bytes"``) for one site."""
     if config.unit == "bytes":
         budget = config.budget * seq_len * token_bytes(site)
-        return math.floor((budget - 8) / slot_bytes(site)) - 1, budget
+        return _slots_within(site, budget), budget
     return (math.ceil(config.budget * seq_len) if isinstance(config.budget, float) else config.budget), None
 
 
@@ -95,7 +95,7 @@ def site_sizes(sites: Sequence[CacheSite], config: KVEvictionConfig, seq_len: in
     budgets: dict[str, float | None] = {s.prefix: None for s in retrieval}
     if config.unit == "bytes" and retrieval:  # per row; every site also holds a scratch slot and a counter
         full = config.budget * seq_len * sum(token_bytes(s) for s in sites)
-        paid = sum(slot_bytes(s) * (fixed[s.prefix] + 1) + 8 for s in sites if s.prefix in fixed)
+        paid = sum(_size_bytes(s, fixed[s.prefix], 0) for s in sites if s.prefix in fixed)
         per_token = sum(slot_bytes(s) for s in retrieval)
         tokens = math.floor((full - paid - per_token - 8 * len(retrieval)) / per_token)
         heads = sum(s.num_kv_heads for s in retrieval)
@@ -142,7 +142,7 @@ def _whole_retrieval_sizes(sites: Sequence[CacheSite], config: KVEvictionConfig,
         if site.tier_bits:
             sizes[site.prefix] = _tier_size(site, config, seq_len, seq_len - 1, share)
         else:
-            sizes[site.prefix] = (min(math.floor((share - 8) / slot_bytes(site)) - 1, seq_len), 0)
+            sizes[site.prefix] = (min(_slots_within(site, share), seq_len), 0)
         if share <= 0 or sizes[site.prefix][0] < min(config.sink + config.recent + 1, seq_len):
             raise DynasparseError(
                 f"{type(config).__name__}.budget={config.budget} of the bytes is too small for other_heads='policy' "
@@ -152,9 +152,14 @@ def _whole_retrieval_sizes(sites: Sequence[CacheSite], config: KVEvictionConfig,
 
 
 def _size_bytes(site: CacheSite, slots: int, blocks: int) -> int:
-    """Bytes per row of a site with ``slots`` full-precision slots (+ the scratch slot) and ``blocks`` cold
-    blocks."""
+    """Bytes per row of a site with ``slots`` full-precision slots (+ the scratch slot and the row's token
+    counter) and ``blocks`` cold blocks."""
     return slot_bytes(site) * (slots + 1) + 8 + (blocks * tier_bytes(site) if blocks else 0)
+
+
+def _slots_within(site: CacheSite, budget: float) -> int:
+    """The most full-precision slots a site without a tier holds in ``budget`` bytes per row."""
+    return math.floor((budget - 8) / slot_bytes(site)) - 1
 
 
 def cache_plan(graph_module: torch.fx.GraphModule) -> CachePlan:

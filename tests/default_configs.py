@@ -40,8 +40,9 @@ HEAD_SCORES = str(Path(__file__).parent / "data" / "llama_tiny_heads.json")  # r
 
 
 MLP_GATES = str(Path(__file__).parent / "data" / "llama_tiny_mlp_skip.safetensors")  # dynasparse.fit on llama()
-# learned exit gates fitted by dynasparse.fit (random tokens, a 20% / 30% quality target) on bert() / llama();
-# `python tests/data/make_exit_gates.py` (from the repo root) writes them again
+# learned exit gates fitted by dynasparse.fit (random tokens, a 20% / 30% quality target) on bert() / llama(),
+# and MLP routers fitted for half the token-work; `python tests/data/make_fitted_gates.py` (from the repo root)
+# writes them again
 ENCODER_EXIT_GATES = str(Path(__file__).parent / "data" / "bert_tiny_exit_learned.safetensors")
 EXIT_GATES = str(Path(__file__).parent / "data" / "llama_tiny_exit_learned.safetensors")
 
@@ -120,9 +121,9 @@ def bert() -> hf.BertForSequenceClassification:
     return hf.BertForSequenceClassification(config).eval()
 
 
-def llama() -> hf.LlamaForCausalLM:
+def llama(layers: int = 2) -> hf.LlamaForCausalLM:
     torch.manual_seed(0)
-    config = hf.LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+    config = hf.LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=128, vocab_size=VOCAB)
     return hf.LlamaForCausalLM(config).eval()
 

@@ -81,7 +81,7 @@ def test_loading_into_another_model_names_the_mismatch(tmp_path):
     shutil.copy(EXIT_GATES, path)
     shutil.copy(EXIT_GATES + ".json", str(path) + ".json")
     with pytest.raises(DynasparseError, match="fitted on another model or config.*exit_0_gate"):
-        dynasparse.optimize(llama(), ExitGateConfig(criterion="learned", after_blocks=(1,), fitted=str(path)),
+        dynasparse.optimize(llama(layers=3), ExitGateConfig(criterion="learned", after_blocks=(1,), fitted=str(path)),
                             example_kwargs={"input_ids": torch.randint(1, VOCAB, (2, 16))})
 
 

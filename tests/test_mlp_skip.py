@@ -113,7 +113,7 @@ def test_loading_into_another_model_names_the_mismatch(tmp_path):
     shutil.copy(FITTED, path)
     shutil.copy(FITTED + ".json", str(path) + ".json")
     with pytest.raises(Exception, match="fitted on another model or config.*mlp_skip_2"):
-        _optimized(_gpt2(), MLPSkipConfig(fitted=str(path)))
+        _optimized(llama(layers=3), MLPSkipConfig(fitted=str(path)))
     with pytest.raises(Exception, match="gates of other shapes"):
         _optimized(llama(), MLPSkipConfig(adapter_rank=4, fitted=str(path)))
 

@@ -8,8 +8,7 @@ from dynasparse.ir.ops import MERGE_TOKENS, UNMERGE
 
 from conftest import load
 
-MODES = [TokenMergeConfig.tome(r=2), TokenMergeConfig.tome(keep_ratio=0.6), TokenMergeConfig.tome(r=1, schedule="decreasing"),
-         TokenMergeConfig.tome(r=(2, 2, 1, 1, 0, 1)), TokenMergeConfig.tome(keep_ratio=0.6, metric="hidden"),
+MODES = [TokenMergeConfig.tome(r=2), TokenMergeConfig.tome(keep_ratio=0.6), TokenMergeConfig.tome(r=(2, 2, 1, 1, 0, 1)),
          TokenMergeConfig.tome(keep_ratio=0.6, mode="prune"), TokenMergeConfig.tome(keep_ratio=0.6, mode="prune", fuse_pruned=False),
          TokenMergeConfig.tome(r=2, mode="threshold", threshold=0.2)]
 

@@ -1,10 +1,11 @@
-"""Regenerate tests/data/*_exit_learned.safetensors (learned exit gates fitted on the tiny test models)."""
+"""Regenerate the gates fitted on the tiny test models: tests/data/*_exit_learned.safetensors (learned exit
+gates) and tests/data/llama_tiny_mlp_skip.safetensors (MLP routers for half the token-work)."""
 import sys
 sys.path.insert(0, "tests")
 import torch
 import dynasparse
-from dynasparse import ExitGateConfig
-from default_configs import VOCAB, bert, encoder_inputs, llama
+from dynasparse import ExitGateConfig, MLPSkipConfig
+from default_configs import MLP_GATES, VOCAB, bert, encoder_inputs, llama
 
 g = torch.Generator().manual_seed(5)
 batches = []
@@ -19,3 +20,6 @@ dec = dynasparse.optimize(llama(), ExitGateConfig(criterion="learned", max_quali
 ids = torch.randint(1, VOCAB, (24, 64), generator=g)
 r = dynasparse.fit(dec, ids, held_out=0.25, save="tests/data/llama_tiny_exit_learned.safetensors")
 print(r.exits)
+routed = dynasparse.optimize(llama(), MLPSkipConfig(target_skip=0.5), example_kwargs={"input_ids": torch.randint(1, VOCAB, (2, 32))})
+r = dynasparse.fit(routed, torch.randint(1, VOCAB, (12, 32), generator=g), save=MLP_GATES)
+print(r.skipped)

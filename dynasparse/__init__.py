@@ -9,6 +9,7 @@ from dynasparse.registry import all_techniques
 from dynasparse.runtime.generate import generate
 from dynasparse.runtime.ort import ort_session
 from dynasparse.runtime.reread import repeat_prompt
+from dynasparse.runtime.sampler import Sampled, sample
 from dynasparse import techniques  # noqa: F401  (each record registers itself on import)
 
 # every technique's config (TokenMergeConfig, SparseAttentionConfig, KVEvictionConfig, ExitGateConfig, ...):
@@ -17,6 +18,6 @@ _CONFIGS = {technique.config.__name__: technique.config for technique in all_tec
 globals().update(_CONFIGS)
 
 __all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "FitReport", "HeadScores", "OptimizedModel",
-           "calibrate_retrieval_heads", "export_onnx", "fit", "generate", "optimize", "ort_session", "repeat_prompt",
-           *_CONFIGS]
+           "Sampled", "calibrate_retrieval_heads", "export_onnx", "fit", "generate", "optimize", "ort_session",
+           "repeat_prompt", "sample", *_CONFIGS]
 __version__ = "0.1.0"

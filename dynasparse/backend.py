@@ -26,6 +26,17 @@ from dynasparse.registry import all_techniques
 
 
 def _aten_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:
+    """Pre-dispatch aten graph of Dynamo's graph, its inputs named as Dynamo names them (``L_timestep_``:
+    a pass that reads an input by name finds it)."""
+    traced = _trace(gm, example_inputs)
+    for ours, theirs in zip((n for n in traced.graph.nodes if n.op == "placeholder"),
+                            (n for n in gm.graph.nodes if n.op == "placeholder")):
+        ours._rename(theirs.name)
+    traced.recompile()
+    return traced
+
+
+def _trace(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> torch.fx.GraphModule:
     """Pre-dispatch aten graph of Dynamo's graph, traced under Dynamo's own fake mode."""
     fake_mode = detect_fake_mode(example_inputs)
     # run node by node (Interpreter) under preserve_node_meta: each aten node keeps its Dynamo node's

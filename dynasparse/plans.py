@@ -15,6 +15,7 @@ CACHE_META = "dynasparse_kv_cache"  # a CachePlan: the KV pass gave every attent
 EXIT_META = "dynasparse_exit"  # an ExitPlan: exit gates after blocks
 MLP_SKIP_META = "dynasparse_mlp_skip"  # an MLPSkipPlan: routers in front of blocks' MLPs
 MERGE_GATE = "dynasparse.merge_gate"  # a MergeGate when TokenMergeConfig.dense_below is set
+TIMESTEP_BANDS = "dynasparse.timestep_bands"  # TimestepBands when TokenMergeConfig.timestep_schedule is set
 STREAM_STATE = "dynasparse_stream_state"  # values that travel with the residual stream, per block (see below)
 KV_METADATA = "dynasparse.kv_cache"  # an exported decode step's file metadata: the config and the cache layout
 EXIT_METADATA = "dynasparse.exit"  # an exported staged model's first file: the stage files and the exit logic
@@ -103,6 +104,14 @@ class MergeGate:
         return self.mergeable_tokens(flat_inputs) >= self.dense_below
 
 
+@dataclass
+class TimestepBands:
+    """Token density by denoising timestep: the flat input that carries the timestep, and per band the
+    lowest timestep it covers, its keep ratio and the amount (``ratio_milli``) of each merge node, by name.
+    After every pass, the graph is finished into one that picks the band from the timestep (torch.cond)."""
+
+    timestep_at: int
+    bands: list[tuple[float, float, dict[str, int]]]
 
 
 @dataclass

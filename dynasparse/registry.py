@@ -85,6 +85,11 @@ class Technique:
         """What ``OptimizedModel`` calls instead of the graph (a staged runtime, a graph chooser)."""
         return None
 
+    def finish_graph(self, graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        """The graph once every pass has run: where a plan spans graph variants (token density by
+        timestep), the one graph that picks among them."""
+        return graph_module
+
     def compile_graph(self, graph_module: torch.fx.GraphModule, example_inputs: list,
                       notes: list[str]) -> torch.fx.GraphModule:
         """The graph the compile backend hands to Inductor (or an error where compiling cannot work)."""

@@ -3,7 +3,8 @@
 identity, JSON, opcheck, batching and composition tests for free.
 
 Each entry: (id, model kind, a config with sparsity, the same technique at zero sparsity, whether the
-technique's ONNX export reproduces it: False where the export has no spelling of it yet).
+technique's ONNX export reproduces it: False where the export has no spelling of it yet). Kinds: "encoder"
+(a BERT classifier), "decoder" (a Llama generating) and "dit" (diffusers' DiT, one denoising call).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ VOCAB = 128
 @dataclass(frozen=True)
 class Default:
     id: str
-    kind: str  # "encoder": a BERT classifier called on a batch; "decoder": a Llama generating
+    kind: str  # "encoder": a BERT classifier called on a batch; "decoder": a Llama generating; "dit": a DiT
     sparse: BaseConfig
     zero: BaseConfig
     exports: bool = True
@@ -76,6 +77,10 @@ DEFAULTS = [
             _kv("kvzip", 10_000, tier_bits=4, tier_group=8, reread_prefix=REPEAT), exports=False),
     # routers fitted to skip about half the MLP token-work; unfitted, they keep every token
     Default("mlp-skip", "decoder", MLPSkipConfig(target_skip=0.5, fitted=MLP_GATES), MLPSkipConfig(target_skip=0.5)),
+    # token density by denoising timestep (FlexDiT / DyDiT): dense at noisy steps, half the tokens late
+    Default("merge-timestep", "dit", TokenMergeConfig(timestep_schedule=((0, 0.5), (500, 1.0)), min_tokens=16),
+            TokenMergeConfig(timestep_schedule=((0, 1.0),))),
+    Default("sparse-dit", "dit", _sparse(keep_ratio=0.5), _sparse(keep_ratio=1.0)),
     Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),
             ExitGateConfig(after_blocks=(0,), mode="draft"),  # lossless by construction: no zero variant
             exports=False),  # the drafter and the verifier run in torch
@@ -83,7 +88,8 @@ DEFAULTS = [
 
 # every pair of techniques on the same kind of model (one entry per technique)
 PAIRED = {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "sparse-query-aware-decode", "kv-h2o",
-          "kv-kvzip", "kv-retrieval-heads", "kv-whole-retrieval-heads", "kv-int4-tier", "exit-draft", "mlp-skip"}
+          "kv-kvzip", "kv-retrieval-heads", "kv-whole-retrieval-heads", "kv-int4-tier", "exit-draft", "mlp-skip",
+          "merge-timestep", "sparse-dit"}
 # query-aware decode reads the top keys on steps narrower than a block, decided on the step's width: a draft
 # round's verify step is narrower alone than in a padded batch, so that pair is not yet batch-invariant.
 # Self-speculative decoding chooses each round (drafter, length, or a plain step) for the whole batch from
@@ -108,9 +114,9 @@ def ids(entries) -> list[str]:
 
 
 def model(kind: str) -> torch.nn.Module:
-    """The encoder or decoder the entries run on, built once per test session."""
+    """The model of a kind, built once per test session."""
     if kind not in _models:
-        _models[kind] = bert() if kind == "encoder" else llama()
+        _models[kind] = {"encoder": bert, "decoder": llama, "dit": dit}[kind]()
     return _models[kind]
 
 
@@ -126,6 +132,23 @@ def llama(layers: int = 2) -> hf.LlamaForCausalLM:
     config = hf.LlamaConfig(hidden_size=64, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                             intermediate_size=128, vocab_size=VOCAB)
     return hf.LlamaForCausalLM(config).eval()
+
+
+def dit() -> torch.nn.Module:
+    """diffusers' DiT, 3 blocks over 16x16 latents in patches of 2 (64 tokens), 10 classes."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                           num_layers=3, sample_size=16, patch_size=2, num_embeds_ada_norm=10,
+                                           norm_type="ada_norm_zero").eval()
+
+
+def dit_inputs() -> dict:
+    """Three rows at late timesteps (one band of merge-timestep's schedule, so each row alone runs it too)."""
+    generator = torch.Generator().manual_seed(3)
+    return {"hidden_states": torch.randn(3, 4, 16, 16, generator=generator), "timestep": torch.tensor([20, 150, 400]),
+            "class_labels": torch.tensor([1, 4, 7])}
 
 
 def encoder_inputs(batch: int = 4, length: int = 48) -> dict:

@@ -11,21 +11,22 @@ from dynasparse.config import BaseConfig
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
 from dynasparse.registry import all_techniques
 
-from default_configs import (BATCH_INVARIANT_PAIRS, DEFAULTS, NEW_TOKENS, PAIRS, decoder_prompts, encoder_inputs,
-                             ids, model)
+from default_configs import (BATCH_INVARIANT_PAIRS, DEFAULTS, NEW_TOKENS, PAIRS, decoder_prompts, dit_inputs,
+                             encoder_inputs, ids, model)
 
 
 def run(kind: str, configs: list[BaseConfig], row: int | None = None) -> torch.Tensor:
-    """Encoder: the classifier's logits; decoder: the greedy new tokens. ``row``: that row alone (an encoder
-    row keeps its padding; a decoder row is its real tokens)."""
-    if kind == "encoder":
-        inputs = encoder_inputs()
+    """Encoder: the classifier's logits; DiT: the denoiser's output; decoder: the greedy new tokens. ``row``:
+    that row alone (an encoder row keeps its padding; a decoder row is its real tokens)."""
+    if kind in INPUTS:
+        inputs = INPUTS[kind]()
         if row is not None:
             inputs = {k: v[row:row + 1] for k, v in inputs.items()}
-        target = _encoder(configs)
+        target = _optimized(kind, configs)
         with torch.no_grad():
             out = target(**inputs)
-        return out.logits if hasattr(out, "logits") else out[0]
+        return next(getattr(out, name) for name in ("logits", "sample") if hasattr(out, name)) if not isinstance(
+            out, (tuple, list)) else out[0]
     ids, mask = decoder_prompts()
     if row is not None:
         ids, mask = ids[row:row + 1, mask[row].bool()], None
@@ -33,21 +34,22 @@ def run(kind: str, configs: list[BaseConfig], row: int | None = None) -> torch.T
         :, -NEW_TOKENS:]
 
 
-_last_encoder: list = []  # (configs, optimized): a batch and its rows alone share one capture
+INPUTS = {"encoder": encoder_inputs, "dit": dit_inputs}  # the kinds called once on a batch
+_last_optimized: list = []  # (kind, configs, optimized): a batch and its rows alone share one capture
 
 
-def _encoder(configs: list[BaseConfig]) -> torch.nn.Module:
+def _optimized(kind: str, configs: list[BaseConfig]) -> torch.nn.Module:
     if not configs:
-        return model("encoder")
-    if not (_last_encoder and len(_last_encoder[0]) == len(configs)
-            and all(a is b for a, b in zip(_last_encoder[0], configs))):
-        _last_encoder[:] = [list(configs), dynasparse.optimize(model("encoder"), configs,
-                                                               example_kwargs=encoder_inputs())]
-    return _last_encoder[1]
+        return model(kind)
+    if not (_last_optimized and _last_optimized[0] == kind and len(_last_optimized[1]) == len(configs)
+            and all(a is b for a, b in zip(_last_optimized[1], configs))):
+        _last_optimized[:] = [kind, list(configs), dynasparse.optimize(model(kind), configs,
+                                                                       example_kwargs=INPUTS[kind]())]
+    return _last_optimized[2]
 
 
 def same(kind: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    if kind == "encoder":
+    if kind in INPUTS:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     else:
         assert torch.equal(a, b)
@@ -90,13 +92,18 @@ def test_pairs_with_sparsity_batched_rows_equal_rows_alone(pair):
 # --- opcheck on every op a technique inserts --------------------------------------------------------------------
 
 class _FirstCalls(TorchDispatchMode):
-    """Records the first call of every dynasparse op (arguments cloned before the op mutates them)."""
+    """Records the first call of every dynasparse op (arguments cloned before the op mutates them); a
+    torch.cond (token density by timestep) runs its branch unrecorded."""
+
+    supports_higher_order_operators = True
 
     def __init__(self):
         super().__init__()
         self.calls: dict = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **(kwargs or {}))
         if func.namespace == "dynasparse" and func not in self.calls:
             self.calls[func] = tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, (args, kwargs))
         return func(*args, **(kwargs or {}))

@@ -5,7 +5,7 @@ import torch
 
 import dynasparse
 
-from default_configs import DEFAULTS, NEW_TOKENS, decoder_prompts, encoder_inputs, ids, model
+from default_configs import DEFAULTS, NEW_TOKENS, decoder_prompts, dit_inputs, encoder_inputs, ids, model
 
 # Eviction policies export through one cache op and differ only in the score traced inside it. A decode
 # step's export costs 25-45 s on 2 cores, so ONNX Runtime runs one policy per kind of score: attention
@@ -23,15 +23,18 @@ EXPORTED = [entry for entry in DEFAULTS if entry.exports and entry.id not in SAM
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", EXPORTED, ids=ids(EXPORTED))
 def test_onnx_runtime_equals_torch(entry, tmp_path):
-    """The exported file, run by ONNX Runtime, gives the torch logits (encoder) or tokens (decoder)."""
-    if entry.kind == "encoder":
-        inputs = encoder_inputs()
-        optimized = dynasparse.optimize(model("encoder"), [entry.sparse], example_kwargs=inputs)
+    """The exported file, run by ONNX Runtime, gives the torch logits (encoder), denoiser output (DiT, at late
+    and at noisy timesteps: both bands of a timestep schedule) or tokens (decoder)."""
+    if entry.kind in ("encoder", "dit"):
+        inputs = encoder_inputs() if entry.kind == "encoder" else dit_inputs()
+        optimized = dynasparse.optimize(model(entry.kind), [entry.sparse], example_kwargs=inputs)
         session = dynasparse.ort_session(dynasparse.export_onnx(optimized, tmp_path / "model.onnx"))
-        with torch.no_grad():
-            expected = optimized(**inputs)
-        torch.testing.assert_close(session(**inputs)[0], expected.logits if hasattr(expected, "logits")
-                                   else expected[0], atol=1e-4, rtol=1e-4)
+        calls = [inputs] if entry.kind == "encoder" else [inputs, {**inputs, "timestep": inputs["timestep"] + 600}]
+        for call in calls:
+            with torch.no_grad():
+                expected = optimized(**call)
+            torch.testing.assert_close(session(**call)[0], expected.logits if hasattr(expected, "logits")
+                                       else expected[0], atol=1e-4, rtol=1e-4)
         return
     decoder = dynasparse.runtime.generate.decoder_for(model("decoder"), [entry.sparse])
     session = dynasparse.ort_session(dynasparse.export_onnx(decoder, tmp_path / "step.onnx"))

@@ -72,5 +72,7 @@ def run_pipeline(gm: torch.fx.GraphModule, passes: Sequence[Pass]) -> PipelineRe
         if canonical is None:
             canonical = analyze(gm)
         _dump(gm, step, p.name)
-    final = analyze(gm)
+    final = analyze(gm)  # before finishing: a graph that picks among variants holds its sites in branches
+    for technique in all_techniques():
+        gm = technique.finish_graph(gm)
     return PipelineResult(gm, final, results, canonical or final)

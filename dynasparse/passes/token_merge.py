@@ -25,7 +25,7 @@ from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, module_paths
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
 from dynasparse.passes.base import calibration_call
-from dynasparse.plans import MERGE_GATE, STREAM_STATE, MergeGate, StreamState
+from dynasparse.plans import MERGE_GATE, STREAM_STATE, TIMESTEP_BANDS, MergeGate, StreamState, TimestepBands
 from dynasparse.registry import PassResult
 
 
@@ -51,6 +51,12 @@ class TokenMergeConfig(BaseConfig):
     (many small ops), so small batches lose time unless they skip merging.
     ``layers``: blocks to merge after (default: all but the first while ``dense_first``: the first
     block's tokens are not contextual yet, so their similarities say little).
+    ``timestep_schedule`` (diffusion transformers; FlexDiT, DyDiT): instead of one keep ratio, pairs
+    ``(lowest timestep, keep_ratio)``, one per band of denoising timesteps, e.g. ``((0, 0.5), (400, 0.75),
+    (800, 1.0))``: noisy steps (high t) keep more tokens, late steps fewer; the lowest band starts at 0 and
+    every timestep lies below ``num_timesteps`` (the sampler's training steps). The graph reads the model
+    input ``timestep_input`` and picks the band itself (torch.cond), so one capture serves every step; a
+    batch of mixed timesteps runs the band of its noisiest row.
     The defaults (hidden-state metric, first block dense, 32 tokens left whole) hold embedding fidelity on
     real text (``benchmarks/token_merge.py``); ``TokenMergeConfig.tome(...)`` is plain ToMe.
     """
@@ -68,6 +74,9 @@ class TokenMergeConfig(BaseConfig):
     min_tokens: int | None = None
     dense_below: int = 0
     dense_first: bool = True
+    timestep_schedule: tuple[tuple[float, float], ...] | None = None
+    timestep_input: str = "timestep"
+    num_timesteps: int = 1000
 
     @classmethod
     def tome(cls, **settings) -> TokenMergeConfig:
@@ -78,7 +87,9 @@ class TokenMergeConfig(BaseConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
-        if (self.r is None) == (self.keep_ratio is None):
+        if self.timestep_schedule is not None:
+            self._check_timestep_schedule()
+        elif (self.r is None) == (self.keep_ratio is None):
             raise DynasparseError(f"{name}: set exactly one of r (tokens merged per block) or keep_ratio "
                                   "(share of tokens left after the last block)")
         if isinstance(self.r, (list, tuple)):
@@ -98,11 +109,12 @@ class TokenMergeConfig(BaseConfig):
         if any(not isinstance(p, int) or p < 0 for p in self.protect):
             raise DynasparseError(f"{name}.protect={self.protect!r} must be token positions >= 0")
         self.check_range("min_merge_fraction", 0.0, 1.0)
+        by_share = self.keep_ratio is not None or self.timestep_schedule is not None
         if self.min_tokens is None:
-            self.min_tokens = 32 if self.keep_ratio is not None else 0
+            self.min_tokens = 32 if by_share else 0
         self.check_int("min_tokens", 0)
         self.check_int("dense_below", 0)
-        if self.min_tokens and self.keep_ratio is None:
+        if self.min_tokens and not by_share:
             raise DynasparseError(f"{name}: min_tokens goes with keep_ratio (a share of the tokens beyond it)")
         if self.threshold is not None:
             self.threshold = self.threshold if isinstance(self.threshold, float) else tuple(self.threshold)
@@ -110,6 +122,41 @@ class TokenMergeConfig(BaseConfig):
                 raise DynasparseError(f"{name}.threshold={self.threshold!r}: cosine thresholds lie in [-1, 1]")
             if self.mode != "threshold":
                 raise DynasparseError(f"{name}: threshold is only used with mode='threshold'")
+
+    def _check_timestep_schedule(self) -> None:
+        name = type(self).__name__
+        if self.r is not None or self.keep_ratio is not None:
+            raise DynasparseError(f"{name}: timestep_schedule gives the keep ratio of each band of timesteps; "
+                                  "leave r and keep_ratio unset")
+        if self.mode == "threshold" or self.dense_below:
+            raise DynasparseError(f"{name}: timestep_schedule picks a band per call from the timestep; use "
+                                  "mode='bipartite' or 'prune' and leave dense_below at 0")
+        self.check_int("num_timesteps", 1)
+        try:
+            bands = tuple(sorted((float(t), float(keep)) for t, keep in self.timestep_schedule))
+        except (TypeError, ValueError):
+            raise DynasparseError(f"{name}.timestep_schedule={self.timestep_schedule!r}: give pairs (lowest "
+                                  "timestep, keep_ratio), e.g. ((0, 0.5), (500, 1.0))") from None
+        outside = [t for t, _ in bands if not 0 <= t < self.num_timesteps]
+        if outside:
+            raise DynasparseError(f"{name}.timestep_schedule names timesteps {outside} outside the sampler's "
+                                  f"0..{self.num_timesteps - 1} (num_timesteps={self.num_timesteps})")
+        if not bands or bands[0][0] != 0:
+            raise DynasparseError(f"{name}.timestep_schedule starts at t={bands[0][0] if bands else None}: "
+                                  "timesteps below it would have no band; start the lowest band at 0")
+        if len({t for t, _ in bands}) != len(bands):
+            raise DynasparseError(f"{name}.timestep_schedule names a timestep twice: {self.timestep_schedule!r}")
+        if any(not 0.0 < keep <= 1.0 for _, keep in bands):
+            raise DynasparseError(f"{name}.timestep_schedule: keep ratios lie in (0, 1], got "
+                                  f"{[keep for _, keep in bands]}")
+        self.timestep_schedule = bands
+
+    @property
+    def sparsest_keep(self) -> float | None:
+        """The keep ratio the captured graph is rewritten for (with a schedule, its lowest band's)."""
+        if self.timestep_schedule is not None:
+            return min(keep for _, keep in self.timestep_schedule)
+        return self.keep_ratio
 
 
 def _input_dim(gm: torch.fx.GraphModule, size: int | torch.SymInt, what: str) -> tuple[int | None, int]:
@@ -124,6 +171,19 @@ def _input_dim(gm: torch.fx.GraphModule, size: int | torch.SymInt, what: str) ->
                 return index, dim
     raise DynasparseError(f"TokenMergeConfig.dense_below reads the {what} from the inputs, but no input has it "
                           f"as a dimension (it is {size}); leave dense_below at 0 for this model")
+
+
+def _timestep_input(gm: torch.fx.GraphModule, name: str) -> int:
+    """Which flat input carries the timestep: the placeholder named ``name`` (Dynamo spells it ``l_name_``)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        if node.name in (name, f"l_{name}_", f"L_{name}_") and isinstance(fake(node), torch.Tensor):
+            return index
+    seen = ", ".join(n.name for n in placeholders[:12]) + (", ..." if len(placeholders) > 12 else "")
+    raise DynasparseError(f"TokenMergeConfig.timestep_schedule reads the timestep from the input "
+                          f"{name!r}, and the captured graph has no tensor input of that name (inputs seen: "
+                          f"{seen}); set timestep_input= to the name of the model's timestep argument and "
+                          "pass it as a tensor")
 
 
 _VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
@@ -176,15 +236,16 @@ def find_mid(gm: torch.fx.GraphModule, block: Block, site_node: Node) -> Node | 
     return None
 
 
-def _schedule(config: TokenMergeConfig, num_blocks: int) -> list[tuple[int, int]]:
-    """(r, ratio_milli) per merged block; ratio_milli < 0 means 'use r'."""
-    if config.keep_ratio is not None:
-        fraction = 1.0 - config.keep_ratio ** (1.0 / num_blocks)
+def _schedule(config: TokenMergeConfig, num_blocks: int, keep_ratio: float | None = None) -> list[tuple[int, int]]:
+    """(r, ratio_milli) per merged block; ratio_milli < 0 means 'use r'. ``keep_ratio``: one band's."""
+    keep_ratio = config.sparsest_keep if keep_ratio is None else keep_ratio
+    if keep_ratio is not None:
+        fraction = 1.0 - keep_ratio ** (1.0 / num_blocks)
         if fraction > 0.5:
             raise DynasparseError(
-                f"TokenMergeConfig.keep_ratio={config.keep_ratio} over {num_blocks} blocks needs "
+                f"TokenMergeConfig keep ratio {keep_ratio} over {num_blocks} blocks needs "
                 f"{fraction:.0%} of the tokens merged per block; at most 50% can merge in one block. "
-                "Raise keep_ratio or merge in more blocks.")
+                "Raise the keep ratio or merge in more blocks.")
         return [(config.min_tokens, round(fraction * 1000))] * num_blocks
     if isinstance(config.r, tuple):
         if len(config.r) != num_blocks:
@@ -220,6 +281,10 @@ class TokenMergePass:
     def _eligible(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis, result: PassResult
                   ) -> list[tuple[Block, Node, Node]]:
         chosen = []
+        missing = sorted(set(self.config.layers or ()) - {block.index for block in analysis.blocks})
+        if missing:
+            raise DynasparseError(f"TokenMergeConfig.layers names blocks {missing}; the model has blocks "
+                                  f"0..{len(analysis.blocks) - 1}")
         if not analysis.blocks:
             for site in analysis.sites:
                 result.left_dense[site.node.name] = "no block structure found (attention outside indexed modules)"
@@ -289,9 +354,12 @@ class TokenMergePass:
         length_symbol = fake(chosen[0][2]).shape[1]
         length = hint(length_symbol)
         schedule = _schedule(self.config, len(chosen))
+        timestep_at = (_timestep_input(gm, self.config.timestep_input)
+                       if self.config.timestep_schedule is not None else None)
         self._check_protect(length)
         dense_graph = copy_graph(gm.graph) if self.config.dense_below else None
         merged_hidden: list[Node] = []  # the hidden state right after each merge
+        merge_nodes: list[str] = []
         thresholds = _thresholds(self.config, len(chosen))
         if self.config.mode == "prune" and any(s.num_heads != s.num_kv_heads for s in analysis.sites):
             raise DynasparseError("TokenMergeConfig(mode='prune') needs as many key heads as query heads")
@@ -314,6 +382,7 @@ class TokenMergePass:
             x_new, size, source, bias = self._insert_merge(gm, site, mid, size, source, r, ratio_milli,
                                                            thresholds[step])
             merged_hidden.append(x_new)
+            merge_nodes.append(x_new.args[0].name)
             kept = self._capacity(example, r, ratio_milli)
             result.applied.append(f"block {block.index}: {self._describe(r, ratio_milli, thresholds[step])}, "
                                   f"{example} → {kept} tokens at the example{self._capped(example, r, ratio_milli)}")
@@ -330,6 +399,8 @@ class TokenMergePass:
                                             self.config.min_tokens, self.config.dense_below)
             result.notes.append(f"token_merge: a batch with fewer than {self.config.dense_below} mergeable "
                                 f"tokens (batch × (length − {self.config.min_tokens})) runs the dense graph")
+        if timestep_at is not None:
+            result.notes.append(self._record_bands(gm, timestep_at, merge_nodes))
         if self.uses_calibration:
             result.notes.append(self._calibrate_thresholds(gm))
         propagate_fake_values(gm)
@@ -337,6 +408,16 @@ class TokenMergePass:
         result.notes.append(f"token_merge: {length} → {example} tokens after the last merge at the example "
                             f"({example / length:.0%} kept)")
         return result
+
+    def _record_bands(self, gm: torch.fx.GraphModule, timestep_at: int, merge_nodes: list[str]) -> str:
+        """Each band's merge amounts, for the graph that picks the band (``passes/timestep_bands.py``)."""
+        bands = [(t, keep, {name: ratio_milli for name, (_, ratio_milli)
+                            in zip(merge_nodes, _schedule(self.config, len(merge_nodes), keep))})
+                 for t, keep in self.config.timestep_schedule]
+        gm.meta[TIMESTEP_BANDS] = TimestepBands(timestep_at, bands)
+        described = ", ".join(f"t >= {t:g}: {keep:.0%}" for t, keep, _ in reversed(bands))
+        return (f"token_merge: keep by timestep ({described} of the tokens after the last merge), picked in the "
+                f"graph from input {self.config.timestep_input!r}")
 
     def _calibrate_thresholds(self, gm: torch.fx.GraphModule) -> str:
         """DyMU-style: run the calibration batches with bipartite merging at the scheduled amount, record

@@ -12,6 +12,8 @@ from dynasparse.errors import DynasparseError
 from dynasparse.export.token_merge import TOKEN_MERGE_TRANSLATIONS
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.passes.exit_gate import ExitGateConfig
+from dynasparse.passes.sparse_attention import SparseAttentionConfig
+from dynasparse.passes.timestep_bands import finish_graph
 from dynasparse.passes.token_merge import TokenMergeConfig, TokenMergePass
 from dynasparse.plans import MERGE_GATE
 from dynasparse.registry import Stage, Technique, register
@@ -30,9 +32,16 @@ class TokenMerge(Technique):
 
     def check_composition(self, config: BaseConfig, others: Sequence[BaseConfig]) -> None:
         for other in others:
+            if config.timestep_schedule is not None and not isinstance(other, (TokenMergeConfig,
+                                                                                SparseAttentionConfig)):
+                raise DynasparseError(f"{config}: a timestep schedule picks a graph per band inside the graph; "
+                                      f"it composes with sparse attention only, not with {type(other).__name__}")
             if config.dense_below and isinstance(other, ExitGateConfig):
                 raise DynasparseError(f"{config}: dense_below chooses between two graphs per call and {other} "
                                       "splits one graph into stages; leave dense_below at 0 with exit gates")
+
+    def finish_graph(self, graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+        return finish_graph(graph_module)  # token density by timestep: one graph picks the band
 
     def runner(self, graph_module: torch.fx.GraphModule) -> torch.nn.Module | None:
         return MergeGatedModel(graph_module) if MERGE_GATE in graph_module.meta else None

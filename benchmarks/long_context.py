@@ -536,8 +536,7 @@ def main() -> None:
     if args.quick:
         args.context, args.depths, args.budgets = 512, 2, [0.25]
         rows_to_run = [r for r in settings(args.budgets, 128, args.head_scores, args.repeat)
-                       if r[0] in ("full cache", "h2o 25%",
-                                                                     "sparse prefill keep 0.25 + h2o 25%")]
+                       if r[0] in ("full cache", "h2o 25%", "sparse prefill keep 0.25 + h2o 25%")]
     task = (fact_task if args.task == "fact" else multikey_task)(tokenizer, args.context, args.depths)
     held_out = tokenizer(inspect.getsource(inspect), return_tensors="pt").input_ids[:, :args.context]
     OUT.mkdir(parents=True, exist_ok=True)

@@ -87,18 +87,17 @@ DEFAULTS = [
 ]
 
 # every pair of techniques on the same kind of model (one entry per technique)
+# (caches: h2o's scores, head groups with KVzip in the other group, and the int4 tier with KVzip's re-read)
 PAIRED = {"merge-bipartite", "sparse-encoder", "exit-staged", "sparse-pooled", "sparse-query-aware-decode", "kv-h2o",
-          "kv-kvzip", "kv-retrieval-heads", "kv-whole-retrieval-heads", "kv-int4-tier", "exit-draft", "mlp-skip",
-          "merge-timestep", "sparse-dit"}
+          "kv-whole-retrieval-heads", "kv-int4-tier", "exit-draft", "mlp-skip", "merge-timestep", "sparse-dit"}
 # query-aware decode reads the top keys on steps narrower than a block, decided on the step's width: a draft
 # round's verify step is narrower alone than in a padded batch, so that pair is not yet batch-invariant.
 # Self-speculative decoding chooses each round (drafter, length, or a plain step) for the whole batch from
 # measured acceptance and timings, and drafts' queries add attention mass to score-based caches: over a
 # bounded cache a row's tokens depend on the rounds its batch drafted (the full cache stays batch-invariant;
 # with the rounds fixed, bounded caches do too: tests/test_compositions.py)
-KNOWN_APART = {("sparse-query-aware-decode", "exit-draft"), ("kv-h2o", "exit-draft"), ("kv-kvzip", "exit-draft"),
-               ("kv-retrieval-heads", "exit-draft"), ("kv-whole-retrieval-heads", "exit-draft"),
-               ("kv-int4-tier", "exit-draft")}
+KNOWN_APART = {("sparse-query-aware-decode", "exit-draft"), ("kv-h2o", "exit-draft"),
+               ("kv-whole-retrieval-heads", "exit-draft"), ("kv-int4-tier", "exit-draft")}
 PAIRS = [(a, b) for i, a in enumerate(DEFAULTS) for b in DEFAULTS[i + 1:]
          if a.kind == b.kind and type(a.sparse) is not type(b.sparse) and a.id in PAIRED and b.id in PAIRED]
 BATCH_INVARIANT_PAIRS = [(a, b) for a, b in PAIRS if (a.id, b.id) not in KNOWN_APART]

@@ -236,7 +236,7 @@ def _gpt2() -> hf.GPT2LMHeadModel:
 
 
 @pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
-@pytest.mark.parametrize("block", [0, 1])
+@pytest.mark.parametrize("block", [0])  # a drafter the chooser picks: test_self_speculative_choosing_its_block...
 def test_self_speculative_greedy_equals_plain_greedy(build, block):
     model = build()
     inputs = _text(batch=3, length=10)

@@ -33,11 +33,9 @@ ops = torch.ops.dynasparse
 
 MODEL_CONFIGS = {
     "r2": dict(r=2),
-    "keep_ratio": dict(keep_ratio=0.6),
+    "keep_ratio": dict(keep_ratio=0.6, min_tokens=6, metric="hidden"),
     "prune": dict(keep_ratio=0.6, mode="prune"),
-    "prune_drop": dict(keep_ratio=0.6, mode="prune", fuse_pruned=False),
     "threshold": dict(r=3, mode="threshold", threshold=0.3),
-    "min_tokens": dict(keep_ratio=0.6, min_tokens=6, metric="hidden"),
 }
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dynasparse
-from dynasparse import TokenMergeConfig
+from dynasparse import BaseConfig, TokenMergeConfig
 
 diffusers = pytest.importorskip("diffusers", reason="the [diffusion] extra installs diffusers")
 
@@ -160,3 +160,24 @@ def test_a_schedule_the_model_cannot_take_fails_clearly(config, message):
     model, conditioning = _dit()
     with pytest.raises(dynasparse.DynasparseError, match=message):
         dynasparse.optimize(model, [config], example_kwargs=_inputs(conditioning))
+
+
+def test_calibration_picks_each_band_for_an_output_error_target():
+    """Bands with keep ratio None take the lowest ratio whose output stays within max_output_error of the dense
+    output on calibration batches at their timesteps: a loose target merges, a tight one keeps every token."""
+    model, conditioning = _dit()
+    inputs = _inputs(conditioning)
+    batches = [{**inputs, "timestep": torch.tensor([t, t])} for t in (50, 300)]
+    chosen = {}
+    for target in (0.9, 1e-6):
+        config = TokenMergeConfig(timestep_schedule=((0, None), (400, 1.0)), min_tokens=16, max_output_error=target)
+        optimized = dynasparse.optimize(model, [config], example_kwargs=inputs, calibration=batches)
+        assert "calibrated for an output error" in str(optimized.report)
+        chosen[target] = optimized.graph_module.meta["dynasparse.timestep_bands"].bands[0][1]
+        assert BaseConfig.from_json(config.to_json()) == config
+    assert chosen == {0.9: 0.5, 1e-6: 1.0}  # one merged block: at most half its tokens
+    with pytest.raises(dynasparse.DynasparseError, match="no calibration batch has its timesteps in the band t >= 0"):
+        dynasparse.optimize(model, [TokenMergeConfig(timestep_schedule=((0, None), (400, None)), min_tokens=16)],
+                            example_kwargs=inputs, calibration=[{**inputs, "timestep": torch.tensor([500, 500])}])
+    with pytest.raises(dynasparse.DynasparseError, match="pass optimize\\(..., calibration="):
+        dynasparse.optimize(model, [TokenMergeConfig(timestep_schedule=((0, None),))], example_kwargs=inputs)

@@ -17,6 +17,7 @@ import operator
 import networkx as nx
 import torch
 from torch.fx import Node
+from torch.utils._pytree import tree_leaves
 
 from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
@@ -56,7 +57,9 @@ class TokenMergeConfig(BaseConfig):
     (800, 1.0))``: noisy steps (high t) keep more tokens, late steps fewer; the lowest band starts at 0 and
     every timestep lies below ``num_timesteps`` (the sampler's training steps). The graph reads the model
     input ``timestep_input`` and picks the band itself (torch.cond), so one capture serves every step; a
-    batch of mixed timesteps runs the band of its noisiest row.
+    batch of mixed timesteps runs the band of its noisiest row. A band's keep ratio ``None`` is calibrated:
+    the lowest of ``KEEP_LADDER`` whose output on the calibration batches of that band stays within
+    ``max_output_error`` (relative L2 distance to the dense output) of the dense graph's.
     The defaults (hidden-state metric, first block dense, 32 tokens left whole) hold embedding fidelity on
     real text (``benchmarks/token_merge.py``); ``TokenMergeConfig.tome(...)`` is plain ToMe.
     """
@@ -77,6 +80,7 @@ class TokenMergeConfig(BaseConfig):
     timestep_schedule: tuple[tuple[float, float], ...] | None = None
     timestep_input: str = "timestep"
     num_timesteps: int = 1000
+    max_output_error: float = 0.05
 
     @classmethod
     def tome(cls, **settings) -> TokenMergeConfig:
@@ -132,8 +136,10 @@ class TokenMergeConfig(BaseConfig):
             raise DynasparseError(f"{name}: timestep_schedule picks a band per call from the timestep; use "
                                   "mode='bipartite' or 'prune' and leave dense_below at 0")
         self.check_int("num_timesteps", 1)
+        self.check_range("max_output_error", 0.0, 1.0, low_open=True)
         try:
-            bands = tuple(sorted((float(t), float(keep)) for t, keep in self.timestep_schedule))
+            bands = tuple(sorted((float(t), None if keep is None else float(keep))
+                                 for t, keep in self.timestep_schedule))
         except (TypeError, ValueError):
             raise DynasparseError(f"{name}.timestep_schedule={self.timestep_schedule!r}: give pairs (lowest "
                                   "timestep, keep_ratio), e.g. ((0, 0.5), (500, 1.0))") from None
@@ -146,17 +152,25 @@ class TokenMergeConfig(BaseConfig):
                                   "timesteps below it would have no band; start the lowest band at 0")
         if len({t for t, _ in bands}) != len(bands):
             raise DynasparseError(f"{name}.timestep_schedule names a timestep twice: {self.timestep_schedule!r}")
-        if any(not 0.0 < keep <= 1.0 for _, keep in bands):
-            raise DynasparseError(f"{name}.timestep_schedule: keep ratios lie in (0, 1], got "
+        if any(keep is not None and not 0.0 < keep <= 1.0 for _, keep in bands):
+            raise DynasparseError(f"{name}.timestep_schedule: keep ratios lie in (0, 1] (None: calibrated), got "
                                   f"{[keep for _, keep in bands]}")
         self.timestep_schedule = bands
 
     @property
-    def sparsest_keep(self) -> float | None:
-        """The keep ratio the captured graph is rewritten for (with a schedule, its lowest band's)."""
+    def calibrates_schedule(self) -> bool:
+        return self.timestep_schedule is not None and any(keep is None for _, keep in self.timestep_schedule)
+
+    def sparsest_keep(self, num_blocks: int) -> float | None:
+        """The keep ratio the captured graph is rewritten for: with a schedule, its lowest band's (a band to
+        calibrate may go as low as the ladder allows over ``num_blocks`` merges of at most half)."""
         if self.timestep_schedule is not None:
-            return min(keep for _, keep in self.timestep_schedule)
+            lowest = min(k for k in KEEP_LADDER if k >= 0.5 ** num_blocks)
+            return min(lowest if keep is None else keep for _, keep in self.timestep_schedule)
         return self.keep_ratio
+
+
+KEEP_LADDER = (0.25, 0.35, 0.5, 0.7, 1.0)  # the keep ratios a calibrated band of timesteps tries, lowest first
 
 
 def _input_dim(gm: torch.fx.GraphModule, size: int | torch.SymInt, what: str) -> tuple[int | None, int]:
@@ -238,7 +252,7 @@ def find_mid(gm: torch.fx.GraphModule, block: Block, site_node: Node) -> Node | 
 
 def _schedule(config: TokenMergeConfig, num_blocks: int, keep_ratio: float | None = None) -> list[tuple[int, int]]:
     """(r, ratio_milli) per merged block; ratio_milli < 0 means 'use r'. ``keep_ratio``: one band's."""
-    keep_ratio = config.sparsest_keep if keep_ratio is None else keep_ratio
+    keep_ratio = config.sparsest_keep(num_blocks) if keep_ratio is None else keep_ratio
     if keep_ratio is not None:
         fraction = 1.0 - keep_ratio ** (1.0 / num_blocks)
         if fraction > 0.5:
@@ -274,7 +288,7 @@ class TokenMergePass:
 
     def __init__(self, config: TokenMergeConfig):
         self.config = config
-        self.uses_calibration = config.mode == "threshold" and config.threshold is None
+        self.uses_calibration = (config.mode == "threshold" and config.threshold is None) or config.calibrates_schedule
         self.calibration = None
 
     # -- find sites ---------------------------------------------------------------------------------------
@@ -400,8 +414,12 @@ class TokenMergePass:
             result.notes.append(f"token_merge: a batch with fewer than {self.config.dense_below} mergeable "
                                 f"tokens (batch × (length − {self.config.min_tokens})) runs the dense graph")
         if timestep_at is not None:
-            result.notes.append(self._record_bands(gm, timestep_at, merge_nodes))
-        if self.uses_calibration:
+            keeps = [keep for _, keep in self.config.timestep_schedule]
+            if self.config.calibrates_schedule:
+                keeps, note = self._calibrate_schedule(gm, merge_nodes)
+                result.notes.append(note)
+            result.notes.append(self._record_bands(gm, timestep_at, merge_nodes, keeps))
+        elif self.uses_calibration:
             result.notes.append(self._calibrate_thresholds(gm))
         propagate_fake_values(gm)
         result.flops_saved = self._attention_flops_saved(analysis)
@@ -409,15 +427,75 @@ class TokenMergePass:
                             f"({example / length:.0%} kept)")
         return result
 
-    def _record_bands(self, gm: torch.fx.GraphModule, timestep_at: int, merge_nodes: list[str]) -> str:
-        """Each band's merge amounts, for the graph that picks the band (``passes/timestep_bands.py``)."""
-        bands = [(t, keep, {name: ratio_milli for name, (_, ratio_milli)
-                            in zip(merge_nodes, _schedule(self.config, len(merge_nodes), keep))})
-                 for t, keep in self.config.timestep_schedule]
+    def _amounts(self, merge_nodes: list[str], keep: float) -> dict[str, int]:
+        return {name: ratio_milli for name, (_, ratio_milli) in zip(merge_nodes, _schedule(self.config,
+                                                                                           len(merge_nodes), keep))}
+
+    def _set_amounts(self, gm: torch.fx.GraphModule, amounts: dict[str, int]) -> None:
+        for node in gm.graph.nodes:
+            if node.name in amounts:
+                node.update_arg(6, amounts[node.name])
+        gm.recompile()
+
+    def _record_bands(self, gm: torch.fx.GraphModule, timestep_at: int, merge_nodes: list[str],
+                      keeps: list[float]) -> str:
+        """Each band's merge amounts, for the graph that picks the band (``passes/timestep_bands.py``); the
+        graph itself keeps the sparsest band's."""
+        bands = [(t, keep, self._amounts(merge_nodes, keep))
+                 for (t, _), keep in zip(self.config.timestep_schedule, keeps)]
+        self._set_amounts(gm, min(bands, key=lambda band: band[1])[2])
         gm.meta[TIMESTEP_BANDS] = TimestepBands(timestep_at, bands)
         described = ", ".join(f"t >= {t:g}: {keep:.0%}" for t, keep, _ in reversed(bands))
         return (f"token_merge: keep by timestep ({described} of the tokens after the last merge), picked in the "
                 f"graph from input {self.config.timestep_input!r}")
+
+    def _calibrate_schedule(self, gm: torch.fx.GraphModule, merge_nodes: list[str]) -> tuple[list[float], str]:
+        """FlexDiT-style: each band to calibrate gets the lowest keep ratio of ``KEEP_LADDER`` whose output on
+        the calibration batches of that band (by their noisiest row's timestep) stays within
+        ``max_output_error`` of the dense output (relative L2 distance of the first output)."""
+        name, bands = self.config.timestep_input, self.config.timestep_schedule
+        if self.calibration is None:
+            raise DynasparseError("TokenMergeConfig.timestep_schedule has bands with keep ratio None, which are "
+                                  "calibrated: pass optimize(..., calibration=[batch, ...]) with inputs like "
+                                  "example_kwargs at timesteps of every such band, or give the keep ratios")
+        by_band: dict[int, list] = {}
+        for index, batch in enumerate(self.calibration):
+            args, kwargs = calibration_call(batch)
+            if name not in kwargs:
+                raise DynasparseError(f"calibration batch {index} has no {name!r}: pass dicts of keyword inputs "
+                                      "as example_kwargs are")
+            t = float(torch.as_tensor(kwargs[name]).max())
+            band = max(i for i, (low, _) in enumerate(bands) if low <= t)
+            by_band.setdefault(band, []).append((args, kwargs))
+
+        def outputs(amounts, calls) -> list[torch.Tensor]:
+            self._set_amounts(gm, amounts)
+            with torch.no_grad():
+                return [tree_leaves(gm(*a, **k))[0].float() for a, k in calls]
+
+        keeps, described = [], []
+        for band, (low, keep) in enumerate(bands):
+            if keep is not None:
+                keeps.append(keep)
+                continue
+            calls = by_band.get(band)
+            if not calls:
+                raise DynasparseError(f"no calibration batch has its timesteps in the band t >= {low:g} (keep "
+                                      "ratio None); add batches at those timesteps or give that band's keep ratio")
+            dense = outputs(self._amounts(merge_nodes, 1.0), calls)
+            for candidate in KEEP_LADDER:
+                try:
+                    amounts = self._amounts(merge_nodes, candidate)
+                except DynasparseError:  # too few merged blocks for so low a ratio
+                    continue
+                error = sum(float((o - d).norm() / d.norm().clamp(min=1e-12))
+                            for o, d in zip(outputs(amounts, calls), dense)) / len(calls)
+                if error <= self.config.max_output_error or candidate == 1.0:
+                    keeps.append(candidate)
+                    described.append(f"t >= {low:g}: {candidate:.0%} (error {error:.1%}, {len(calls)} batches)")
+                    break
+        return keeps, (f"token_merge: keep ratios calibrated for an output error <= "
+                       f"{self.config.max_output_error:.0%}: " + ", ".join(reversed(described)))
 
     def _calibrate_thresholds(self, gm: torch.fx.GraphModule) -> str:
         """DyMU-style: run the calibration batches with bipartite merging at the scheduled amount, record

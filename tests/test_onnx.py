@@ -13,7 +13,8 @@ from test_optimize import optimized
 pytestmark = pytest.mark.slow  # exports and compiles: deselect locally with -m 'not slow'
 
 
-@pytest.mark.parametrize("name", ARCHITECTURES)
+# Mistral is Llama's graph with another config; Qwen2's biased projections also export in test_kv_eviction.py
+@pytest.mark.parametrize("name", [a for a in ARCHITECTURES if a != "mistral-tiny"])
 def test_onnx_runtime_matches(name, tmp_path):
     entry = load(name)
     path = export_onnx(optimized(name), tmp_path / "model.onnx")

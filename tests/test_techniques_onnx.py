@@ -14,9 +14,9 @@ from default_configs import DEFAULTS, NEW_TOKENS, decoder_prompts, dit_inputs, e
 # h2o_mean and expected attention score from the same inputs with plain tensor ops (positions cast to float,
 # a softmax row, norms, a mean, query statistics). Whole retrieval heads are the retrieval-heads export with
 # KVzip in the other group. Token merging's modes run through ONNX Runtime in test_token_merge_onnx.py,
-# staged exits in test_exit_gate.py.
+# staged exits in test_exit_gate.py; block-sparse attention on a DiT is sparse-encoder's export on another model.
 SAME_EXPORT_AS_TESTED = {"kv-h2o", "kv-streaming", "kv-tova", "kv-knorm", "kv-h2o_mean", "kv-expected_attention",
-                         "kv-whole-retrieval-heads", "merge-bipartite", "merge-prune", "exit-staged"}
+                         "kv-whole-retrieval-heads", "merge-bipartite", "merge-prune", "exit-staged", "sparse-dit"}
 EXPORTED = [entry for entry in DEFAULTS if entry.exports and entry.id not in SAME_EXPORT_AS_TESTED]
 
 

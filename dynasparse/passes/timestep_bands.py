@@ -21,9 +21,8 @@ from torch.fx.graph import CodeGen
 
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.nodes import copy_graph, fake
+from dynasparse.passes.token_merge import RATIO_ARG
 from dynasparse.plans import TIMESTEP_BANDS, TimestepBands
-
-_RATIO_ARG = 6  # merge_tokens(x, metric, size, source, importance, r, ratio_milli, ...)
 
 
 def _flat_outputs(gm: GraphModule) -> list[Node]:
@@ -63,7 +62,7 @@ def _band_module(gm: GraphModule, amounts: dict[str, int], lifted: list[str]) ->
             node.replace_all_uses_with(inputs[node.target])
             graph.erase_node(node)
         elif node.name in amounts:
-            node.update_arg(_RATIO_ARG, amounts[node.name])
+            node.update_arg(RATIO_ARG, amounts[node.name])
         elif node.op == "output":
             flat = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
             node.args = (tuple(flat),)

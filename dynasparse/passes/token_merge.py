@@ -171,6 +171,7 @@ class TokenMergeConfig(BaseConfig):
 
 
 KEEP_LADDER = (0.25, 0.35, 0.5, 0.7, 1.0)  # the keep ratios a calibrated band of timesteps tries, lowest first
+RATIO_ARG = 6  # merge_tokens(x, metric, size, source, importance, r, ratio_milli, ...): a band's amount
 
 
 def _input_dim(gm: torch.fx.GraphModule, size: int | torch.SymInt, what: str) -> tuple[int | None, int]:
@@ -434,7 +435,7 @@ class TokenMergePass:
     def _set_amounts(self, gm: torch.fx.GraphModule, amounts: dict[str, int]) -> None:
         for node in gm.graph.nodes:
             if node.name in amounts:
-                node.update_arg(6, amounts[node.name])
+                node.update_arg(RATIO_ARG, amounts[node.name])
         gm.recompile()
 
     def _record_bands(self, gm: torch.fx.GraphModule, timestep_at: int, merge_nodes: list[str],

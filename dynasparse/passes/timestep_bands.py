@@ -21,7 +21,7 @@ from torch.fx.graph import CodeGen
 
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.nodes import copy_graph, fake
-from dynasparse.passes.token_merge import RATIO_ARG
+from dynasparse.passes.token_merge import set_merge_amounts
 from dynasparse.plans import TIMESTEP_BANDS, TimestepBands
 
 
@@ -37,14 +37,7 @@ def _flat_outputs(gm: GraphModule) -> list[Node]:
 def _tensor_attributes(gm: GraphModule) -> list[str]:
     """The parameters, buffers and constants the graph reads (``get_attr``), in graph order."""
     targets = [n.target for n in gm.graph.nodes if n.op == "get_attr"]
-    return list(dict.fromkeys(t for t in targets if isinstance(_attribute(gm, t), torch.Tensor)))
-
-
-def _attribute(gm: GraphModule, target: str):
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
+    return list(dict.fromkeys(t for t in targets if isinstance(operator.attrgetter(t)(gm), torch.Tensor)))
 
 
 def _band_module(gm: GraphModule, amounts: dict[str, int], lifted: list[str]) -> GraphModule:
@@ -52,6 +45,7 @@ def _band_module(gm: GraphModule, amounts: dict[str, int], lifted: list[str]) ->
     ``lifted`` tensors (torch.cond's branches read no attributes: the finished graph owns each weight once),
     returning a tuple."""
     graph = copy_graph(gm.graph)
+    set_merge_amounts(graph, amounts)
     cursor = [n for n in graph.nodes if n.op == "placeholder"][-1]
     inputs = {}
     for target in lifted:
@@ -61,8 +55,6 @@ def _band_module(gm: GraphModule, amounts: dict[str, int], lifted: list[str]) ->
         if node.op == "get_attr" and node.target in inputs:
             node.replace_all_uses_with(inputs[node.target])
             graph.erase_node(node)
-        elif node.name in amounts:
-            node.update_arg(RATIO_ARG, amounts[node.name])
         elif node.op == "output":
             flat = node.args[0] if isinstance(node.args[0], (tuple, list)) else [node.args[0]]
             node.args = (tuple(flat),)
@@ -83,7 +75,7 @@ def _chooser(gm: GraphModule, bands: list[tuple[float, float, dict[str, int]]], 
         operands[-1].meta = dict(node.meta)
     timestep = operands[timestep_at]
     operands += [graph.get_attr(t) if top else graph.placeholder(t.replace(".", "_")) for t in lifted]
-    owner = {t: _attribute(gm, t) for t in lifted} if top else {}
+    owner = {t: operator.attrgetter(t)(gm) for t in lifted} if top else {}
     owner.update(high=_band_module(gm, bands[0][2], lifted), low=_chooser(gm, bands[1:], timestep_at, lifted, False))
     highest = graph.call_function(torch.ops.aten.max.default, (timestep,))
     pred = graph.call_function(torch.ops.aten.ge.Scalar, (highest, bands[0][0]))

@@ -174,6 +174,13 @@ KEEP_LADDER = (0.25, 0.35, 0.5, 0.7, 1.0)  # the keep ratios a calibrated band o
 RATIO_ARG = 6  # merge_tokens(x, metric, size, source, importance, r, ratio_milli, ...): a band's amount
 
 
+def set_merge_amounts(graph: torch.fx.Graph, amounts: dict[str, int]) -> None:
+    """Give the merge nodes named in ``amounts`` that amount (``ratio_milli``): one band's graph."""
+    for node in graph.nodes:
+        if node.name in amounts:
+            node.update_arg(RATIO_ARG, amounts[node.name])
+
+
 def _input_dim(gm: torch.fx.GraphModule, size: int | torch.SymInt, what: str) -> tuple[int | None, int]:
     """Where a call's ``size`` can be read: a dimension of an input, or the capture-time constant."""
     if not isinstance(size, torch.SymInt):
@@ -433,9 +440,7 @@ class TokenMergePass:
                                                                                            len(merge_nodes), keep))}
 
     def _set_amounts(self, gm: torch.fx.GraphModule, amounts: dict[str, int]) -> None:
-        for node in gm.graph.nodes:
-            if node.name in amounts:
-                node.update_arg(RATIO_ARG, amounts[node.name])
+        set_merge_amounts(gm.graph, amounts)
         gm.recompile()
 
     def _record_bands(self, gm: torch.fx.GraphModule, timestep_at: int, merge_nodes: list[str],

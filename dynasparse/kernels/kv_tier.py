@@ -4,14 +4,16 @@ read back per step by a query-aware block selection (Quest / ArkVale).
 A tiered cache site has two parts:
 
 * the **hot** cache, the usual slots (``kernels.kv_cache``) in the model's dtype: the sinks, the recent
-  window and up to one block of older tokens waiting to be coded;
+  window, up to one block of older tokens waiting to be coded, and the **pinned** tokens: where a byte budget
+  holds every block of the tier with bytes to spare, the highest-scored tokens stay in full precision
+  (``pin``; a pinned token's score is +inf);
 * the **cold** tier, ``blocks`` blocks of ``group`` tokens each, per (row, KV head): keys coded per channel
   over the block, values per token over groups of channels (``kernels.quantize``), positions (int32) and
   one score per block (the highest score a token of it had when it left the hot cache).
 
 Tokens leave the hot cache oldest first, a whole block at a time (``spill``): after the prompt every full
-block beyond the sinks and the recent window (``KVCache.compress``), during decoding whenever the hot slots
-cannot take the step's tokens. When the cold tier is full, the lowest-scored blocks (the new ones included)
+block beyond the sinks, the recent window and the pinned tokens (``KVCache.compress``), during decoding
+whenever the hot slots cannot take the step's tokens. When the cold tier is full, the lowest-scored blocks (the new ones included)
 are dropped: the budget decides how much is kept, the tier how precisely.
 
 A step over a tier that holds something attends over the hot slots, the new tokens and the cold blocks it
@@ -66,6 +68,25 @@ def block_bytes(kv_heads: int, head_dim: int, value_dim: int, bits: int, group: 
 
 # --- moving tokens from the hot cache to the tier ---------------------------------------------------------------
 
+def _spillable(hot: dict[str, torch.Tensor], sink: int, recent: int, horizon: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, S]: the hot tokens that may leave: past the sinks, older than the recent window of a row that
+    will have seen ``horizon`` [B] tokens, not pinned."""
+    positions = hot["positions"]
+    return (positions >= sink) & (positions < (horizon[:, None, None] - recent)) & ~hot["scores"].isposinf()
+
+
+def pin(hot: dict[str, torch.Tensor], count: int, sink: int, recent: int, horizon: torch.Tensor) -> None:
+    """Keep the ``count`` highest-scored spillable tokens of each (row, KV head) in full precision for good,
+    in place: their score becomes +inf, which ``spill`` never moves and ``tiered_step`` keeps through the
+    policy's updates. Run after the prompt, once its scores are final (KVzip's re-read)."""
+    if count <= 0:
+        return
+    spillable = _spillable(hot, sink, recent, horizon)
+    scores = hot["scores"]
+    rank = scores.masked_fill(~spillable, -math.inf).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    scores.masked_fill_(spillable & (rank < count), math.inf)
+
+
 def _admit(cold_valid: torch.Tensor, cold_scores: torch.Tensor, new_valid: torch.Tensor, new_scores: torch.Tensor
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which blocks the tier keeps when ``new_valid`` [B, Hkv, M] blocks arrive: the highest scored, up to
@@ -91,7 +112,7 @@ def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int
           horizon: torch.Tensor, rows: torch.Tensor | None = None, blocks: int | None = None,
           fresh: bool = False, keep_last: int = 0) -> None:
     """Move the oldest blocks of the hot cache's spillable tokens (past the sinks, older than the recent
-    window of a row that will have seen ``horizon`` [B] tokens) into the tier, in place.
+    window of a row that will have seen ``horizon`` [B] tokens, not pinned) into the tier, in place.
 
     ``blocks=None``: every full block, for all rows (after the prompt; a partial block stays hot).
     ``blocks=n``: n blocks per (row, KV head) of ``rows`` [B], the last one partial if fewer tokens are
@@ -101,7 +122,7 @@ def spill(hot: dict[str, torch.Tensor], tier: dict[str, torch.Tensor], bits: int
     (the end of a prompt, where its question sits)."""
     positions, group = hot["positions"], tier["cold_positions"].shape[-1]
     batch, kv_heads, slots = positions.shape
-    spillable = (positions >= sink) & (positions < (horizon[:, None, None] - recent))
+    spillable = _spillable(hot, sink, recent, horizon)
     if rows is not None:
         spillable &= rows[:, None, None]
     available = spillable.sum(-1)  # [B, Hkv]
@@ -238,12 +259,23 @@ def tiered_step(inner: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Te
     called as ``inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)``)
     while the tier is empty, attention over hot + the blocks read otherwise."""
     hot_state, cold = dict(zip(STATE_FIELDS, hot)), dict(zip(TIER_FIELDS, tier))
+    if not cold["cold_positions"].shape[2]:
+        return inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)
+    pinned = hot_state["scores"].isposinf()  # the policy's update may rescore them; they stay pinned
+    out = _tiered_step(inner, q, k, v, mask, is_causal, scale, hot, hot_state, cold, policy, sink, recent, window,
+                       pool, bits, read, plan)
+    hot_state["scores"].masked_fill_(pinned, math.inf)
+    return out
+
+
+def _tiered_step(inner, q, k, v, mask, is_causal, scale, hot, hot_state, cold, policy, sink, recent, window, pool,
+                 bits, read, plan) -> torch.Tensor:
+    """``tiered_step`` over a site that has a tier (``hot_state`` and ``cold`` name the state's tensors)."""
     batch, _, length, _ = q.shape
     key_valid, query_valid = token_validity(mask, is_causal, batch, length, q.device)
     rule = POLICIES[policy]
-    if cold["cold_positions"].shape[2]:
-        make_room(hot_state, cold, bits, sink, recent, key_valid.long().sum(-1), rule.rereads_prompt)
-    if not cold["cold_positions"].shape[2] or not bool((cold["cold_positions"] >= 0).any()):
+    make_room(hot_state, cold, bits, sink, recent, key_valid.long().sum(-1), rule.rereads_prompt)
+    if not bool((cold["cold_positions"] >= 0).any()):
         return inner(q, k, v, mask, is_causal, scale, *hot, policy, sink, recent, window, pool, *plan)
     keys, values, positions, scores, seen = hot
     scale = softmax_scale(scale, q.shape[-1])

@@ -228,8 +228,9 @@ class KVEvictionConfig(BaseConfig):
     beside them, and drops the lowest-scored blocks only when even the quantized tokens do not fit (with
     ``policy="kvzip"`` blocks that leave after the prompt outrank the prompt's: re-read scores do not compare
     with later attention, and what was read last is what the next tokens need most; the prompt's last
-    ``window`` tokens past the recent window, where a question sits, are never dropped). Decode
-    steps read the top ``tier_read`` share of the blocks per KV head (by a bound of each block's logit),
+    ``window`` tokens past the recent window, where a question sits, are never dropped). A byte budget
+    that holds every block with bytes to spare keeps the highest-scored tokens in full precision with
+    them (pinned for the whole generation). Decode steps read the top ``tier_read`` share of the blocks per KV head (by a bound of each block's logit),
     dequantizing only those. A budget that holds the whole sequence keeps it in full precision (no tier).
     """
 

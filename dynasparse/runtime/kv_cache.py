@@ -38,15 +38,21 @@ def tier_bytes(site: CacheSite) -> int:
     return block_bytes(site.num_kv_heads, site.head_dim, site.value_dim, site.tier_bits, site.tier_group)
 
 
-def _tier_size(site: CacheSite, config: KVEvictionConfig, seq_len: int, tokens: int, budget: float | None
-               ) -> tuple[int, int]:
+def _tier_size(site: CacheSite, config: KVEvictionConfig, seq_len: int, tokens: int, budget: float | None,
+               pins: bool = True) -> tuple[int, int]:
     """(hot slots, cold blocks) of a tiered site that may hold ``tokens`` in full precision, or, with a byte
-    ``budget`` per row, whatever fits in it. No tier when the full-precision cache holds the sequence."""
+    ``budget`` per row, whatever fits in it. No tier when the full-precision cache holds the sequence.
+    A byte budget that holds every block with bytes to spare spends them on pinned tokens (``pins``):
+    hot slots for the highest-scored tokens, each one less for the tier to hold."""
     if tokens >= seq_len:
         return seq_len, 0
     group = site.tier_group
     hot = min(config.sink + config.recent + group, seq_len)
-    most = math.ceil(max(seq_len - config.sink - config.recent, 0) / group)
+    rest = max(seq_len - config.sink - config.recent, 0)  # the tokens that may leave the hot slots
+    most = math.ceil(rest / group)
+    if budget is not None and pins and _size_bytes(site, hot, most) < budget:
+        extra = _pinned_slots(site, hot, rest, budget)
+        return hot + extra, math.ceil((rest - extra) / group)
     hot_bytes = _size_bytes(site, hot, 0)
     if budget is None:
         blocks = (tokens - hot) // group
@@ -61,6 +67,19 @@ def _tier_size(site: CacheSite, config: KVEvictionConfig, seq_len: int, tokens: 
             f"{group} tokens ({hot} slots) and one cold block need at least {least}; raise the budget, or lower "
             "sink / recent / tier_group")
     return hot, min(blocks, most)
+
+
+def _pinned_slots(site: CacheSite, hot: int, rest: int, budget: float) -> int:
+    """The most pinned slots beside ``hot`` full-precision ones that ``budget`` bytes per row pay for while
+    the tier holds every block of the ``rest`` tokens that are not pinned."""
+    def size(extra: int) -> int:
+        return _size_bytes(site, hot + extra, math.ceil((rest - extra) / site.tier_group))
+
+    per_token = tier_bytes(site) / site.tier_group  # what a pinned token saves the tier
+    extra = min(rest, max(math.floor((budget - size(0)) / (slot_bytes(site) - per_token)), 0))
+    while extra and size(extra) > budget:
+        extra -= 1
+    return extra
 
 
 def _share(site: CacheSite, config: KVEvictionConfig, seq_len: int) -> tuple[int, float | None]:
@@ -126,7 +145,7 @@ def _whole_retrieval_sizes(sites: Sequence[CacheSite], config: KVEvictionConfig,
     full precision, every block quantized), layers that do not evict hold the sequence, and the other groups
     share the rest of the budget (with ``unit="bytes"``, by KV heads) or keep the budget's tokens."""
     roomy = seq_len * max(token_bytes(s) for s in sites)  # more than any tier over the sequence takes
-    whole = {s.prefix: _tier_size(s, config, seq_len, seq_len - 1, roomy) if s.tier_bits else (seq_len, 0)
+    whole = {s.prefix: _tier_size(s, config, seq_len, seq_len - 1, roomy, pins=False) if s.tier_bits else (seq_len, 0)
              for s in sites if s.role == "retrieval" or s.policy == "full"}
     others = [s for s in sites if s.prefix not in whole]
     if config.unit != "bytes":
@@ -253,9 +272,10 @@ class KVCache:
             slots = capacity + self.reserve
             if state["keys"].shape[2] == slots + 1:
                 continue
-            if self.tier_blocks[i]:  # every full block past the sinks and the recent window goes to the tier
-                kv_tier.spill(state, state, site.tier_bits, self.config.sink, self.config.recent, state["seen"],
-                              keep_last=self.config.window)
+            if self.tier_blocks[i]:  # every full block past the sinks, the recent window and the pins: to the tier
+                sink, recent = self.config.sink, self.config.recent
+                kv_tier.pin(state, self._pins(site, capacity), sink, recent, state["seen"])
+                kv_tier.spill(state, state, site.tier_bits, sink, recent, state["seen"], keep_last=self.config.window)
             self._shrink_one(state, capacity)
             order = (state["positions"] < 0).long().argsort(dim=-1, stable=True)[..., :slots]
             compact = {name: tensor for name, tensor in state.items() if name not in ("keys", "values", "positions",
@@ -269,6 +289,10 @@ class KVCache:
             self.states[i] = {name: compact[name] for name in state}  # the op's order
             resized = True
         return resized
+
+    def _pins(self, site: CacheSite, capacity: int) -> int:
+        """Pinned slots of a tiered site: its hot slots beyond the sinks, the recent window and one block."""
+        return max(capacity - self.config.sink - self.config.recent - site.tier_group, 0)
 
     def _shrink_one(self, state: dict[str, torch.Tensor], capacity: int) -> None:
         positions = state["positions"]
@@ -308,8 +332,8 @@ class KVCache:
         total = 0
         for site, capacity, blocks in zip(self.sites, self.capacities, self.tier_blocks):
             for n in real_tokens:
-                if blocks and n > capacity:  # whole blocks past the sinks and the recent window left for the tier
-                    left = (n - self.config.sink - self.config.recent) // site.tier_group
+                if blocks and n > capacity:  # whole blocks past the sinks, the recent window and the pins left
+                    left = (n - self.config.sink - self.config.recent - self._pins(site, capacity)) // site.tier_group
                     total += (n - left * site.tier_group) * slot_bytes(site) + min(blocks, left) * tier_bytes(site)
                 else:
                     total += min(capacity, n) * slot_bytes(site)

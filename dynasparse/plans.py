@@ -113,6 +113,16 @@ class TimestepBands:
     timestep_at: int
     bands: list[tuple[float, float, dict[str, int]]]
 
+    def keep_at(self, timestep: float) -> float:
+        """The keep ratio of the band a step at ``timestep`` runs."""
+        return self.bands[band_covering([low for low, _, _ in self.bands], timestep)][1]
+
+
+def band_covering(lows: list[float], timestep: float) -> int:
+    """Which band, given each band's lowest timestep (in any order), covers ``timestep``: the one with the
+    highest lowest timestep at or below it (the graph's chooser, the sampler and calibration agree)."""
+    return max((i for i, low in enumerate(lows) if low <= timestep), key=lambda i: lows[i])
+
 
 @dataclass
 class StreamState:

@@ -26,7 +26,8 @@ from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, module_paths
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
 from dynasparse.passes.base import calibration_call
-from dynasparse.plans import MERGE_GATE, STREAM_STATE, TIMESTEP_BANDS, MergeGate, StreamState, TimestepBands
+from dynasparse.plans import (MERGE_GATE, STREAM_STATE, TIMESTEP_BANDS, MergeGate, StreamState, TimestepBands,
+                              band_covering)
 from dynasparse.registry import PassResult
 
 
@@ -471,8 +472,7 @@ class TokenMergePass:
                 raise DynasparseError(f"calibration batch {index} has no {name!r}: pass dicts of keyword inputs "
                                       "as example_kwargs are")
             t = float(torch.as_tensor(kwargs[name]).max())
-            band = max(i for i, (low, _) in enumerate(bands) if low <= t)
-            by_band.setdefault(band, []).append((args, kwargs))
+            by_band.setdefault(band_covering([low for low, _ in bands], t), []).append((args, kwargs))
 
         def outputs(amounts, calls) -> list[torch.Tensor]:
             self._set_amounts(gm, amounts)

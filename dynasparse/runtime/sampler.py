@@ -42,7 +42,7 @@ def _band_keep(model: Any, timestep: float) -> float:
     bands = graph_module.meta.get(TIMESTEP_BANDS) if graph_module is not None else None
     if bands is None:
         return 1.0
-    return max((band for band in bands.bands if band[0] <= timestep), key=lambda band: band[0])[1]
+    return bands.keep_at(timestep)
 
 
 def _noise_prediction(output: Any, channels: int) -> torch.Tensor:

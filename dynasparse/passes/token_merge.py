@@ -428,6 +428,9 @@ class TokenMergePass:
                 keeps, note = self._calibrate_schedule(gm, merge_nodes)
                 result.notes.append(note)
             result.notes.append(self._record_bands(gm, timestep_at, merge_nodes, keeps))
+            example = length  # the graph now holds the sparsest band's amounts, calibrated or given
+            for r, ratio_milli in _schedule(self.config, len(merge_nodes), min(keeps)):
+                example = self._capacity(example, r, ratio_milli)
         elif self.uses_calibration:
             result.notes.append(self._calibrate_thresholds(gm))
         propagate_fake_values(gm)

@@ -1,23 +1,32 @@
 """Token density by layer and timestep on diffusers' DiT, beside the dense model in one run (issue 27).
 
-Speed: ``DiTTransformer2DModel`` at DiT-S/2 size (12 blocks, d=384, 6 heads) on 512 px images (64x64 latents
-in patches of 2: 1,024 tokens), class-conditional, random weights (the time of a forward does not depend on
-them). Every row samples the same noise with ``dynasparse.sample`` (DDIM, ``--steps`` steps, a batch of
-``--batch``); the table gives the mean seconds per denoising step, the speedup over the dense model, and the
-tokens each band keeps after the last merge. Rows alternate, median of ``--repeats`` runs. Fidelity needs
-trained weights: the DiT trained on scikit-learn's digits (PSNR against the dense samples) is the next part.
+1. speed: ``DiTTransformer2DModel`` at DiT-S/2 size (12 blocks, d=384, 6 heads) on 512 px images (64x64
+   latents in patches of 2: 1,024 tokens), class-conditional, random weights (the time of a forward does not
+   depend on them). Every row samples the same noise with ``dynasparse.sample`` (DDIM, ``--steps`` steps, a
+   batch of ``--batch``); the table gives the mean seconds per denoising step, the speedup over the dense
+   model, and the tokens each band keeps after the last merge. Rows alternate, median of ``--repeats`` runs.
+2. fidelity: the same settings on a small DiT trained here on scikit-learn's digits (class-conditional, 8x8
+   images in patches of 1: 64 tokens; cached like the digits ViT of ``benchmarks/early_exit.py``). Each row
+   samples 10 images per class from the same noise as the dense model (DDIM, ``--fidelity-steps`` steps)
+   and gives the PSNR and mean squared error of its samples against the dense model's (pixels in [0, 1]),
+   and the share of samples the digits ViT labels as their class. A row whose schedule says ``None`` is
+   calibrated on the digits model (``max_output_error``) and timed with the keep ratios it chose.
 
-    python -m benchmarks.diffusion [--steps 10] [--batch 2] [--repeats 3]
+    python -m benchmarks.diffusion [--parts speed fidelity] [--steps 10] [--batch 2] [--repeats 3]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 try:
     import benchmarks  # noqa: F401
@@ -25,10 +34,14 @@ except ImportError:  # run as a file: put the repo root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import dynasparse
+from benchmarks.early_exit import digits_classifier, digits_split
 from dynasparse import TokenMergeConfig
+from dynasparse.plans import TIMESTEP_BANDS
 from dynasparse.table import table
 
 OUT = Path("benchmarks") / "results"
+DIGITS_DIT = Path("~/.cache/dynasparse/dit-digits-v1.pt").expanduser()
+CALIBRATED = "by timestep, calibrated on the digits DiT: one step's output within 20% of dense per band"
 EARLY = (1, 2, 3)  # blocks that merge when the ratio is reached early: every later block runs on fewer tokens
 
 ROWS = {
@@ -39,6 +52,10 @@ ROWS = {
         TokenMergeConfig(timestep_schedule=((0, 0.25), (500, 1.0)), layers=EARLY),
     "by timestep: t >= 700 keep 0.5, below keep 0.25 by block 3":
         TokenMergeConfig(timestep_schedule=((0, 0.25), (700, 0.5)), layers=EARLY),
+    "by timestep: t >= 800 keep 0.25 by block 3, below every token":
+        TokenMergeConfig(timestep_schedule=((0, 1.0), (800, 0.25)), layers=EARLY),
+    CALIBRATED: TokenMergeConfig(timestep_schedule=((0, None), (300, None), (600, None), (800, None)), layers=EARLY,
+                                 max_output_error=0.2),
 }
 
 
@@ -58,7 +75,112 @@ def _kept(optimized) -> str:
     return "; ".join(line.removeprefix("token_merge: ") for line in lines)
 
 
-def speed_part(steps: int, batch: int, repeats: int) -> str:
+def digits_dit() -> torch.nn.Module:
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=24, in_channels=1,
+                                           out_channels=1, num_layers=4, sample_size=8, patch_size=1,
+                                           num_embeds_ada_norm=10, norm_type="ada_norm_zero")
+
+
+def trained_digits_dit(steps: int = 3000, batch: int = 64) -> torch.nn.Module:
+    """The cached digits DiT, trained first if missing: the DDPM noise loss over 1,000 timesteps on the
+    digits' training split scaled to [-1, 1] (a few minutes on 2 cores)."""
+    import diffusers
+
+    model = digits_dit()
+    if DIGITS_DIT.exists():
+        model.load_state_dict(torch.load(DIGITS_DIT, weights_only=True))
+        return model.eval()
+    images, labels, *_ = digits_split()
+    images = images * 2 - 1
+    noising = diffusers.DDPMScheduler(num_train_timesteps=1000)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps)
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in tqdm(range(steps), desc="training the digits DiT"):
+        picked = torch.randint(len(labels), (batch,), generator=generator)
+        noise = torch.randn(batch, 1, 8, 8, generator=generator)
+        t = torch.randint(1000, (batch,), generator=generator)
+        predicted = model(noising.add_noise(images[picked], noise, t), timestep=t, class_labels=labels[picked]).sample
+        loss = F.mse_loss(predicted, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    DIGITS_DIT.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), DIGITS_DIT)
+    return model.eval()
+
+
+def _fidelity_config(config: TokenMergeConfig) -> TokenMergeConfig:
+    """``config`` for 64 tokens: every token may merge (the default leaves the first 32 alone)."""
+    return dataclasses.replace(config, min_tokens=0)
+
+
+def _chosen_schedule(optimized) -> tuple[tuple[float, float], ...]:
+    """The (lowest timestep, keep ratio) of each band a calibrated model chose."""
+    return tuple((t, keep) for t, keep, _ in optimized.graph_module.meta[TIMESTEP_BANDS].bands)
+
+
+def fidelity_part(steps: int) -> tuple[str, dict[str, TokenMergeConfig]]:
+    """The fidelity table, and the calibrated rows' schedules as fixed configs for the speed part."""
+    model, classifier = trained_digits_dit(), digits_classifier()
+    labels = torch.arange(10).repeat_interleave(10)
+    noise = torch.randn(len(labels), 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    conditioning = {"class_labels": labels}
+    example = {"hidden_states": noise[:2], "timestep": torch.full((2,), 500), "class_labels": labels[:2]}
+    # calibration: training images noised to timesteps across the range, with their labels
+    images, train_labels, *_ = digits_split()
+    import diffusers
+
+    noising, generator = diffusers.DDPMScheduler(num_train_timesteps=1000), torch.Generator().manual_seed(2)
+    calibration = []
+    for t in range(50, 1000, 100):
+        picked = torch.randint(len(train_labels), (16,), generator=generator)
+        noisy = noising.add_noise(images[picked] * 2 - 1, torch.randn(16, 1, 8, 8, generator=generator),
+                                  torch.full((16,), t))
+        calibration.append({"hidden_states": noisy, "timestep": torch.full((16,), t),
+                            "class_labels": train_labels[picked]})
+
+    def pixels(latents: torch.Tensor) -> torch.Tensor:
+        return ((latents + 1) / 2).clamp(0, 1)
+
+    def labelled(samples: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float((classifier(pixel_values=samples).logits.argmax(-1) == labels).float().mean())
+
+    dense = pixels(dynasparse.sample(model, noise, steps=steps, conditioning=conditioning, progress=False).latents)
+    rows = [["dense model", "-", "-", f"{labelled(dense):.0%}", "64 tokens"]]
+    chosen = {}
+    for name, config in ROWS.items():
+        config = _fidelity_config(config)
+        calibrated = any(keep is None for _, keep in config.timestep_schedule or ())
+        optimized = dynasparse.optimize(model, [config], example_kwargs=example,
+                                        calibration=calibration if calibrated else None)
+        if calibrated:
+            chosen[name] = dataclasses.replace(ROWS[name], timestep_schedule=_chosen_schedule(optimized))
+        ours = pixels(dynasparse.sample(optimized, noise, steps=steps, conditioning=conditioning,
+                                        progress=False).latents)
+        mse = float(F.mse_loss(ours, dense))
+        rows.append([name, f"{10 * math.log10(1 / mse):.1f}" if mse else "inf", f"{mse:.5f}", f"{labelled(ours):.0%}",
+                     _kept(optimized)])
+    header = ["model", "PSNR vs dense (dB)", "MSE vs dense", "labelled as their class", "tokens kept"]
+    title = (f"Digits DiT trained here (4 blocks, d=96, 8x8 images, 64 tokens), 100 samples (10 per class), DDIM "
+             f"{steps} steps from the same noise as the dense model; labels by the digits ViT")
+    markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "diffusion_fidelity.json").write_text(json.dumps(
+        {"title": title, "header": header, "rows": rows,
+         "calibrated": {name: list(c.timestep_schedule) for name, c in chosen.items()}}, indent=2) + "\n")
+    (OUT / "diffusion_fidelity.md").write_text(markdown)
+    return markdown, chosen
+
+
+def speed_part(steps: int, batch: int, repeats: int, chosen: dict[str, TokenMergeConfig]) -> str:
+    """``chosen``: the calibrated rows' schedules as the fidelity part chose them (rows without one are left out)."""
     model = dit_s2()
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(batch, 4, 64, 64, generator=generator)
@@ -67,6 +189,9 @@ def speed_part(steps: int, batch: int, repeats: int) -> str:
     runners = {"dense model": model}
     notes = {"dense model": "1024 tokens"}
     for name, config in ROWS.items():
+        config = chosen.get(name, config)
+        if any(keep is None for _, keep in config.timestep_schedule or ()):
+            continue
         runners[name] = dynasparse.optimize(model, [config], example_kwargs=example)
         notes[name] = _kept(runners[name])
     with torch.no_grad():  # first calls pay one-time setup (kernels loaded, buffers allocated)
@@ -99,8 +224,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fidelity-steps", type=int, default=50)
+    parser.add_argument("--parts", nargs="+", choices=("fidelity", "speed"), default=("fidelity", "speed"))
     args = parser.parse_args()
-    print(speed_part(args.steps, args.batch, args.repeats))
+    chosen = {}
+    if "fidelity" in args.parts:
+        markdown, chosen = fidelity_part(args.fidelity_steps)
+        print(markdown)
+    if "speed" in args.parts:
+        print(speed_part(args.steps, args.batch, args.repeats, chosen))
 
 
 if __name__ == "__main__":

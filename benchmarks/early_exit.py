@@ -39,7 +39,7 @@ from dynasparse.table import table
 CACHE = Path("~/.cache/dynasparse/vit-digits-v1.pt").expanduser()
 
 
-def _digits() -> tuple[torch.Tensor, ...]:
+def digits_split() -> tuple[torch.Tensor, ...]:
     """sklearn's 1797 8x8 digits (shipped inside the package), scaled to [0, 1]; a fixed split: 70% train,
     10% calibration (thresholds are chosen on images the model has not seen), 20% test."""
     from sklearn.datasets import load_digits
@@ -72,7 +72,7 @@ def digits_classifier(epochs: int = 40) -> hf.ViTForImageClassification:
     if CACHE.exists():
         model.load_state_dict(torch.load(CACHE, weights_only=True))
         return model.eval()
-    train_x, train_y, _, _, _ = _digits()
+    train_x, train_y, _, _, _ = digits_split()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
     steps = epochs * ((len(train_y) + 63) // 64)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps)
@@ -107,7 +107,7 @@ def _throughput(run, images: torch.Tensor, batch: int, repeats: int) -> float:
 
 def classifier_part(thresholds: list[float], targets: list[float], batch: int, repeats: int) -> str:
     model = digits_classifier()
-    _, _, calibration_x, test_x, test_y = _digits()
+    _, _, calibration_x, test_x, test_y = digits_split()
     example = {"pixel_values": test_x[:batch]}
     calibration = [{"pixel_values": calibration_x}]
     settings = [(f"threshold {t}", ExitGateConfig(threshold=t)) for t in thresholds]

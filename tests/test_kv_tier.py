@@ -209,6 +209,26 @@ def test_the_byte_budget_counts_both_tiers():
         assert stats.cache_allocated_bytes >= 0.9 * budget * stats.cache_full_bytes  # spare bytes pin tokens
 
 
+@pytest.mark.parametrize("budget", [0.2, 0.3, 0.6])
+def test_spare_bytes_buy_as_many_pins_as_fit(budget):
+    """A byte budget that holds every block spends the rest on pinned slots, each one less token for the tier
+    to hold, up to the last slot that fits."""
+    from dynasparse.plans import CacheSite
+    from dynasparse.runtime import kv_cache as runtime
+
+    site = CacheSite(0, "c", "kvzip", 3, 64, 64, torch.float32, tier_bits=4, tier_group=32)
+    config = dynasparse.KVEvictionConfig(policy="kvzip", budget=budget, sink=4, recent=16, unit="bytes", tier_bits=4)
+    seq_len = 2048
+    limit = budget * seq_len * runtime.token_bytes(site)
+    hot, blocks = runtime._tier_size(site, config, seq_len, *runtime._share(site, config, seq_len))
+    pins = hot - (4 + 16 + 32)
+    rest = seq_len - 4 - 16
+    assert pins > 0 and blocks == math.ceil((rest - pins) / 32)  # the tier holds every token not pinned
+    assert runtime._size_bytes(site, hot, blocks) <= limit
+    assert all(runtime._size_bytes(site, hot + more, math.ceil((rest - pins - more) / 32)) > limit
+               for more in range(1, rest - pins + 1))  # no more pins fit
+
+
 def test_a_budget_too_small_for_the_tier_names_the_minimum():
     ids, mask = _prompts()
     config = dynasparse.KVEvictionConfig(policy="h2o", budget=0.1, sink=2, recent=4, chunk_size=24, unit="bytes",

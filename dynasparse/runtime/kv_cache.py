@@ -75,11 +75,11 @@ def _pinned_slots(site: CacheSite, hot: int, rest: int, budget: float) -> int:
     def size(extra: int) -> int:
         return _size_bytes(site, hot + extra, math.ceil((rest - extra) / site.tier_group))
 
-    per_token = tier_bytes(site) / site.tier_group  # what a pinned token saves the tier
-    extra = min(rest, max(math.floor((budget - size(0)) / (slot_bytes(site) - per_token)), 0))
-    while extra and size(extra) > budget:
-        extra -= 1
-    return extra
+    per_token = tier_bytes(site) / site.tier_group  # what a pinned token saves the tier, on average
+    estimate = math.floor((budget - size(0)) / (slot_bytes(site) - per_token))
+    # the tier shrinks a whole block at a time, so the exact count lies within a block of the estimate
+    near = range(max(estimate - site.tier_group, 0), min(estimate + site.tier_group, rest) + 1)
+    return max((extra for extra in near if size(extra) <= budget), default=0)
 
 
 def _share(site: CacheSite, config: KVEvictionConfig, seq_len: int) -> tuple[int, float | None]:

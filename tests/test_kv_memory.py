@@ -229,10 +229,14 @@ def test_configs_round_trip_through_json(head_scores):
 
 
 @pytest.mark.slow
-def test_compiled_head_groups_with_kvzip_equal_eager(head_scores):
+def test_compiled_head_groups_with_kvzip_and_a_tier_equal_eager(head_scores):
+    """One compiled generation covers both static-shaped modes: head groups with KVzip's re-read, and the
+    retrieval groups' int4 tier (spills after the prompt and while decoding, half of the blocks read)."""
     model = llama()
-    config = kv(budget=10, head_scores=head_scores, retrieval_heads=0.5)
-    ids, mask = prompts()
+    config = kv(budget=30, head_scores=head_scores, retrieval_heads=0.5, tier_bits=4, tier_group=8, tier_read=0.5)
+    ids, mask = prompts(length=48)
     eager = dynasparse.generate(model, ids, mask, max_new_tokens=6, kv=config)
+    sites = decoder_for(model, [config]).graph_module.meta["dynasparse_kv_cache"].sites
+    assert any(blocks for _, blocks in site_sizes(sites, config, 54))  # the retrieval groups have a tier
     compiled = dynasparse.generate(model, ids, mask, max_new_tokens=6, kv=config, compile=True)
     assert torch.equal(eager.sequences, compiled.sequences)

@@ -1,7 +1,7 @@
 """The compressed tier of the KV cache (KIVI codes, block spills, query-aware block reads): the codes stay
 within their stated error bound, a spilled block reads back as what left, the budget counts every byte,
 and bad settings get clear errors. Identity, batching, composition and opcheck come from the
-``kv-int4-tier`` entry of ``default_configs.DEFAULTS``."""
+``kv-int4-tier`` entry of ``default_configs.DEFAULTS``; the compiled tier from ``test_kv_memory.py``."""
 import math
 
 import pytest
@@ -252,16 +252,6 @@ def test_the_tier_refuses_onnx_export_clearly(tmp_path):
     model = dynasparse.optimize(llama(), config, example_kwargs={"input_ids": torch.ones(1, 8, dtype=torch.long)})
     with pytest.raises(DynasparseError, match="no ONNX spelling"):
         dynasparse.export_onnx(model, tmp_path / "tier.onnx")
-
-
-@pytest.mark.slow
-def test_compiled_tier_equals_eager():
-    ids, mask = _prompts()
-    config = dynasparse.KVEvictionConfig(policy="kvzip", budget=32, sink=2, recent=4, chunk_size=24, tier_bits=4,
-                                         tier_group=8, tier_read=0.5)
-    eager = dynasparse.generate(llama(), ids, mask, max_new_tokens=6, kv=config)
-    compiled = dynasparse.generate(llama(), ids, mask, max_new_tokens=6, kv=config, compile=True)
-    assert torch.equal(eager.sequences, compiled.sequences)
 
 
 def test_a_step_longer_than_a_block_spills_a_partial_block():

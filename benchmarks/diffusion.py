@@ -157,10 +157,9 @@ def fidelity_part(steps: int) -> tuple[str, dict[str, TokenMergeConfig]]:
     chosen = {}
     for name, config in ROWS.items():
         config = _fidelity_config(config)
-        calibrated = any(keep is None for _, keep in config.timestep_schedule or ())
         optimized = dynasparse.optimize(model, [config], example_kwargs=example,
-                                        calibration=calibration if calibrated else None)
-        if calibrated:
+                                        calibration=calibration if config.calibrates_schedule else None)
+        if config.calibrates_schedule:
             chosen[name] = dataclasses.replace(ROWS[name], timestep_schedule=_chosen_schedule(optimized))
         ours = pixels(dynasparse.sample(optimized, noise, steps=steps, conditioning=conditioning,
                                         progress=False).latents)
@@ -190,7 +189,7 @@ def speed_part(steps: int, batch: int, repeats: int, chosen: dict[str, TokenMerg
     notes = {"dense model": "1024 tokens"}
     for name, config in ROWS.items():
         config = chosen.get(name, config)
-        if any(keep is None for _, keep in config.timestep_schedule or ()):
+        if config.calibrates_schedule:
             continue
         runners[name] = dynasparse.optimize(model, [config], example_kwargs=example)
         notes[name] = _kept(runners[name])

@@ -38,6 +38,11 @@ def tier_bytes(site: CacheSite) -> int:
     return block_bytes(site.num_kv_heads, site.head_dim, site.value_dim, site.tier_bits, site.tier_group)
 
 
+def _unpinned_hot(site: CacheSite, config: KVEvictionConfig) -> int:
+    """Full-precision slots a tiered site holds besides any pins: sinks, recent window and one block."""
+    return config.sink + config.recent + site.tier_group
+
+
 def _tier_size(site: CacheSite, config: KVEvictionConfig, seq_len: int, tokens: int, budget: float | None,
                pins: bool = True) -> tuple[int, int]:
     """(hot slots, cold blocks) of a tiered site that may hold ``tokens`` in full precision, or, with a byte
@@ -47,7 +52,7 @@ def _tier_size(site: CacheSite, config: KVEvictionConfig, seq_len: int, tokens: 
     if tokens >= seq_len:
         return seq_len, 0
     group = site.tier_group
-    hot = min(config.sink + config.recent + group, seq_len)
+    hot = min(_unpinned_hot(site, config), seq_len)
     rest = max(seq_len - config.sink - config.recent, 0)  # the tokens that may leave the hot slots
     most = math.ceil(rest / group)
     if budget is not None and pins and _size_bytes(site, hot, most) < budget:
@@ -291,8 +296,8 @@ class KVCache:
         return resized
 
     def _pins(self, site: CacheSite, capacity: int) -> int:
-        """Pinned slots of a tiered site: its hot slots beyond the sinks, the recent window and one block."""
-        return max(capacity - self.config.sink - self.config.recent - site.tier_group, 0)
+        """Pinned slots of a tiered site: its hot slots beyond the unpinned ones."""
+        return max(capacity - _unpinned_hot(site, self.config), 0)
 
     def _shrink_one(self, state: dict[str, torch.Tensor], capacity: int) -> None:
         positions = state["positions"]

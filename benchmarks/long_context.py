@@ -204,11 +204,11 @@ def settings(budgets: list[float], min_seq_len: int = 1024, head_scores: str | N
         rows += [(f"kvzip {b:.0%} of bytes + int4 tier, recent 16, repeat prompt", "kvzip + int4 tier + repeat", b,
                   [KVEvictionConfig(policy="kvzip", budget=b, recent=16, unit="bytes", tier_bits=4,
                                     reread_prefix=repeat)]) for b in budgets]
-    if repeat and head_scores:  # head-level budgets: the calibrated retrieval heads keep every token
-        rows += [(f"retrieval heads 25% whole + kvzip {b:.0%} of bytes + int4 tier, recent 16, repeat prompt",
-                  "retrieval heads whole + kvzip + int4 + repeat", b,
+    for share in (0.25, 0.1) if repeat and head_scores else ():  # the calibrated retrieval heads keep every token
+        rows += [(f"retrieval heads {share:.0%} whole + kvzip {b:.0%} of bytes + int4 tier, recent 16, repeat prompt",
+                  f"retrieval heads {share:.0%} whole + kvzip + int4 + repeat", b,
                   [KVEvictionConfig(policy="kvzip", budget=b, recent=16, unit="bytes", tier_bits=4,
-                                    reread_prefix=repeat, head_scores=head_scores, retrieval_heads=0.25,
+                                    reread_prefix=repeat, head_scores=head_scores, retrieval_heads=share,
                                     other_heads="policy")]) for b in budgets]
     rows += [(f"kvzip {b:.0%} of bytes + int4 tier, recent 16, read 25%", "kvzip + int4 tier, read 25%", b,
               [KVEvictionConfig(policy="kvzip", budget=b, recent=16, unit="bytes", tier_bits=4, tier_read=0.25)])

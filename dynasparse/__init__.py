@@ -10,6 +10,7 @@ from dynasparse.runtime.generate import generate
 from dynasparse.runtime.ort import ort_session
 from dynasparse.runtime.reread import repeat_prompt
 from dynasparse.runtime.sampler import Sampled, sample
+from dynasparse.runtime.unmask import Unmasked, unmask
 from dynasparse import techniques  # noqa: F401  (each record registers itself on import)
 
 # every technique's config (TokenMergeConfig, SparseAttentionConfig, KVEvictionConfig, ExitGateConfig, ...):
@@ -19,5 +20,5 @@ globals().update(_CONFIGS)
 
 __all__ = ["BaseConfig", "CanonicalizeConfig", "DynasparseError", "FitReport", "HeadScores", "OptimizedModel",
            "Sampled", "calibrate_retrieval_heads", "export_onnx", "fit", "generate", "optimize", "ort_session",
-           "repeat_prompt", "sample", *_CONFIGS]
+           "Unmasked", "repeat_prompt", "sample", "unmask", *_CONFIGS]
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from dynasparse.kernels import kv_cache, kv_tier
 CACHE_META = "dynasparse_kv_cache"  # a CachePlan: the KV pass gave every attention site a bounded cache
 EXIT_META = "dynasparse_exit"  # an ExitPlan: exit gates after blocks
 MLP_SKIP_META = "dynasparse_mlp_skip"  # an MLPSkipPlan: routers in front of blocks' MLPs
+DELAYED_KV_META = "dynasparse_delayed_kv"  # a DelayedKVPlan: a diffusion LM's blocks run on the active tokens
 MERGE_GATE = "dynasparse.merge_gate"  # a MergeGate when TokenMergeConfig.dense_below is set
 TIMESTEP_BANDS = "dynasparse.timestep_bands"  # TimestepBands when TokenMergeConfig.timestep_schedule is set
 STREAM_STATE = "dynasparse_stream_state"  # values that travel with the residual stream, per block (see below)
@@ -141,3 +142,19 @@ class MLPSkipPlan:
 
     config: BaseConfig
     modules: dict[int, str]
+
+
+@dataclass
+class DelayedKVPlan:
+    """dKV-Cache on a bidirectional model: the graph runs its blocks on the tokens at buffer ``index`` [B, A]
+    and each attention site keeps keys and values in buffers ``caches[i]`` = (keys, values), shaped
+    [B, kv_heads[i], L, head_dims[i]]. The sequence length is dimension ``length_dim`` of flat input
+    ``length_input``."""
+
+    config: BaseConfig
+    index: str
+    caches: list[tuple[str, str]]
+    kv_heads: list[int]
+    head_dims: list[tuple[int, int]]  # (key dim, value dim) per site
+    length_input: int
+    length_dim: int

@@ -4,7 +4,8 @@ identity, JSON, opcheck, batching and composition tests for free.
 
 Each entry: (id, model kind, a config with sparsity, the same technique at zero sparsity, whether the
 technique's ONNX export reproduces it: False where the export has no spelling of it yet). Kinds: "encoder"
-(a BERT classifier), "decoder" (a Llama generating) and "dit" (diffusers' DiT, one denoising call).
+(a BERT classifier), "decoder" (a Llama generating), "dit" (diffusers' DiT, one denoising call) and "masked-lm" (a
+masked-diffusion BERT unmasking its answer step by step).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import torch
 import transformers as hf
 
-from dynasparse import ExitGateConfig, KVEvictionConfig, MLPSkipConfig, SparseAttentionConfig, TokenMergeConfig
+from dynasparse import DelayedKVConfig, ExitGateConfig, KVEvictionConfig, MLPSkipConfig, SparseAttentionConfig, TokenMergeConfig
 from dynasparse.config import BaseConfig
 from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.policies import POLICIES
@@ -23,7 +24,8 @@ VOCAB = 128
 @dataclass(frozen=True)
 class Default:
     id: str
-    kind: str  # "encoder": a BERT classifier called on a batch; "decoder": a Llama generating; "dit": a DiT
+    kind: str  # "encoder": a BERT classifier called on a batch; "decoder": a Llama generating; "dit": a DiT;
+    #            "masked-lm": a masked-diffusion BERT unmasking (dynasparse.unmask)
     sparse: BaseConfig
     zero: BaseConfig
     exports: bool = True
@@ -84,6 +86,9 @@ DEFAULTS = [
     Default("exit-draft", "decoder", ExitGateConfig(after_blocks=(0,), mode="draft"),
             ExitGateConfig(after_blocks=(0,), mode="draft"),  # lossless by construction: no zero variant
             exports=False),  # the drafter and the verifier run in torch
+    # dKV-Cache: keys and values kept across unmasking steps (at zero sparsity: every token every step)
+    Default("delayed-kv", "masked-lm", DelayedKVConfig(refresh_every=4), DelayedKVConfig(refresh_every=1),
+            exports=False),  # the caches live across the calls of a sampling loop
 ]
 
 # every pair of techniques on the same kind of model (one entry per technique)
@@ -115,7 +120,7 @@ def ids(entries) -> list[str]:
 def model(kind: str) -> torch.nn.Module:
     """The model of a kind, built once per test session."""
     if kind not in _models:
-        _models[kind] = {"encoder": bert, "decoder": llama, "dit": dit}[kind]()
+        _models[kind] = {"encoder": bert, "decoder": llama, "dit": dit, "masked-lm": masked_lm}[kind]()
     return _models[kind]
 
 
@@ -124,6 +129,22 @@ def bert() -> hf.BertForSequenceClassification:
     config = hf.BertConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                            vocab_size=VOCAB, num_labels=5)
     return hf.BertForSequenceClassification(config).eval()
+
+
+MASK_ID = VOCAB  # the masked-diffusion model's mask token, after the ordinary ones
+
+
+def masked_lm() -> hf.BertForMaskedLM:
+    torch.manual_seed(0)
+    config = hf.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                           vocab_size=VOCAB + 1, pad_token_id=None)
+    return hf.BertForMaskedLM(config).eval()
+
+
+def masked_lm_inputs() -> dict:
+    """Three prompts of 16 tokens (unmask appends the masked answer)."""
+    ids = torch.randint(0, VOCAB, (3, 16), generator=torch.Generator().manual_seed(4))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
 def llama(layers: int = 2) -> hf.LlamaForCausalLM:

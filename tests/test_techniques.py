@@ -11,13 +11,19 @@ from dynasparse.config import BaseConfig
 from dynasparse.ir.ops import KV_CACHE_ATTENTION, KV_CACHE_ATTENTION_FUNCTIONAL
 from dynasparse.registry import all_techniques
 
-from default_configs import (BATCH_INVARIANT_PAIRS, DEFAULTS, NEW_TOKENS, PAIRS, decoder_prompts, dit_inputs,
-                             encoder_inputs, ids, model)
+from default_configs import (BATCH_INVARIANT_PAIRS, DEFAULTS, MASK_ID, NEW_TOKENS, PAIRS, decoder_prompts,
+                             dit_inputs, encoder_inputs, ids, masked_lm_inputs, model)
 
 
 def run(kind: str, configs: list[BaseConfig], row: int | None = None) -> torch.Tensor:
-    """Encoder: the classifier's logits; DiT: the denoiser's output; decoder: the greedy new tokens. ``row``:
-    that row alone (an encoder row keeps its padding; a decoder row is its real tokens)."""
+    """Encoder: the classifier's logits; DiT: the denoiser's output; decoder: the greedy new tokens; masked LM:
+    the unmasked new tokens. ``row``: that row alone (an encoder row keeps its padding; a decoder row is its
+    real tokens)."""
+    if kind == "masked-lm":
+        prompt = masked_lm_inputs()["input_ids"]
+        prompt = prompt if row is None else prompt[row:row + 1]
+        return dynasparse.unmask(_optimized(kind, configs), prompt, new_tokens=NEW_TOKENS, steps=NEW_TOKENS,
+                                 mask_id=MASK_ID, progress=False).tokens[:, -NEW_TOKENS:]
     if kind in INPUTS:
         inputs = INPUTS[kind]()
         if row is not None:
@@ -35,6 +41,7 @@ def run(kind: str, configs: list[BaseConfig], row: int | None = None) -> torch.T
 
 
 INPUTS = {"encoder": encoder_inputs, "dit": dit_inputs}  # the kinds called once on a batch
+EXAMPLES = {**INPUTS, "masked-lm": masked_lm_inputs}  # the example inputs each kind is captured with
 _last_optimized: list = []  # (kind, configs, optimized): a batch and its rows alone share one capture
 
 
@@ -44,7 +51,7 @@ def _optimized(kind: str, configs: list[BaseConfig]) -> torch.nn.Module:
     if not (_last_optimized and _last_optimized[0] == kind and len(_last_optimized[1]) == len(configs)
             and all(a is b for a, b in zip(_last_optimized[1], configs))):
         _last_optimized[:] = [kind, list(configs), dynasparse.optimize(model(kind), configs,
-                                                                       example_kwargs=INPUTS[kind]())]
+                                                                       example_kwargs=EXAMPLES[kind]())]
     return _last_optimized[2]
 
 

@@ -131,7 +131,7 @@ def build_model(size: str = "small") -> LlamaForCausalLM:
     return hf.LlamaForCausalLM(config)
 
 
-def _lr_factor(step: int, steps: int) -> float:
+def lr_factor(step: int, steps: int) -> float:
     """Linear warmup over the first 5% of steps, then cosine decay to 0.1."""
     warmup = max(1, steps // 20)
     if step < warmup:
@@ -177,7 +177,7 @@ def train(size: str = "small", steps: int | None = None, seq_len: int | None = N
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
         lr=recipe.lr, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, recipe.steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, recipe.steps))
     tokens_per_step = recipe.batch_size * recipe.seq_len
     log(f"bytelm-{size}: {sum(p.numel() for p in params) / 1e6:.2f}M params, {len(data) / 1e6:.1f}M train "
         f"bytes, {torch.get_num_threads()} threads, recipe {recipe}")
@@ -205,10 +205,23 @@ def train(size: str = "small", steps: int | None = None, seq_len: int | None = N
     return model.eval()
 
 
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where models trained here are cached: ``cache_dir``, else $DYNASPARSE_CACHE, else ~/.cache/dynasparse."""
+    return Path(cache_dir or os.environ.get("DYNASPARSE_CACHE", "~/.cache/dynasparse")).expanduser()
+
+
 def cache_path(size: str = "small", cache_dir: str | os.PathLike | None = None) -> Path:
     """Where ``load_or_train`` keeps the weights for ``size``."""
-    root = cache_dir or os.environ.get("DYNASPARSE_CACHE", "~/.cache/dynasparse")
-    return Path(root).expanduser() / f"bytelm-{size}-{CACHE_VERSION}.pt"
+    return cache_root(cache_dir) / f"bytelm-{size}-{CACHE_VERSION}.pt"
+
+
+def save_cached(path: Path, payload: dict, log: Callable[[str], object] = print) -> None:
+    """Write ``payload`` to ``path`` whole or not at all: a run killed while saving leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(payload, partial)
+    os.replace(partial, path)
+    log(f"saved {path}")
 
 
 def load_or_train(size: str = "small", cache_dir: str | os.PathLike | None = None, force: bool = False,
@@ -223,12 +236,8 @@ def load_or_train(size: str = "small", cache_dir: str | os.PathLike | None = Non
             return model.eval()
         log(f"{path} was trained with another recipe; retraining")
     model = train(size, log=log)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save({"spec": asdict(spec), "seed": 0, "python": platform.python_version(),
-                "state_dict": model.state_dict()}, partial)
-    os.replace(partial, path)
-    log(f"saved {path}")
+    save_cached(path, {"spec": asdict(spec), "seed": 0, "python": platform.python_version(),
+                       "state_dict": model.state_dict()}, log)
     return model
 
 

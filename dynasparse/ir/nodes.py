@@ -86,6 +86,18 @@ def hint(size) -> int:
     return int(size)
 
 
+def input_dim(gm: torch.fx.GraphModule, size: torch.SymInt) -> tuple[int, int] | None:
+    """(flat input index, dimension) of the first graph input that has the symbolic ``size`` as a
+    dimension: where a runtime reads that size off a call's inputs. None where no input has it."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for index, node in enumerate(placeholders):
+        value = fake(node)
+        for dim, dim_size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+            if isinstance(dim_size, torch.SymInt) and dim_size.node.expr == size.node.expr:
+                return index, dim
+    return None
+
+
 def propagate_fake_values(gm: torch.fx.GraphModule) -> None:
     """Recompute every node's ``meta['val']`` after a rewrite changed shapes (e.g. fewer tokens).
 

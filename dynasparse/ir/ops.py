@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from dynasparse.kernels import (exit_gate, kv_cache, kv_cache_sparse, kv_tier, mlp_skip, query_aware,
+from dynasparse.kernels import (delayed_kv, exit_gate, kv_cache, kv_cache_sparse, kv_tier, mlp_skip, query_aware,
                                sparse_attention, sparse_attention_cpu, token_merge)
 from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
 from dynasparse.kernels.blocks import num_blocks
@@ -427,3 +427,33 @@ def _token_route_fake(x, weight, bias):
 
 
 TOKEN_ROUTE = torch.ops.dynasparse.token_route.default
+
+
+# --- dKV-Cache for diffusion LMs (dynasparse.kernels.delayed_kv has the semantics) -------------------------------
+
+@dynasparse_op("gather_active")
+def gather_active(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The active tokens of the stream: ``hidden`` [B or 1, L, D] at positions ``index`` [B, A]."""
+    return delayed_kv.gather_active(hidden, index)
+
+
+@torch.library.register_fake(gather_active)
+def _gather_active_fake(hidden, index):
+    return hidden.new_empty(index.shape[0], index.shape[1], hidden.shape[2])
+
+
+@dynasparse_op("cached_attention", mutates_args=("key_cache", "value_cache"))
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     key_cache: torch.Tensor, value_cache: torch.Tensor, index: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Bidirectional attention of the active queries over cached keys, the active ones written first."""
+    return delayed_kv.cached_attention(q, k, v, mask, key_cache, value_cache, index, scale)
+
+
+@torch.library.register_fake(cached_attention)
+def _cached_attention_fake(q, k, v, mask, key_cache, value_cache, index, scale=None):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
+GATHER_ACTIVE = torch.ops.dynasparse.gather_active.default
+CACHED_ATTENTION = torch.ops.dynasparse.cached_attention.default

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves
 from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, Block, GraphAnalysis
-from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, module_paths, propagate_fake_values
+from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, input_dim, module_paths, propagate_fake_values
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
 from dynasparse.passes.base import calibration_call
@@ -186,14 +186,11 @@ def _input_dim(gm: torch.fx.GraphModule, size: int | torch.SymInt, what: str) ->
     """Where a call's ``size`` can be read: a dimension of an input, or the capture-time constant."""
     if not isinstance(size, torch.SymInt):
         return None, int(size)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    for index, node in enumerate(placeholders):
-        value = fake(node)
-        for dim, dim_size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
-            if isinstance(dim_size, torch.SymInt) and dim_size.node.expr == size.node.expr:
-                return index, dim
-    raise DynasparseError(f"TokenMergeConfig.dense_below reads the {what} from the inputs, but no input has it "
-                          f"as a dimension (it is {size}); leave dense_below at 0 for this model")
+    found = input_dim(gm, size)
+    if found is None:
+        raise DynasparseError(f"TokenMergeConfig.dense_below reads the {what} from the inputs, but no input has "
+                              f"it as a dimension (it is {size}); leave dense_below at 0 for this model")
+    return found
 
 
 def _timestep_input(gm: torch.fx.GraphModule, name: str) -> int:

@@ -1,0 +1,179 @@
+"""dKV-Cache: a masked-diffusion LM's blocks run on the active tokens only, over cached keys and values.
+
+    embeddings [B, L] → gather_active(index) [B, A] → blocks, each attention = cached_attention → head [B, A]
+
+A diffusion LM (LLaDA, MDLM) re-reads the whole sequence at each denoising step, bidirectionally. dKV-Cache
+(Ma et al., 2025) keeps every layer's keys and values across steps and recomputes only the tokens that are
+still masked plus those decoded one step ago (delayed caching), refreshing every token every few steps. The
+pass makes the graph take the active positions and the caches as buffers; ``dynasparse.unmask`` decides the
+active set per step and binds them. Called plainly, the graph has every token active: the model's output.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.fx import Node
+
+from dynasparse.config import BaseConfig, config_type
+from dynasparse.errors import DynasparseError
+from dynasparse.ir.analysis import GraphAnalysis
+from dynasparse.ir.nodes import bound_args, copy_meta, fake, hint, input_dim, module_paths
+from dynasparse.ir.ops import CACHED_ATTENTION, GATHER_ACTIVE
+from dynasparse.plans import DELAYED_KV_META, DelayedKVPlan
+from dynasparse.registry import PassResult
+
+
+@config_type
+@dataclasses.dataclass
+class DelayedKVConfig(BaseConfig):
+    """dKV-Cache for a masked-diffusion (bidirectional) LM, run by ``dynasparse.unmask``.
+
+    ``refresh_every``: every that many denoising steps, every token is recomputed and the caches refreshed
+    (1: every step, which is the model itself). ``delay``: steps a decoded token stays active before its
+    keys and values are taken from the cache (dKV-Cache's delayed caching: 1; 0 caches them at once).
+    """
+
+    refresh_every: int = 8
+    delay: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check_int("refresh_every", 1)
+        self.check_int("delay", 0)
+        if self.layers is not None:
+            raise DynasparseError("DelayedKVConfig runs every block on the active tokens, so layers= cannot "
+                                  "restrict it; leave layers out")
+
+
+INDEX = "dkv_index"
+
+
+def _buffer(gm: torch.fx.GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
+    gm.register_buffer(name, value, persistent=False)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+class DelayedKVPass:
+    name = "delayed_kv"
+
+    def __init__(self, config: DelayedKVConfig):
+        self.config = config
+
+    # -- find sites -------------------------------------------------------------------------------------------
+    @staticmethod
+    def _check(analysis: GraphAnalysis) -> Node:
+        """The stream entering block 0, after checking that every site is bidirectional self-attention."""
+        if not analysis.blocks or analysis.blocks[0].input is None:
+            raise DynasparseError("DelayedKVConfig needs a stack of transformer blocks whose input it can find; "
+                                  "this graph has none (attention outside indexed modules)")
+        for site in analysis.sites:
+            if site.causal:
+                raise DynasparseError(f"DelayedKVConfig caches a bidirectional (masked-diffusion) model, and "
+                                      f"{site.module or site.node.name} is causal; for an autoregressive decoder "
+                                      "use KVEvictionConfig")
+            if site.q_len != site.kv_len:
+                raise DynasparseError(f"{site.module or site.node.name} attends over another sequence "
+                                      f"({site.kv_len} keys for {site.q_len} queries); DelayedKVConfig caches "
+                                      "self-attention only")
+            if site.sparse:
+                raise DynasparseError("DelayedKVConfig rewrites dense attention sites; leave SparseAttentionConfig out")
+        return analysis.blocks[0].input
+
+    # -- rewrite ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _per_token_inputs(gm: torch.fx.GraphModule, analysis: GraphAnalysis, stream: Node,
+                          length: torch.SymInt) -> tuple[list[Node], set[Node]]:
+        """What the blocks read per token from outside them: the stream, and any [B or 1, L, D] tensor such as
+        RoPE's cos and sin. (The mask is [B, 1, L, L]: its query rows are cut inside the attention op.)"""
+        paths = {block.module for block in analysis.blocks}
+        members = {n for n in gm.graph.nodes if paths & set(module_paths(n))}
+        outside = dict.fromkeys(a for n in gm.graph.nodes if n in members for a in n.all_input_nodes
+                                if a not in members)
+
+        def per_token(node: Node) -> bool:
+            value = fake(node)
+            return (node is not stream and isinstance(value, torch.Tensor) and value.dim() == 3
+                    and isinstance(value.shape[1], torch.SymInt) and value.shape[1].node.expr == length.node.expr)
+
+        return [stream, *filter(per_token, outside)], members
+
+    def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
+        result = PassResult(self.name)
+        stream = self._check(analysis)
+        batch, length = fake(stream).shape[:2]
+        found = input_dim(gm, length) if isinstance(length, torch.SymInt) else None
+        if found is None:
+            raise DynasparseError("DelayedKVConfig reads the sequence length off the inputs, and no input has it "
+                                  f"as a dynamic dimension (the stream holds {length} tokens); capture with a "
+                                  "dynamic sequence length")
+        per_token, members = self._per_token_inputs(gm, analysis, stream, length)
+        example_batch, example_length = hint(batch), hint(length)
+        index = _buffer(gm, INDEX, torch.arange(example_length).expand(example_batch, -1).contiguous(),
+                        next(n for n in gm.graph.nodes if n.op != "placeholder"))
+        gathered = []
+        for node in per_token:
+            with gm.graph.inserting_after(node):
+                active = gm.graph.call_function(GATHER_ACTIVE, (node, index))
+            copy_meta(node, active)
+            for user in [u for u in node.users if u in members]:
+                user.replace_input_with(node, active)
+            gathered.append(active)
+        caches: list[tuple[str, str]] = []
+        dims: list[tuple[int, int]] = []
+        for i, site in enumerate(analysis.sites):
+            args = bound_args(site.node)
+            k, v = fake(args["k"]), fake(args["v"])
+            names = (f"dkv{i}_keys", f"dkv{i}_values")
+            buffers = [_buffer(gm, name, torch.zeros(example_batch, site.num_kv_heads, example_length, x.shape[-1],
+                                                     dtype=x.dtype), site.node)
+                       for name, x in zip(names, (k, v))]
+            with gm.graph.inserting_before(site.node):
+                cached = gm.graph.call_function(CACHED_ATTENTION, (args["q"], args["k"], args["v"], args["mask"],
+                                                                   *buffers, index, args["scale"]))
+            copy_meta(site.node, cached)
+            site.node.replace_all_uses_with(cached)
+            gm.graph.erase_node(site.node)
+            caches.append(names)
+            dims.append((int(k.shape[-1]), int(v.shape[-1])))
+            result.applied.append(f"{site.module or cached.name}: keys and values cached across denoising steps")
+            result.num_matches += 1
+        self._repoint_lengths(gm, gathered, length)
+        gm.graph.lint()
+        gm.recompile()
+        gm.meta[DELAYED_KV_META] = DelayedKVPlan(self.config, INDEX, caches, [s.num_kv_heads for s in analysis.sites],
+                                                 dims, *found)
+        side = [n.name for n in per_token[1:]]
+        result.notes.append(f"delayed_kv: blocks run on the active tokens of each denoising step (the stream"
+                            f"{' and ' + ', '.join(side) if side else ''} gathered); every token is recomputed "
+                            f"every {self.config.refresh_every} steps, a decoded one {self.config.delay} step(s) "
+                            "after it is decoded")
+        return result
+
+    @staticmethod
+    def _repoint_lengths(gm: torch.fx.GraphModule, gathered: list[Node], length: torch.SymInt) -> None:
+        """Shapes computed from the input's length (``view(x, [B, L, H, D])``) inside what reads the active
+        tokens must read the active count: each becomes ``sym_size(active stream, 1)``. The mask is not
+        downstream of them, so it keeps the whole sequence as its keys."""
+        downstream, frontier = set(), list(gathered)
+        while frontier:
+            node = frontier.pop()
+            for user in node.users:
+                if user not in downstream:
+                    downstream.add(user)
+                    frontier.append(user)
+        with gm.graph.inserting_after(gathered[0]):
+            count = gm.graph.call_function(torch.ops.aten.sym_size.int, (gathered[0], 1))
+
+        def repoint(arg):
+            value = arg.meta.get("val") if isinstance(arg, Node) else None
+            is_length = isinstance(value, torch.SymInt) and value.node.expr == length.node.expr
+            return count if is_length else arg
+
+        for node in downstream:
+            if node.op == "call_function":
+                node.args = torch.fx.node.map_arg(node.args, repoint)
+                node.kwargs = torch.fx.node.map_arg(node.kwargs, repoint)

@@ -1,0 +1,39 @@
+"""dKV-Cache: a masked-diffusion LM's keys and values kept across denoising steps, run by ``dynasparse.unmask``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dynasparse.config import BaseConfig
+from dynasparse.errors import DynasparseError
+from dynasparse.ir.ops import CACHED_ATTENTION, GATHER_ACTIVE
+from dynasparse.passes.delayed_kv import DelayedKVConfig, DelayedKVPass
+from dynasparse.plans import DELAYED_KV_META
+from dynasparse.registry import Stage, Technique, register
+from dynasparse.runtime.delayed_kv import DelayedKVModel
+
+
+@register
+class DelayedKV(Technique):
+    name = "delayed_kv"
+    config = DelayedKVConfig
+    pass_class = DelayedKVPass
+    stage = Stage.CACHE
+    ops = (GATHER_ACTIVE, CACHED_ATTENTION)
+
+    def check_composition(self, config: BaseConfig, others: Sequence[BaseConfig]) -> None:
+        if others:
+            raise DynasparseError(f"{config} runs a diffusion LM's blocks on each step's active tokens over its "
+                                  f"own caches; it does not compose with {type(others[0]).__name__} yet: "
+                                  "optimize with DelayedKVConfig alone")
+
+    def runner(self, graph_module: torch.fx.GraphModule) -> torch.nn.Module | None:
+        return DelayedKVModel(graph_module) if DELAYED_KV_META in graph_module.meta else None
+
+    def export_onnx(self, model: Any, path: Path, args: tuple, kwargs: dict, opset_version: int) -> Path | None:
+        if DELAYED_KV_META not in model.graph_module.meta:
+            return None
+        raise DynasparseError("a dKV graph keeps its caches across calls of a sampling loop (dynasparse.unmask), "
+                              "which an ONNX file does not hold; export the model without DelayedKVConfig")

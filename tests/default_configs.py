@@ -79,6 +79,12 @@ DEFAULTS = [
             _kv("kvzip", 10_000, tier_bits=4, tier_group=8, reread_prefix=REPEAT), exports=False),
     # routers fitted to skip about half the MLP token-work; unfitted, they keep every token
     Default("mlp-skip", "decoder", MLPSkipConfig(target_skip=0.5, fitted=MLP_GATES), MLPSkipConfig(target_skip=0.5)),
+    # Token Sparse Attention: each KV head attends among half the tokens (at zero: every token); a model
+    # called whole, so an encoder and a DiT (a decoder's cache reads every token: refused)
+    Default("sparse-tokens", "encoder", _sparse(token_keep=0.5, window=8), _sparse(token_keep=1.0, window=8),
+            exports=False),
+    Default("sparse-tokens-dit", "dit", _sparse(token_keep=0.5, window=8), _sparse(token_keep=1.0, window=8),
+            exports=False),
     # token density by denoising timestep (FlexDiT / DyDiT): dense at noisy steps, half the tokens late
     Default("merge-timestep", "dit", TokenMergeConfig(timestep_schedule=((0, 0.5), (500, 1.0)), min_tokens=16),
             TokenMergeConfig(timestep_schedule=((0, 1.0),))),

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from dynasparse.kernels import (delayed_kv, exit_gate, kv_cache, kv_cache_sparse, kv_tier, mlp_skip, query_aware,
-                               sparse_attention, sparse_attention_cpu, token_merge)
+                               sparse_attention, sparse_attention_cpu, token_merge, token_sparse)
 from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
 from dynasparse.kernels.blocks import num_blocks
 from dynasparse.kernels.policies import POLICIES
@@ -247,6 +247,21 @@ def _block_sparse_attention_fake(q, k, v, mask, counts, indices, is_causal, scal
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
+@dynasparse_op("token_sparse_attention")
+def token_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                           is_causal: bool, scale: float | None, keep: float, window: int,
+                           min_seq_len: int) -> torch.Tensor:
+    """Per KV head, attention among the ``keep`` share of tokens its probe queries weigh most, scattered
+    back (zeros elsewhere); sequence-major [B, L, Hq, Dv] as the canonical op."""
+    return token_sparse.token_sparse_attention(q, k, v, mask, is_causal, scale, keep, window, min_seq_len)
+
+
+@torch.library.register_fake(token_sparse_attention)
+def _token_sparse_attention_fake(q, k, v, mask, is_causal, scale, keep, window, min_seq_len):
+    return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
+
+
+TOKEN_SPARSE_ATTENTION = torch.ops.dynasparse.token_sparse_attention.default
 BLOCK_PLAN = torch.ops.dynasparse.block_plan.default
 BLOCK_SPARSE_ATTENTION = torch.ops.dynasparse.block_sparse_attention.default
 

@@ -17,8 +17,8 @@ import torch
 from dynasparse.config import BaseConfig, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, GraphAnalysis
-from dynasparse.ir.nodes import bound_args, copy_meta, propagate_fake_values
-from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION
+from dynasparse.ir.nodes import bound_args, copy_meta, fake, propagate_fake_values
+from dynasparse.ir.ops import BLOCK_PLAN, BLOCK_SPARSE_ATTENTION, TOKEN_SPARSE_ATTENTION
 from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.sparse_attention import block_layout, select_blocks
 from dynasparse.registry import PassResult
@@ -41,6 +41,10 @@ class SparseAttentionConfig(BaseConfig):
     ``decode_keep``: decode steps (fewer queries than a block) read only this share of the keys per KV
     head, the ones their queries weigh most (query-aware selection, TokenSelect): with a KV cache the cache
     keeps its tokens and each step picks what to read. Set alone, prefill stays dense (``keep_ratio=1``).
+    ``token_keep`` (instead of the block selectors): Token Sparse Attention. Each KV head keeps this share
+    of the tokens, as queries and as keys (those its ``window`` probe queries weigh most, and the probes),
+    attends among them, and the other tokens get nothing from that head (the residual carries them). For a
+    model called whole (prefill, a DiT step); it does not compose with a KV cache or exit gates.
     """
 
     keep_ratio: float | None = None
@@ -53,6 +57,7 @@ class SparseAttentionConfig(BaseConfig):
     min_seq_len: int = 1024
     window: int = 64
     decode_keep: float = 1.0
+    token_keep: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,7 +66,13 @@ class SparseAttentionConfig(BaseConfig):
         given = [f for f in ("keep_ratio", "top_k", "mass") if getattr(self, f) is not None]
         if not given and self.decode_keep < 1.0:  # query-aware decode alone: a dense prefill
             self.keep_ratio, given = 1.0, ["keep_ratio"]
-        if len(given) != 1:
+        if self.token_keep is not None:
+            self.check_range("token_keep", 0.0, 1.0, low_open=True)
+            extra = given + (["decode_keep"] if self.decode_keep < 1.0 else [])
+            if extra:
+                raise DynasparseError(f"{name}: token_keep selects tokens instead of blocks; leave keep_ratio, "
+                                      f"top_k, mass and decode_keep out (got {extra})")
+        elif len(given) != 1:
             raise DynasparseError(f"{name}: set exactly one of keep_ratio (share of each row's blocks), top_k "
                                   f"(blocks per row) or mass (share of the estimated attention mass); got "
                                   f"{given or 'none'}")
@@ -139,6 +150,9 @@ class SparseAttentionPass:
         result = PassResult(self.name)
         c = self.config
         for site in self._chosen(analysis):
+            if c.token_keep is not None:
+                self._rewrite_tokens(gm, site, result)
+                continue
             dense_reason = self._dense_at_example(site)
             args = bound_args(site.node)
             # A mask built from position comparisons (Hugging Face passes causality as a tensor) is causal:
@@ -170,4 +184,27 @@ class SparseAttentionPass:
                 result.flops_saved += (1.0 - kept) * site.flops(batch, q_len, kv_len)
         propagate_fake_values(gm)
         return result
+
+    def _rewrite_tokens(self, gm: torch.fx.GraphModule, site: AttentionSite, result: PassResult) -> None:
+        """Token Sparse Attention at one site; a site it cannot serve stays dense and the report says why."""
+        c, args = self.config, bound_args(site.node)
+        mask = fake(args["mask"]) if args["mask"] is not None else None
+        why = ("cross-attention (keys from another sequence)" if site.q_len != site.kv_len else
+               "a mask that differs per head" if mask is not None and mask.dim() == 4 and mask.shape[1] != 1 else None)
+        if why:
+            result.left_dense[site.node.name] = f"token_keep: {why}"
+            return
+        with gm.graph.inserting_before(site.node):
+            sparse = gm.graph.call_function(TOKEN_SPARSE_ATTENTION, (
+                args["q"], args["k"], args["v"], args["mask"], True if site.causal else args["is_causal"],
+                args["scale"], c.token_keep, c.window, c.min_seq_len))
+        copy_meta(site.node, sparse)
+        site.node.replace_all_uses_with(sparse)
+        gm.graph.erase_node(site.node)
+        result.num_matches += 1
+        batch, q_len, kv_len = site.example_shape
+        kept = 1.0 if kv_len < c.min_seq_len else c.token_keep
+        result.applied.append(f"layer {site.layer}: tokens {c.token_keep:g} per KV head, "
+                              f"{kept:.0%} of the tokens at the example")
+        result.flops_saved += (1.0 - kept ** 2) * site.flops(batch, q_len, kv_len)
 

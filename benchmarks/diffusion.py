@@ -11,6 +11,8 @@
    and gives the PSNR and mean squared error of its samples against the dense model's (pixels in [0, 1]),
    and the share of samples the digits ViT labels as their class. A row whose schedule says ``None`` is
    calibrated on the digits model (``max_output_error``) and timed with the keep ratios it chose.
+The token-sparse rows (``SparseAttentionConfig(token_keep=...)``) keep every token but let each attention
+head attend among a share of them.
 
     python -m benchmarks.diffusion [--parts speed fidelity] [--steps 10] [--batch 2] [--repeats 3]
 """
@@ -35,7 +37,7 @@ except ImportError:  # run as a file: put the repo root on the path
 
 import dynasparse
 from benchmarks.early_exit import digits_classifier, digits_split
-from dynasparse import TokenMergeConfig
+from dynasparse import SparseAttentionConfig, TokenMergeConfig
 from dynasparse.plans import TIMESTEP_BANDS
 from dynasparse.table import table
 
@@ -56,6 +58,12 @@ ROWS = {
         TokenMergeConfig(timestep_schedule=((0, 1.0), (800, 0.25)), layers=EARLY),
     CALIBRATED: TokenMergeConfig(timestep_schedule=((0, None), (300, None), (600, None), (800, None)), layers=EARLY,
                                  max_output_error=0.2),
+    # Token Sparse Attention: every block, each KV head attends among a share of the tokens (16 probes spread
+    # over the image choose them); the other tokens keep their hidden state through that attention
+    "token sparse attention, 75% of the tokens per head": SparseAttentionConfig(token_keep=0.75, min_seq_len=0,
+                                                                                  window=16),
+    "token sparse attention, 50% of the tokens per head": SparseAttentionConfig(token_keep=0.5, min_seq_len=0,
+                                                                                  window=16),
 }
 
 
@@ -69,10 +77,15 @@ def dit_s2() -> torch.nn.Module:
 
 
 def _kept(optimized) -> str:
-    """Tokens after the last merge, per band, from the report's notes."""
-    lines = [line.strip() for line in str(optimized.report).splitlines() if "keep by timestep" in line
-             or "tokens after the last merge" in line]
-    return "; ".join(line.removeprefix("token_merge: ") for line in lines)
+    """Tokens after the last merge, per band, from the report's notes (token-sparse rows: per KV head)."""
+    report = str(optimized.report).splitlines()
+    lines = [line.strip() for line in report if "keep by timestep" in line or "tokens after the last merge" in line]
+    heads = [line.split(": ", 2)[-1] for line in report if "per KV head" in line][:1]
+    return "; ".join([line.removeprefix("token_merge: ") for line in lines] + heads)
+
+
+def _calibrates(config) -> bool:
+    return isinstance(config, TokenMergeConfig) and config.calibrates_schedule
 
 
 def digits_dit() -> torch.nn.Module:
@@ -115,9 +128,9 @@ def trained_digits_dit(steps: int = 3000, batch: int = 64) -> torch.nn.Module:
     return model.eval()
 
 
-def _fidelity_config(config: TokenMergeConfig) -> TokenMergeConfig:
+def _fidelity_config(config):
     """``config`` for 64 tokens: every token may merge (the default leaves the first 32 alone)."""
-    return dataclasses.replace(config, min_tokens=0)
+    return dataclasses.replace(config, min_tokens=0) if isinstance(config, TokenMergeConfig) else config
 
 
 def _chosen_schedule(optimized) -> tuple[tuple[float, float], ...]:
@@ -158,8 +171,8 @@ def fidelity_part(steps: int) -> tuple[str, dict[str, TokenMergeConfig]]:
     for name, config in ROWS.items():
         config = _fidelity_config(config)
         optimized = dynasparse.optimize(model, [config], example_kwargs=example,
-                                        calibration=calibration if config.calibrates_schedule else None)
-        if config.calibrates_schedule:
+                                        calibration=calibration if _calibrates(config) else None)
+        if _calibrates(config):
             chosen[name] = dataclasses.replace(ROWS[name], timestep_schedule=_chosen_schedule(optimized))
         ours = pixels(dynasparse.sample(optimized, noise, steps=steps, conditioning=conditioning,
                                         progress=False).latents)
@@ -178,8 +191,10 @@ def fidelity_part(steps: int) -> tuple[str, dict[str, TokenMergeConfig]]:
     return markdown, chosen
 
 
-def speed_part(steps: int, batch: int, repeats: int, chosen: dict[str, TokenMergeConfig]) -> str:
-    """``chosen``: the calibrated rows' schedules as the fidelity part chose them (rows without one are left out)."""
+def speed_part(steps: int, batch: int, repeats: int, chosen: dict[str, TokenMergeConfig],
+               only: list[str] | None = None) -> str:
+    """``chosen``: the calibrated rows' schedules as the fidelity part chose them (rows without one are left
+    out). ``only``: those rows beside the dense model (written beside the full table)."""
     model = dit_s2()
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(batch, 4, 64, 64, generator=generator)
@@ -189,7 +204,7 @@ def speed_part(steps: int, batch: int, repeats: int, chosen: dict[str, TokenMerg
     notes = {"dense model": "1024 tokens"}
     for name, config in ROWS.items():
         config = chosen.get(name, config)
-        if config.calibrates_schedule:
+        if _calibrates(config) or (only and name not in only):
             continue
         runners[name] = dynasparse.optimize(model, [config], example_kwargs=example)
         notes[name] = _kept(runners[name])
@@ -211,10 +226,11 @@ def speed_part(steps: int, batch: int, repeats: int, chosen: dict[str, TokenMerg
              f"{steps} steps, batch {batch}, {torch.get_num_threads()} CPU threads, median of {repeats} runs "
              "(rows alternate)")
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "diffusion_speed.json").write_text(json.dumps(
+    name = "diffusion_speed_subset" if only else "diffusion_speed"
+    (OUT / f"{name}.json").write_text(json.dumps(
         {"title": title, "header": header, "rows": rows, "seconds": seconds}, indent=2) + "\n")
     markdown = f"# {title}\n\n" + table(header, rows, markdown=True)
-    (OUT / "diffusion_speed.md").write_text(markdown)
+    (OUT / f"{name}.md").write_text(markdown)
     return markdown
 
 
@@ -225,13 +241,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fidelity-steps", type=int, default=50)
     parser.add_argument("--parts", nargs="+", choices=("fidelity", "speed"), default=("fidelity", "speed"))
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=None,
+                        help="the speed part times only these rows beside the dense model")
     args = parser.parse_args()
     chosen = {}
     if "fidelity" in args.parts:
         markdown, chosen = fidelity_part(args.fidelity_steps)
         print(markdown)
     if "speed" in args.parts:
-        print(speed_part(args.steps, args.batch, args.repeats, chosen))
+        print(speed_part(args.steps, args.batch, args.repeats, chosen, args.rows))
 
 
 if __name__ == "__main__":

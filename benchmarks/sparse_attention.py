@@ -39,10 +39,17 @@ KEEP_RATIOS = (1.0, 0.5, 0.25, 0.1)
 BLOCK = 64
 # SmolLM2 rows: (estimator, selector). keep_ratio: a fixed share of each row's blocks; mass: the fewest blocks
 # whose estimated attention mass reaches the share (FlexPrefill), so each head and row takes what it needs
-SMOLLM2_SETTINGS = (("pooled", {"keep_ratio": 0.1}), ("vertical_slash", {"keep_ratio": 0.25}),
-                    ("vertical_slash", {"keep_ratio": 0.1}), ("antidiagonal", {"keep_ratio": 0.25}),
-                    ("antidiagonal", {"keep_ratio": 0.1}), ("antidiagonal", {"mass": 0.9}),
-                    ("antidiagonal", {"mass": 0.95}))
+SMOLLM2_SETTINGS = {  # row name after "dynasparse " -> SparseAttentionConfig fields
+    "pooled keep 0.1": dict(estimator="pooled", keep_ratio=0.1),
+    "vertical_slash keep 0.25": dict(estimator="vertical_slash", keep_ratio=0.25),
+    "vertical_slash keep 0.1": dict(estimator="vertical_slash", keep_ratio=0.1),
+    "antidiagonal keep 0.25": dict(estimator="antidiagonal", keep_ratio=0.25),
+    "antidiagonal keep 0.1": dict(estimator="antidiagonal", keep_ratio=0.1),
+    "antidiagonal mass 0.9": dict(estimator="antidiagonal", mass=0.9),
+    "antidiagonal mass 0.95": dict(estimator="antidiagonal", mass=0.95),
+    "token sparse, 75% of the tokens per KV head": dict(token_keep=0.75),
+    "token sparse, 50% of the tokens per KV head": dict(token_keep=0.5),
+}
 
 
 def _median_time(fn, repeats: int = 3) -> float:
@@ -133,9 +140,10 @@ def _perplexity(lm_head: torch.nn.Module, hidden: torch.Tensor, ids: torch.Tenso
     return math.exp(total / (ids.shape[1] - 1))
 
 
-def smollm2_prefill_part(length: int, repeats: int) -> str:
+def smollm2_prefill_part(length: int, repeats: int, only: list[str] | None = None) -> str:
     """SmolLM2's prefill (the base model, no cache) at ``length`` tokens of help text: Hugging Face SDPA vs
-    sparse attention per estimator and keep ratio, with the perplexity of the same tokens."""
+    sparse attention per estimator and keep ratio, with the perplexity of the same tokens. ``only``: those
+    rows of ``SMOLLM2_SETTINGS`` (their table is written beside the full one)."""
     from dynasparse.harness import zoo
 
     entry = zoo.load("smollm2")
@@ -148,13 +156,14 @@ def smollm2_prefill_part(length: int, repeats: int) -> str:
     with torch.inference_mode():
         dense_ppl = _perplexity(lm_head, base(input_ids=ids).last_hidden_state, ids)
     cases = []
-    for estimator, selector in SMOLLM2_SETTINGS:
-        cfg = dynasparse.SparseAttentionConfig(block_size=BLOCK, estimator=estimator, **selector)
+    for label, fields in SMOLLM2_SETTINGS.items():
+        if only and label not in only:
+            continue
+        cfg = dynasparse.SparseAttentionConfig(block_size=BLOCK, **fields)
         optimized = dynasparse.optimize(base, [cfg], example_kwargs={"input_ids": ids})
         with torch.inference_mode():
             ppl = _perplexity(lm_head, optimized(input_ids=ids).last_hidden_state, ids)
-        label = " ".join(f"{'keep' if name == 'keep_ratio' else name} {value:g}" for name, value in selector.items())
-        cases.append(Case(f"dynasparse {estimator} {label}", lambda m=optimized: forward(m),
+        cases.append(Case(f"dynasparse {label}", lambda m=optimized: forward(m),
                           {"perplexity": ppl, "ppl change %": 100 * (ppl / dense_ppl - 1)}))
     with torch.inference_mode():  # one forward per repeat is ~30 s on 2 cores: no warmup, no memory pass
         rows = compare(Case("SmolLM2 (HF, SDPA)", lambda: forward(base), {"perplexity": dense_ppl}), cases,
@@ -162,7 +171,7 @@ def smollm2_prefill_part(length: int, repeats: int) -> str:
     meta = {"model": "SmolLM2-135M-Instruct (30 layers, 9 q / 3 kv heads), fp32, base model without LM head",
             "tokens": length, "text": "help topics", "batch": 1, "block": BLOCK, "repeats": repeats}
     return write_results(f"SmolLM2 prefill, {length} tokens (CPU)", rows,
-                         name=f"sparse_attention_smollm2_prefill_{length}", meta=meta)
+                         name=f"sparse_attention_smollm2_prefill_{length}{'_subset' if only else ''}", meta=meta)
 
 
 def quality_part(contexts: list[int], tokens: int) -> str:
@@ -203,6 +212,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="device of the attention part (cuda: Triton vs FlashAttention)")
+    parser.add_argument("--smollm2-rows", nargs="+", choices=list(SMOLLM2_SETTINGS), default=None,
+                        help="only these SmolLM2 rows (beside the dense model)")
     parser.add_argument("--quick", action="store_true", help="smoke run: short lengths, 1 repeat")
     args = parser.parse_args()
     if args.quick:
@@ -212,7 +223,7 @@ def main() -> None:
     if "prefill" in args.parts:
         print(prefill_part(args.prefill_length, args.repeats), flush=True)
     if "smollm2" in args.parts:
-        print(smollm2_prefill_part(args.prefill_length, min(args.repeats, 2)), flush=True)
+        print(smollm2_prefill_part(args.prefill_length, min(args.repeats, 2), args.smollm2_rows), flush=True)
     if "quality" in args.parts:
         print(quality_part(args.contexts, args.tokens), flush=True)
 

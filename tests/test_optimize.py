@@ -99,3 +99,14 @@ def test_report_is_readable():
     assert "encoder.layer.5.attention.self" in text
     assert "canonicalize" in text
     assert optimized("minilm").report.to_dict()["sites"][0]["heads"] == 12
+
+
+def test_a_sliced_example_captures_a_graph_that_takes_ordinary_inputs():
+    """A non-contiguous example (a slice of a longer batch) must not tie the graph's guards to its strides."""
+    entry = load("llama-tiny")
+    inputs = entry.make_inputs(2, 24)
+    sliced = {name: value[:, :12] for name, value in inputs.items()}
+    model = dynasparse.optimize(entry.model, [], example_kwargs=sliced)
+    fresh = entry.make_inputs(2, 16)
+    with torch.no_grad():
+        assert_same_outputs(entry.model(**fresh), model(**fresh))

@@ -109,6 +109,10 @@ def capture(model: torch.nn.Module, example_args: tuple = (), example_kwargs: di
     example_args = tuple(example_args) if isinstance(example_args, (tuple, list)) else (example_args,)
     _check_inputs(model, example_args, example_kwargs)
     notes: list[str] = []
+    # a sliced (non-contiguous) example would leave the graph's guards tied to its strides: later calls
+    # with ordinary tensors then fail inside the guards
+    example_args, example_kwargs = pytree.tree_map(
+        lambda x: x.contiguous() if isinstance(x, torch.Tensor) else x, (example_args, example_kwargs))
     args, kwargs, grew = batch_of_two(example_args, example_kwargs)
     if grew:
         notes.append("example batch of 1 repeated to 2 so the batch dimension stays dynamic")

@@ -56,11 +56,13 @@ def test_a_plain_call_is_the_model(build):
     assert "keys and values cached" in str(optimized.report)
 
 
-def test_a_refresh_every_step_unmasks_what_the_model_does(model):
+@pytest.mark.parametrize("block_length", [None, 4])
+def test_a_refresh_every_step_unmasks_what_the_model_does(model, block_length):
     prompt = _prompt()
-    expected = dynasparse.unmask(model, prompt, new_tokens=16, steps=8, mask_id=MASK, progress=False)
+    expected = dynasparse.unmask(model, prompt, new_tokens=16, steps=8, mask_id=MASK, block_length=block_length,
+                                 progress=False)
     got = dynasparse.unmask(_optimize(model, refresh_every=1), prompt, new_tokens=16, steps=8, mask_id=MASK,
-                            progress=False)
+                            block_length=block_length, progress=False)
     assert torch.equal(got.tokens, expected.tokens)
     assert got.stats.computed_share == 1.0
     assert not (got.tokens == MASK).any()
@@ -84,6 +86,28 @@ def test_cached_tokens_whose_input_did_not_change_are_exact(build):
     runner.stop()
     torch.testing.assert_close(part, full.gather(1, active[..., None].expand(-1, -1, full.shape[-1])),
                                rtol=1e-5, atol=1e-5)
+
+
+class _Recording(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, []
+
+    def forward(self, input_ids, attention_mask):
+        self.seen.append(input_ids.clone())
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_blocks_unmask_left_to_right(model):
+    """With block_length, a position of a block is decoded only once every earlier block is done."""
+    recording = _Recording(model)
+    out = dynasparse.unmask(recording, _prompt(), new_tokens=16, steps=16, mask_id=MASK, block_length=4,
+                            progress=False)
+    assert not (out.tokens == MASK).any()
+    for seen in [*recording.seen, out.tokens]:
+        done = (seen[:, 12:] != MASK).view(seen.shape[0], 4, 4).sum(-1)  # decoded per block of 4
+        for block in range(1, 4):
+            assert ((done[:, block] == 0) | (done[:, :block] == 4).all(-1)).all()
 
 
 def test_caching_computes_less_and_batched_equals_alone(model):
@@ -130,6 +154,8 @@ def test_bad_input_is_named(model):
         dynasparse.unmask(model, prompt.clamp(max=0) + MASK, new_tokens=4, steps=2, mask_id=MASK)
     with pytest.raises(DynasparseError, match="steps"):
         dynasparse.unmask(model, prompt, new_tokens=4, steps=8, mask_id=MASK)
+    with pytest.raises(DynasparseError, match="block_length"):
+        dynasparse.unmask(model, prompt, new_tokens=16, steps=8, mask_id=MASK, block_length=5)
 
 
 def test_export_refuses(model, tmp_path):

@@ -70,3 +70,11 @@ def test_a_cache_or_an_export_is_refused(tmp_path):
     assert "tokens 0.5 per KV head" in str(optimized.report)
     with pytest.raises(DynasparseError, match="no ONNX spelling"):
         dynasparse.export_onnx(optimized, tmp_path / "m.onnx")
+
+
+def test_a_causal_mask_without_padding_takes_the_causal_path():
+    """Hugging Face hands causality as a mask; with no padding in it the kept tokens need no gathered mask."""
+    q, k, v = _qkv()
+    mask = causal_mask(L, L, torch.device("cpu"))[None, None].expand(B, 1, L, L)
+    torch.testing.assert_close(token_sparse_attention(q, k, v, mask, True, None, 0.5, 8, 0),
+                               token_sparse_attention(q, k, v, None, True, None, 0.5, 8, 0))

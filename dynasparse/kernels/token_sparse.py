@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from dynasparse.kernels.attention import attention_sdpa, combined_mask, softmax_scale
+from dynasparse.kernels.attention import attention_sdpa, causal_mask, key_visibility, softmax_scale
 
 
 def probe_positions(length: int, window: int, is_causal: bool, device: torch.device) -> torch.Tensor:
@@ -30,13 +30,25 @@ def token_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is
     """[B, Hkv, L]: the attention mass the probe queries of each KV head's group pay every key."""
     batch, q_heads, length, _ = q.shape
     kv_heads = k.shape[1]
-    allowed = combined_mask(mask, is_causal, length, length, torch.float32, q.device)
     logits = (q[:, :, probes].float() @ k.float().repeat_interleave(q_heads // kv_heads, 1).transpose(-1, -2)) * scale
-    if allowed is not None:
-        rows = allowed[..., probes, :] if allowed.shape[-2] != 1 else allowed
-        logits = logits.masked_fill(~rows, float("-inf")) if rows.dtype == torch.bool else logits + rows.float()
+    rows = None  # which keys each probe may see: the mask's rows of the probes, and causality
+    if mask is not None:
+        rows = key_visibility(mask, False, mask.shape[-2] if mask.dim() > 1 else 1, length, q.device)
+        rows = rows[..., probes, :] if rows.shape[-2] != 1 else rows
+    if is_causal:
+        causal = probes[:, None] >= torch.arange(length, device=q.device)[None, :]
+        rows = causal if rows is None else rows & causal
+    if rows is not None:
+        logits = logits.masked_fill(~rows, float("-inf"))
     probs = logits.softmax(-1).nan_to_num(0.0)  # [B, Hq, P, L]
     return probs.view(batch, kv_heads, q_heads // kv_heads, -1, length).sum((2, 3))
+
+
+def _causal_only(mask: torch.Tensor, length: int) -> bool:
+    """Whether a causal site's mask says nothing beyond causality (no padding, no window): then the kept
+    positions, in order, need only SDPA's own causal path, not a gathered mask."""
+    allowed = key_visibility(mask, False, mask.shape[-2] if mask.dim() > 1 else 1, length, mask.device)
+    return bool((allowed == causal_mask(length, length, mask.device)).all())
 
 
 def kept_count(length: int, keep: float, probes: int) -> int:
@@ -65,6 +77,8 @@ def token_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
     q_kept = q.view(batch, kv_heads, groups, length, -1).gather(
         3, kept[:, :, None, :, None].expand(-1, -1, groups, -1, q.shape[-1])).view(batch, q_heads, count, -1)
+    if mask is not None and is_causal and _causal_only(mask, length):
+        mask = None
     mask_kept = None
     if mask is not None:  # rows and columns of the kept positions, per KV head, shared by its group
         full = mask if mask.dim() == 4 else mask.view(*(1,) * (4 - mask.dim()), *mask.shape)

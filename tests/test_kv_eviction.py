@@ -213,25 +213,6 @@ def test_compiled_decoder_matches_eager():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("policy", ["h2o"])  # a full cache compiles in test_mlp_skip.py
-def test_generate_compiles_each_step_graph_once(policy):
-    """compile=True: one prefill-chunk graph (any chunk length) and one decode-step graph, reused by a later
-    generation with other lengths and another cache size; tokens equal the eager run's."""
-    from torch._dynamo.utils import counters
-
-    model = lm("llama")
-    config = kv(policy, budget=12)
-    torch._dynamo.reset()
-    counters.clear()
-    for length, new_tokens in [(14, 10), (19, 16)]:
-        ids, mask = prompts(batch=3, length=length)
-        eager = dynasparse.generate(model, ids, mask, max_new_tokens=new_tokens, kv=config).sequences
-        compiled = dynasparse.generate(model, ids, mask, max_new_tokens=new_tokens, kv=config, compile=True)
-        assert torch.equal(eager, compiled.sequences)
-        assert counters["stats"]["unique_graphs"] == 2
-
-
-@pytest.mark.slow
 def test_onnx_runtime_reproduces_greedy_tokens(tmp_path):
     """On Qwen2 (biased q/k/v projections); every policy's parity on Llama: test_techniques.py."""
     model = lm("qwen2")

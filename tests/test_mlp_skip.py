@@ -12,6 +12,7 @@ from dynasparse.ir.ops import TOKEN_ROUTE
 from dynasparse.kernels.mlp_skip import adapter, routed
 from dynasparse.passes.mlp_skip import routed_mlps
 
+from conftest import left_padded_prompts
 from default_configs import MLP_GATES as FITTED, VOCAB, decoder_prompts, llama
 
 
@@ -135,8 +136,18 @@ def test_bad_input_fails_clearly(call, message):
 
 @pytest.mark.slow
 def test_compiled_decode_steps_take_the_same_decisions():
-    """Compiled, every token runs the MLP and a select keeps the routed value: the eager tokens."""
-    model, (ids, mask) = llama(), decoder_prompts()
-    kwargs = dict(max_new_tokens=6, configs=[MLPSkipConfig(target_skip=0.5, fitted=FITTED)])
-    eager = dynasparse.generate(model, ids, mask, **kwargs).sequences
-    assert torch.equal(dynasparse.generate(model, ids, mask, compile=True, **kwargs).sequences, eager)
+    """Compiled, every token runs the MLP and a select keeps the routed value: the eager tokens. Over a bounded
+    cache, one prefill-chunk graph (any chunk length) and one decode-step graph serve a later generation with
+    other lengths (this is also the KV cache's compiled run)."""
+    from torch._dynamo.utils import counters
+
+    model = llama()
+    kv = dynasparse.KVEvictionConfig(policy="h2o", budget=12, sink=2, recent=4, chunk_size=5)
+    torch._dynamo.reset()
+    counters.clear()
+    for length, new_tokens in [(14, 6), (19, 9)]:
+        ids, mask = left_padded_prompts(VOCAB, 3, length)
+        kwargs = dict(max_new_tokens=new_tokens, configs=[MLPSkipConfig(target_skip=0.5, fitted=FITTED)], kv=kv)
+        eager = dynasparse.generate(model, ids, mask, **kwargs).sequences
+        assert torch.equal(dynasparse.generate(model, ids, mask, compile=True, **kwargs).sequences, eager)
+        assert counters["stats"]["unique_graphs"] == 2

@@ -42,10 +42,6 @@ class DelayedKVModel(torch.nn.Module):
     def stop(self) -> None:
         self.in_session, self.active = False, None
 
-    @property
-    def cache_bytes(self) -> int:
-        return sum(getattr(self.graph_module, name).nbytes for pair in self.plan.caches for name in pair)
-
     def forward(self, *args, **kwargs):
         batch, length, device = self._shape(args, kwargs)
         if not self.in_session:

@@ -1,8 +1,8 @@
 """dKV-Cache on a masked-diffusion LM trained here, beside recomputing every token each step (issue 27).
 
-The model is ``dynasparse.harness.difflm``: a bidirectional BERT (4 blocks, d=192) over bytes and a mask,
-trained with MDLM's loss on the byte LM's offline text (cached after the first run, about 10-15 minutes on
-2 cores). Two tasks on held-out standard-library source, 8 prompts each as one batch:
+The model is ``dynasparse.harness.difflm``: a bidirectional byte-level Llama (4 blocks, d=192) over bytes and
+a mask, trained with a masked-diffusion loss on the byte LM's offline text (cached after the first run; about
+27 minutes on 1 thread beside other runs). Two tasks on held-out standard-library source, 8 prompts each as one batch:
 - **continue**: a 128-byte prompt, 128 new bytes;
 - **finish**: a 224-byte prompt, 32 new bytes (most of the sequence is prompt, which the cache keeps).
 Every row decodes one byte per step in blocks of 32 left to right, the most confident masked position of

@@ -43,7 +43,7 @@ class Spec:
 
 
 SIZES: dict[str, Spec] = {
-    # 1.9M parameters; about 0.5 s per step of 8 x 256 bytes on 2 CPU threads beside another run.
+    # 1.9M parameters; 0.5-1.4 s per step of 8 x 256 bytes on 1 thread beside other runs (27 minutes in all).
     "small": Spec(layers=4, hidden=192, heads=4, intermediate=512, steps=1200, seq_len=256, batch_size=8,
                   lr=3e-3, log_every=50),
     # For tests: trains in about a second.

@@ -86,6 +86,12 @@ def hint(size) -> int:
     return int(size)
 
 
+def is_size(value: Any, symbol: torch.SymInt) -> bool:
+    """Whether ``value`` is the symbolic size ``symbol`` (the same expression): how a dynamic dimension, such
+    as the sequence length, is recognised wherever the graph reads it."""
+    return isinstance(value, torch.SymInt) and value.node.expr == symbol.node.expr
+
+
 def input_dim(gm: torch.fx.GraphModule, size: torch.SymInt) -> tuple[int, int] | None:
     """(flat input index, dimension) of the first graph input that has the symbolic ``size`` as a
     dimension: where a runtime reads that size off a call's inputs. None where no input has it."""
@@ -93,7 +99,7 @@ def input_dim(gm: torch.fx.GraphModule, size: torch.SymInt) -> tuple[int, int] |
     for index, node in enumerate(placeholders):
         value = fake(node)
         for dim, dim_size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
-            if isinstance(dim_size, torch.SymInt) and dim_size.node.expr == size.node.expr:
+            if is_size(dim_size, size):
                 return index, dim
     return None
 

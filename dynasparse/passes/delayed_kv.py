@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import networkx as nx
 import torch
 from torch.fx import Node
 
 from dynasparse.config import BaseConfig, config_type
 from dynasparse.errors import DynasparseError
-from dynasparse.ir.analysis import GraphAnalysis
-from dynasparse.ir.nodes import bound_args, copy_meta, fake, hint, input_dim, module_paths
+from dynasparse.ir.analysis import GraphAnalysis, to_networkx
+from dynasparse.ir.nodes import bound_args, copy_meta, fake, hint, input_dim, is_size, module_paths
 from dynasparse.ir.ops import CACHED_ATTENTION, GATHER_ACTIVE
 from dynasparse.plans import DELAYED_KV_META, DelayedKVPlan
 from dynasparse.registry import PassResult
@@ -97,7 +98,7 @@ class DelayedKVPass:
         def per_token(node: Node) -> bool:
             value = fake(node)
             return (node is not stream and isinstance(value, torch.Tensor) and value.dim() == 3
-                    and isinstance(value.shape[1], torch.SymInt) and value.shape[1].node.expr == length.node.expr)
+                    and is_size(value.shape[1], length))
 
         return [stream, *filter(per_token, outside)], members
 
@@ -158,20 +159,13 @@ class DelayedKVPass:
         """Shapes computed from the input's length (``view(x, [B, L, H, D])``) inside what reads the active
         tokens must read the active count: each becomes ``sym_size(active stream, 1)``. The mask is not
         downstream of them, so it keeps the whole sequence as its keys."""
-        downstream, frontier = set(), list(gathered)
-        while frontier:
-            node = frontier.pop()
-            for user in node.users:
-                if user not in downstream:
-                    downstream.add(user)
-                    frontier.append(user)
+        flow = to_networkx(gm)
+        downstream = set().union(*(nx.descendants(flow, node) for node in gathered))
         with gm.graph.inserting_after(gathered[0]):
             count = gm.graph.call_function(torch.ops.aten.sym_size.int, (gathered[0], 1))
 
         def repoint(arg):
-            value = arg.meta.get("val") if isinstance(arg, Node) else None
-            is_length = isinstance(value, torch.SymInt) and value.node.expr == length.node.expr
-            return count if is_length else arg
+            return count if isinstance(arg, Node) and is_size(arg.meta.get("val"), length) else arg
 
         for node in downstream:
             if node.op == "call_function":

@@ -22,7 +22,8 @@ from torch.utils._pytree import tree_leaves
 from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, Block, GraphAnalysis
-from dynasparse.ir.nodes import bound_args, copy_graph, fake, hint, input_dim, module_paths, propagate_fake_values
+from dynasparse.ir.nodes import (bound_args, copy_graph, fake, hint, input_dim, is_size, module_paths,
+                                 propagate_fake_values)
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
 from dynasparse.passes.base import calibration_call
@@ -616,7 +617,7 @@ class TokenMergePass:
 
         def is_input_length(arg) -> bool:
             val = arg.meta.get("val") if isinstance(arg, Node) else None
-            return isinstance(val, torch.SymInt) and val.node.expr == length.node.expr
+            return is_size(val, length)
 
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target is UNMERGE:

@@ -100,7 +100,7 @@ def decoder_for(model: torch.nn.Module, configs: BaseConfig | Sequence[BaseConfi
 
 
 def logits_of(output) -> torch.Tensor:
-    """The logits of a causal LM's output: ``.logits``, the first element of a tuple, or the tensor."""
+    """The logits of an LM's output: ``.logits``, the first element of a tuple, or the tensor."""
     if hasattr(output, "logits"):
         return output.logits
     if isinstance(output, (tuple, list)):

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from dynasparse.errors import DynasparseError
 from dynasparse.runtime.delayed_kv import DelayedKVModel
+from dynasparse.runtime.steps import logits_of
 
 
 @dataclass
@@ -41,10 +42,6 @@ class UnmaskStats:
 class Unmasked:
     tokens: torch.Tensor  # [B, prompt + new_tokens]
     stats: UnmaskStats
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0] if isinstance(output, (tuple, list)) else output
 
 
 def _per_step(new_tokens: int, steps: int) -> list[int]:
@@ -108,7 +105,7 @@ def unmask(model: Any, prompt: torch.Tensor, *, new_tokens: int, steps: int, mas
                     index = active.nonzero()[:, 1].reshape(batch, -1)
                 cache.active = index
             start = time.perf_counter()
-            logits = _logits(model(input_ids=tokens, attention_mask=mask))
+            logits = logits_of(model(input_ids=tokens, attention_mask=mask))
             stats.seconds.append(time.perf_counter() - start)
             stats.active.append(tokens.shape[1] if index is None else index.shape[1])
             logits[..., mask_id] = float("-inf")

@@ -60,6 +60,24 @@ def key_visibility(mask: torch.Tensor | None, is_causal: bool, q_len: int, kv_le
     return allowed
 
 
+def probe_attention(q: torch.Tensor, k: torch.Tensor, rows: slice | torch.Tensor, positions: torch.Tensor,
+                    mask: torch.Tensor | None, is_causal: bool, scale: float) -> torch.Tensor:
+    """[B, Hkv, P, Lk] fp32: the real attention probabilities of a few probe queries (``q``'s ``rows``, at
+    key-axis ``positions`` [P] for causality), summed over each KV head's group of query heads. What the
+    estimators and selectors that read a window of queries' attention all compute first."""
+    groups = q.shape[1] // k.shape[1]
+    logits = (q[:, :, rows].float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2)) * scale
+    if mask is not None:
+        probe_rows = mask[..., rows, :] if mask.dim() > 1 and mask.shape[-2] != 1 else mask
+        logits = (logits.masked_fill(~probe_rows, float("-inf")) if probe_rows.dtype == torch.bool
+                  else logits + probe_rows.float())
+    if is_causal:
+        later = torch.arange(k.shape[2], device=q.device)[None, :] > positions[:, None]
+        logits = logits.masked_fill(later, float("-inf"))
+    probs = logits.softmax(-1).nan_to_num(0.0)  # [B, Hq, P, Lk]
+    return probs.view(q.shape[0], k.shape[1], groups, -1, k.shape[2]).sum(2)
+
+
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                         is_causal: bool = False, scale: float | None = None) -> torch.Tensor:
     """Explicit softmax(q k^T * scale + mask) v in fp32: the oracle for kernels and tests."""

@@ -13,7 +13,8 @@ import math
 
 import torch
 
-from dynasparse.kernels.attention import attention_sdpa, causal_mask, key_visibility, softmax_scale
+from dynasparse.kernels.attention import (attention_sdpa, causal_mask, key_visibility, probe_attention,
+                                          softmax_scale)
 
 
 def probe_positions(length: int, window: int, is_causal: bool, device: torch.device) -> torch.Tensor:
@@ -28,20 +29,7 @@ def probe_positions(length: int, window: int, is_causal: bool, device: torch.dev
 def token_scores(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float,
                  probes: torch.Tensor) -> torch.Tensor:
     """[B, Hkv, L]: the attention mass the probe queries of each KV head's group pay every key."""
-    batch, q_heads, length, _ = q.shape
-    kv_heads = k.shape[1]
-    logits = (q[:, :, probes].float() @ k.float().repeat_interleave(q_heads // kv_heads, 1).transpose(-1, -2)) * scale
-    rows = None  # which keys each probe may see: the mask's rows of the probes, and causality
-    if mask is not None:
-        rows = key_visibility(mask, False, mask.shape[-2] if mask.dim() > 1 else 1, length, q.device)
-        rows = rows[..., probes, :] if rows.shape[-2] != 1 else rows
-    if is_causal:
-        causal = probes[:, None] >= torch.arange(length, device=q.device)[None, :]
-        rows = causal if rows is None else rows & causal
-    if rows is not None:
-        logits = logits.masked_fill(~rows, float("-inf"))
-    probs = logits.softmax(-1).nan_to_num(0.0)  # [B, Hq, P, L]
-    return probs.view(batch, kv_heads, q_heads // kv_heads, -1, length).sum((2, 3))
+    return probe_attention(q, k, probes, probes, mask, is_causal, scale).sum(2)
 
 
 def _causal_only(mask: torch.Tensor, length: int) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from dynasparse.kernels.attention import probe_attention
 from dynasparse.kernels.blocks import last_query_positions, num_blocks, pad_to_blocks
 from dynasparse.kernels.estimators.base import EstimatorInputs
 
@@ -14,21 +15,14 @@ def vertical_slash_scores(x: EstimatorInputs) -> torch.Tensor:
     its columns carry plus the mass of the diagonals crossing it. Works because attention in long prompts
     concentrates on a few such lines, which the last queries already show; costs ``window`` rows of QK^T."""
     q, k, block_size = x.q, x.k, x.block_size
-    batch, q_heads, q_len, _ = q.shape
+    batch, _, q_len, _ = q.shape
     kv_heads, kv_len = k.shape[1], k.shape[2]
     window = min(x.window, q_len)
-    probe_mask = None if x.mask is None else x.mask[..., -window:, :]
-    probs_mask = _probe_mask(probe_mask, x.is_causal, window, kv_len, q.device)
-    groups = q_heads // kv_heads
-    scores = (q[:, :, -window:].float() @ k.float().repeat_interleave(groups, 1).transpose(-1, -2)) * x.scale
-    if probs_mask is not None:
-        scores = scores + probs_mask
-    probs = scores.softmax(-1).nan_to_num(0.0)  # [B, Hq, W, Lk]
-    probs = probs.view(batch, kv_heads, groups, window, kv_len).sum(2)  # [B, Hkv, W, Lk]
+    positions = torch.arange(window, device=q.device) + (kv_len - window)  # key-axis position of probe rows
+    probs = probe_attention(q, k, slice(q_len - window, None), positions, x.mask, x.is_causal, x.scale)
     vertical = pad_to_blocks(probs.sum(2), 2, block_size).view(batch, kv_heads, -1, block_size).sum(-1)
 
     # slash[d]: mass at distance d = query position - key position (d >= 0: the causal side).
-    positions = torch.arange(window, device=q.device) + (kv_len - window)  # key-axis position of probe rows
     distance = torch.arange(kv_len, device=q.device)
     key_index = positions[:, None] - distance[None, :]  # [W, Lk]
     on_grid = key_index >= 0
@@ -47,18 +41,3 @@ def vertical_slash_scores(x: EstimatorInputs) -> torch.Tensor:
     crossing = crossing.view(batch, kv_heads, nq, nk).clamp(min=0)
     mass = (vertical[:, :, None, :] + 0.5 * crossing) / window
     return mass.clamp(min=1e-20).log()
-
-
-def _probe_mask(mask: torch.Tensor | None, is_causal: bool, window: int, kv_len: int,
-                device: torch.device) -> torch.Tensor | None:
-    """Additive fp32 mask for the probe rows (the last ``window`` queries)."""
-    additive = None
-    if mask is not None:
-        additive = (torch.zeros(mask.shape, device=device).masked_fill(~mask, float("-inf"))
-                    if mask.dtype == torch.bool else mask.float())
-    if is_causal:
-        positions = torch.arange(window, device=device)[:, None] + (kv_len - window)
-        causal = torch.zeros(window, kv_len, device=device).masked_fill(
-            torch.arange(kv_len, device=device)[None, :] > positions, float("-inf"))
-        additive = causal if additive is None else additive + causal
-    return additive

@@ -20,7 +20,7 @@ demo: install
 	$(VENV)/bin/dynasparse demo
 
 test: install
-	$(PY) -m pytest -q -n auto --dist loadfile  # one worker per core; a test file stays on one worker
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15  # one worker per core; a test file stays on one worker
 
 bench: install
 	$(PY) -m benchmarks.overhead

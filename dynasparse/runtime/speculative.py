@@ -3,8 +3,11 @@
 Each round, per row: a drafter (blocks 0..i + the model's own head, ``ExitGateConfig(mode="draft")``)
 proposes ``k`` tokens one at a time; the full model reads the pending token and the ``k`` drafts in one
 pass; the longest prefix of drafts that equals the full model's greedy choice is kept, plus the full
-model's own next token. Rows accept different numbers of tokens and simply sit at different positions
-(every row has its own positions and cache slots), so batching needs no padding.
+model's own next token. Rows that sit at one length (an unpadded batch) all keep the batch's shortest
+agreed prefix, so the cache keeps its one-call append (rows at different lengths take a general path that
+costs about twice as much per layer); rows already at different lengths (a left-padded batch) each keep their
+own, since every row has its own positions and cache slots. Either way a kept draft is one the full model
+agreed with, so the tokens are greedy's.
 
 Which drafter, and how many drafts, is chosen per round from what was measured so far
 (``draft_choice.DraftChooser``); a round with no drafts is a plain decoding step, which is what a model whose
@@ -126,6 +129,8 @@ def self_speculative(model: torch.nn.Module, input_ids: torch.Tensor, attention_
             targets = full(candidates, torch.ones_like(candidates),
                            position[:, None] + torch.arange(k + 1, device=device)).argmax(-1)  # [B, k + 1]
             accepted = (drafted == targets[:, :k]).long().cumprod(1).sum(1)  # [B]
+            if len(set(held)) == 1:  # rows alike stay alike: the shortest agreed prefix of the rows generating
+                accepted = accepted[live].min().expand(batch)
             bonus = targets.gather(1, accepted[:, None])[:, 0]
             full.cache.rollback(real + accepted + 1)
             full.cache.shrink()

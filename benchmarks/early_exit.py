@@ -8,13 +8,15 @@
    (``bytelm`` size ``small-exit``): plain greedy vs self-speculative decoding, its drafter and draft length
    chosen per round (the default) or drafting with each of its first blocks (tokens/s, acceptance, rounds per
    drafter, whether the output equals plain greedy), and vs per-token exits (CALM thresholds, SkipDecode's
-   schedule, learned gates of JEI-DNN; tokens/s, blocks per token, share of tokens equal to plain greedy).
+   schedule, learned gates of JEI-DNN; tokens/s, blocks per token, share of tokens equal to plain greedy);
+   ``--sizes smollm2``: the chooser on SmolLM2, which was not trained for early exit (it must not lose).
 
     python benchmarks/early_exit.py [--quick] [--parts classifier decoder]
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import sys
 import time
@@ -32,7 +34,7 @@ except ImportError:  # run as a file: put the repo root on the path
 import dynasparse
 from benchmarks.kv_eviction import _save
 from dynasparse import ExitGateConfig
-from dynasparse.harness import bytelm
+from dynasparse.harness import bytelm, zoo
 from dynasparse.harness.bench import Case, compare
 from dynasparse.table import table
 
@@ -170,16 +172,25 @@ def _learned_exits(model, target: float) -> ExitGateConfig:
     return ExitGateConfig(criterion="learned", fitted=str(path))
 
 
+def _decoder(size: str, batch: int, prompt_len: int) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A byte LM and ``batch`` held-out byte prompts 4 KB apart, or SmolLM2 (not trained for early exit) and
+    ``batch`` stretches of ``inspect.py``'s tokens (not the byte LM's or the fits' texts)."""
+    if size == "smollm2":
+        entry = zoo.load("smollm2")
+        tokens = entry.tokenizer(inspect.getsource(inspect), return_tensors="pt").input_ids[0]
+        return entry.model, torch.stack([tokens[i * prompt_len:(i + 1) * prompt_len] for i in range(batch)])
+    tokens = bytelm.heldout_tokens(batch * 4096)
+    return bytelm.load_or_train(size), torch.stack([tokens[i * 4096:i * 4096 + prompt_len] for i in range(batch)])
+
+
 def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, new_tokens: int,
                  prompt_len: int, repeats: int, sizes: list[str], learned_targets: list[float]) -> str:
     rows, data = [], {}
-    tokens = bytelm.heldout_tokens(batch * 4096)
-    prompts = torch.stack([tokens[i * 4096:i * 4096 + prompt_len] for i in range(batch)])
     for size in sizes:
-        model = bytelm.load_or_train(size)
+        model, prompts = _decoder(size, batch, prompt_len)
         settings = [("drafter and length chosen per round", ExitGateConfig(mode="draft"))]
         settings += [(f"draft with blocks 0..{block}", ExitGateConfig(after_blocks=(block,), mode="draft"))
-                     for block in draft_blocks]
+                     for block in draft_blocks if size != "smollm2"]
         if size == "small-exit":
             settings += [(f"per-token exit, max_prob > {t}", ExitGateConfig(threshold=t)) for t in thresholds]
             settings.append(("SkipDecode schedule 4 → 2 blocks", ExitGateConfig(decode_schedule=(4, 2))))
@@ -209,8 +220,9 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, n
                 entry.update(blocks_per_token=out.stats.blocks_per_token, tokens_equal_to_greedy=same)
             data[f"{size} {name}"] = entry
             print(rows[-1], flush=True)
-    title = (f"Self-speculative greedy decoding, byte LM (4 blocks, d=256), batch {batch}, {prompt_len}-byte "
-             f"held-out prompts, {new_tokens} new bytes, CPU ({torch.get_num_threads()} threads), median of "
+    title = (f"Self-speculative greedy decoding, byte LM (4 blocks, d=256) or SmolLM2-135M-Instruct, batch {batch}, "
+             f"{prompt_len}-byte held-out prompts (SmolLM2: {prompt_len} tokens of inspect.py), {new_tokens} new "
+             f"bytes or tokens, CPU ({torch.get_num_threads()} threads), median of "
              f"{repeats} runs, every row timed interleaved with the others")
     markdown = f"# {title}\n\n" + table(["model", "decoding", "drafts accepted", "tokens/s", "speedup",
                                          "equals plain greedy"], rows, markdown=True)
@@ -232,7 +244,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--sizes", nargs="+", default=["small-exit", "small"],
-                        help="byte LMs: small-exit (trained with the early-exit loss), small (not)")
+                        choices=["small-exit", "small", "smollm2"],
+                        help="byte LMs: small-exit (trained with the early-exit loss), small (not); smollm2: "
+                             "SmolLM2-135M-Instruct, prompts of --prompt-len tokens of inspect.py")
     parser.add_argument("--quick", action="store_true", help="smoke run: one threshold, few tokens")
     args = parser.parse_args()
     if args.quick:

@@ -300,7 +300,7 @@ def run_kvpress(task: Task, args) -> None:
     if not PEERS_PYTHON.exists():
         raise SystemExit(f"--peers needs kvpress's venv: run `make peers` first ({PEERS_PYTHON} is missing)")
     job = {"model": str(zoo.smollm2_folder()), "max_new_tokens": NEW_TOKENS, "presses": args.peers or list(PRESSES),
-           "ratios": [round(1 - b, 4) for b in args.budgets], "modes": ["question_aware", "question_agnostic"],
+           "ratios": [round(1 - b, 4) for b in args.budgets], "modes": args.peer_settings,
            "prompts": [{"id": str(i), "context_ids": h, "question_ids": t}
                        for i, (h, t) in enumerate(zip(task.heads, task.tails))]}
     job_path = OUT / f"{results_name(task, args.context)}_kvpress_job.json"
@@ -329,17 +329,20 @@ def kvpress_rows(task: Task, context: int) -> list[dict]:
         share = round(1 - row["compression_ratio"], 4)
         record = records.setdefault((row["press"], share), {
             "row": f"kvpress {row['press']} {share:.0%}", "budget": share, "aware": [], "agnostic": [],
-            "perplexity": None, "errors": [], "prefill": [], "decode": []})
+            "perplexity": None, "errors": [], "prefill": {}, "decode": {}})
         if row.get("error"):
             record["errors"].append(row["error"])
             continue
         hit = task.answers[int(row["id"])] in row["generated"]
-        record["aware" if row["mode"] == "question_aware" else "agnostic"].append(hit)
-        if row["mode"] == "question_aware":
-            record["prefill"].append(row["prefill_s"])
-            record["decode"].append(row["decode_tokens_per_s"])
+        setting = "aware" if row["mode"] == "question_aware" else "agnostic"
+        record[setting].append(hit)
+        record["prefill"].setdefault(setting, []).append(row["prefill_s"])
+        record["decode"].setdefault(setting, []).append(row["decode_tokens_per_s"])
     for record in records.values():
-        errors, prefill_s, decode = record.pop("errors"), record.pop("prefill"), record.pop("decode")
+        errors, prefill, decode = record.pop("errors"), record.pop("prefill"), record.pop("decode")
+        setting = "aware" if "aware" in prefill else "agnostic"  # costs of the question-aware run where it ran
+        prefill_s, decode = prefill.get(setting), decode.get(setting)
+        record["aware"], record["agnostic"] = record["aware"] or None, record["agnostic"] or None
         if errors:
             record["aware"] = record["agnostic"] = f"error: {errors[0]}"
         elif prefill_s:  # one prompt at a time; the kept share of K/V (kvpress holds no scores), or all of it
@@ -525,6 +528,9 @@ def main() -> None:
     parser.add_argument("--peers", nargs="*", default=None, metavar="PRESS",
                         help=f"also run kvpress's presses on the same prompts from {PEERS_PYTHON} "
                              f"(no names: {' '.join(PRESSES)})")
+    parser.add_argument("--peer-settings", nargs="+", choices=["question_aware", "question_agnostic"],
+                        default=["question_aware", "question_agnostic"],
+                        help="the settings kvpress's presses run in (KVzipPress takes minutes per 4k prompt)")
     args = parser.parse_args()
     entry = zoo.load("smollm2")
     model, tokenizer = entry.model, entry.tokenizer

@@ -334,8 +334,11 @@ class ExitGatePass:
             if node not in live:
                 live.add(node)
                 stack.extend(node.all_input_nodes)
-        # everything the outputs do not read goes, shape assertions on dead values included
+        # everything the outputs do not read goes, shape assertions on dead values included; the export's
+        # input guards (a module call that reads only the inputs) stay: without them each call re-checks the
+        # inputs' symbolic constraints in Python, which cost more than the drafter's block did
         for node in reversed(list(gm.graph.nodes)):
-            if node not in live and node.op != "placeholder":
+            guard = node.op == "call_module" and all(i.op == "placeholder" for i in node.all_input_nodes)
+            if node not in live and node.op != "placeholder" and not guard:
                 gm.graph.erase_node(node)
         gm.delete_all_unused_submodules()

@@ -12,10 +12,16 @@ draft round has left rows at different lengths, every later step (plain or verif
 general path, and a reference timed before that would make every draft look dearer than it is.
 
 A block not tried yet is tried with one draft only while it could still pay were every draft accepted
-(an unmeasured draft step is guessed at its share of the depth, an unmeasured verify pass at the longest
-measured one's cost per extra token). So on a model whose early blocks do not predict its output, one or
+(an unmeasured draft step is guessed at its share of the depth, an unmeasured verify pass along the slope
+of the measured ones). So on a model whose early blocks do not predict its output, one or
 two rounds are lost before it decodes plainly; on one trained for early exit, the shallow drafter that
-keeps being accepted wins.
+keeps being accepted wins. Evidence is per round (rows averaged) and older rounds weigh a little less.
+Once nothing pays, the drafter rested longest is probed with one draft after ``RETRY_AFTER`` plain rounds,
+then twice as long after each probe that loses; a probe whose drafts are all accepted is followed by one
+twice as long. So one unlucky first round does not rule a good drafter out for the whole generation (a few
+accepted probes win it back), and drafters that never pay cost a probe now and then. The first timing of each pass kind
+is provisional (the next one replaces it rather than averaging with it): under ``torch.compile`` it includes
+compiling the graph.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from typing import Sequence
 MARGIN = 1.05  # drafting must be expected this much faster than plain decoding: estimates are noisy
 PLAIN_SAMPLES = 2  # the reference is the faster of the last this many plain steps (the first runs cold)
 SMOOTHING = 0.3  # weight of a new timing in its running average
+DECAY = 0.95  # a drafter's acceptance evidence weighs this much less with each later round of it
+RETRY_AFTER = 32  # plain rounds before a drafter is probed again; doubles after each probe that loses
 
 
 def default_blocks(depth: int) -> tuple[int, ...]:
@@ -48,9 +56,10 @@ class Drafter:
     """What was measured of the drafter ending at ``block``."""
 
     block: int
-    accepted: int = 0  # drafts the full model agreed with
-    rejected: int = 0  # rows whose round ended at a rejected draft
+    accepted: float = 0.0  # drafts the full model agreed with, per round (rows averaged), decayed
+    rejected: float = 0.0  # rounds that ended at a rejected draft (rows averaged), decayed
     step_seconds: float | None = None  # one draft step, running average
+    idle: int = 0  # rounds since this drafter last drafted
 
     @property
     def tried(self) -> bool:
@@ -74,8 +83,13 @@ class DraftChooser:
     longest: int
     drafters: dict[int, Drafter] = field(init=False)
     verify_seconds: dict[int, float] = field(init=False, default_factory=dict)  # tokens read -> seconds
+    provisional: set = field(init=False, default_factory=set)  # pass kinds timed once: the next replaces it
     plain_seconds: list[float] = field(init=False, default_factory=list)  # every timed plain step
     rounds: dict[str, int] = field(init=False, default_factory=dict)  # "plain" or "blocks 0..i" -> rounds
+    plain_run: int = field(init=False, default=0)  # plain rounds since the last draft round
+    retry_after: int = field(init=False, default=RETRY_AFTER)  # plain rounds before the next probe
+    probing: tuple[int, int] | None = field(init=False, default=None)  # the probe this round runs
+    extend: tuple[int, int] | None = field(init=False, default=None)  # a probe that won: try it longer
 
     def __post_init__(self) -> None:
         self.drafters = {block: Drafter(block) for block in sorted(self.blocks)}
@@ -84,6 +98,9 @@ class DraftChooser:
         if len(self.plain_seconds) < PLAIN_SAMPLES:  # every estimate is relative to a plain step
             return None, 0
         plain = min(self.plain_seconds[-PLAIN_SAMPLES:])  # recent: the cost changes once rows desync
+        if self.extend is not None:
+            block, drafts = self.extend
+            return self._probe(block, min(2 * drafts, self.longest))
         best, choice = MARGIN, (None, 0)
         for drafter in self.drafters.values():
             if drafter.tried:
@@ -92,25 +109,58 @@ class DraftChooser:
                     if speedup > best:
                         best, choice = speedup, (drafter.block, drafts)
         for drafter in self.drafters.values():  # shallow first: the cheapest to try
-            if not drafter.tried and max(self._speedup(drafter, d, 1.0, plain)
-                                         for d in range(1, self.longest + 1)) > best:
-                return drafter.block, 1
+            if not drafter.tried and self._could_pay(drafter, plain, best):
+                return self._probe(drafter.block, 1)
+        if choice[0] is not None:
+            self.retry_after = RETRY_AFTER
+            return choice
+        if self.plain_run >= self.retry_after:  # nothing pays on what was measured: probe the longest rested
+            rested = [d for d in self.drafters.values() if self._could_pay(d, plain, MARGIN)]
+            if rested:
+                self.retry_after *= 2
+                return self._probe(max(rested, key=lambda d: d.idle).block, 1)
         return choice
+
+    def _probe(self, block: int, drafts: int) -> tuple[int, int]:
+        self.probing = block, drafts
+        return block, drafts
 
     def record(self, block: int | None, drafts: int, draft_seconds: float, verify_seconds: float,
                accepted: Sequence[int]) -> None:
         """One round's timings and, per row still generating, the drafts it accepted."""
-        self.verify_seconds[drafts + 1] = _average(self.verify_seconds.get(drafts + 1), verify_seconds)
+        self.verify_seconds[drafts + 1] = self._timing(("verify", drafts + 1), self.verify_seconds.get(drafts + 1),
+                                                       verify_seconds)
         if not drafts:
             self.plain_seconds.append(verify_seconds)
         name = "plain" if block is None else f"blocks 0..{block}"
         self.rounds[name] = self.rounds.get(name, 0) + 1
+        for drafter in self.drafters.values():
+            drafter.idle += 1
+        won = self.probing == (block, drafts) and all(n == drafts for n in accepted) and drafts < self.longest
+        self.extend, self.probing = ((block, drafts) if won else None), None
+        self.plain_run = self.plain_run + 1 if block is None else 0
         if block is None:
             return
         drafter = self.drafters[block]
-        drafter.step_seconds = _average(drafter.step_seconds, draft_seconds / drafts)
-        drafter.accepted += sum(accepted)
-        drafter.rejected += sum(n < drafts for n in accepted)
+        drafter.idle = 0
+        drafter.step_seconds = self._timing(("draft", block), drafter.step_seconds, draft_seconds / drafts)
+        rows = max(len(accepted), 1)
+        drafter.accepted = DECAY * drafter.accepted + sum(accepted) / rows
+        drafter.rejected = DECAY * drafter.rejected + sum(n < drafts for n in accepted) / rows
+
+    def _timing(self, kind: tuple, old: float | None, new: float) -> float:
+        """The running average of a pass kind's seconds, its first timing replaced by the second."""
+        if old is None:
+            self.provisional.add(kind)
+            return new
+        if kind in self.provisional:
+            self.provisional.discard(kind)
+            return new
+        return _average(old, new)
+
+    def _could_pay(self, drafter: Drafter, plain: float, bar: float) -> bool:
+        """Whether some draft length would beat ``bar`` were every draft accepted."""
+        return max(self._speedup(drafter, d, 1.0, plain) for d in range(1, self.longest + 1)) > bar
 
     def _speedup(self, drafter: Drafter, drafts: int, acceptance: float, plain: float) -> float:
         step = drafter.step_seconds
@@ -119,10 +169,18 @@ class DraftChooser:
         return expected_tokens(acceptance, drafts) * plain / (drafts * step + self._verify(drafts + 1, plain))
 
     def _verify(self, tokens: int, plain: float) -> float:
-        """Seconds of a verify pass over ``tokens``: measured, or extrapolated from the longest measured pass
-        (as cheap as a plain step until a longer one was measured)."""
+        """Seconds of a verify pass over ``tokens``: measured, or extrapolated along the slope between the two
+        longest measured passes of several tokens (flat from the longest while only one was measured: a pass of
+        two tokens also pays the multi-token path's fixed costs, so the slope from a plain step overstates
+        what each further token adds; as cheap as a plain step until a pass of several tokens was measured)."""
         if tokens in self.verify_seconds:
             return self.verify_seconds[tokens]
-        longest = max(self.verify_seconds)
-        per_token = (self.verify_seconds[longest] - plain) / (longest - 1) if longest > 1 else 0.0
-        return plain + max(per_token, 0.0) * (tokens - 1)
+        several = sorted(n for n in self.verify_seconds if n > 1)
+        if not several:
+            return plain
+        longest = several[-1]
+        per_token = 0.0
+        if len(several) > 1:
+            shorter = several[-2]
+            per_token = (self.verify_seconds[longest] - self.verify_seconds[shorter]) / (longest - shorter)
+        return self.verify_seconds[longest] + max(per_token, 0.0) * (tokens - longest)

@@ -82,3 +82,20 @@ def test_a_drafter_pays_again_once_plain_steps_slow_down():
         desynced = True
     assert chooser.choose()[0] == 0
     assert chooser.rounds["blocks 0..0"] >= 20
+
+
+def test_a_cheaper_drafter_unlucky_at_first_takes_over_from_a_dearer_one():
+    """Block 0's first round is rejected, block 1's accepted: the chooser drafts from block 1 until a probe
+    of block 0 is accepted, then from block 0, which costs half as much per draft."""
+    chooser = DraftChooser((0, 1), depth=4, longest=6)
+    tried_block_0 = False
+    for _ in range(120):
+        block, k = chooser.choose()
+        if block is None:
+            chooser.record(None, 0, 0.0, 1.0, [0] * 4)
+            continue
+        accepted = 0 if block == 0 and not tried_block_0 else k
+        tried_block_0 = tried_block_0 or block == 0
+        chooser.record(block, k, k * (block + 1) / 4, 1 + 0.05 * k, [accepted] * 4)
+    assert chooser.choose()[0] == 0
+    assert chooser.rounds["blocks 0..0"] > chooser.rounds["blocks 0..1"]

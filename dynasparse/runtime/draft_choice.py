@@ -16,10 +16,11 @@ A block not tried yet is tried with one draft only while it could still pay were
 of the measured ones). So on a model whose early blocks do not predict its output, one or
 two rounds are lost before it decodes plainly; on one trained for early exit, the shallow drafter that
 keeps being accepted wins. Evidence is per round (rows averaged) and older rounds weigh a little less.
-Once nothing pays, the drafter rested longest is probed with one draft after ``RETRY_AFTER`` plain rounds,
-then twice as long after each probe that loses; a probe whose drafts are all accepted is followed by one
-twice as long. So one unlucky first round does not rule a good drafter out for the whole generation (a few
-accepted probes win it back), and drafters that never pay cost a probe now and then. The first timing of each pass kind
+A drafter that could beat the current choice were its drafts accepted is probed with one draft
+``RETRY_AFTER`` rounds after the last probe, then twice as long after each; a probe whose drafts are all
+accepted is followed by one twice as long. So one unlucky first round does not rule a good drafter out for
+the whole generation (a few accepted probes win it back), and drafters that never pay cost a probe now and
+then. The first timing of each pass kind
 is provisional (the next one replaces it rather than averaging with it): under ``torch.compile`` it includes
 compiling the graph.
 """
@@ -32,7 +33,7 @@ MARGIN = 1.05  # drafting must be expected this much faster than plain decoding:
 PLAIN_SAMPLES = 2  # the reference is the faster of the last this many plain steps (the first runs cold)
 SMOOTHING = 0.3  # weight of a new timing in its running average
 DECAY = 0.95  # a drafter's acceptance evidence weighs this much less with each later round of it
-RETRY_AFTER = 32  # plain rounds before a drafter is probed again; doubles after each probe that loses
+RETRY_AFTER = 32  # rounds from one probe to the next; doubles after each
 
 
 def default_blocks(depth: int) -> tuple[int, ...]:
@@ -86,8 +87,8 @@ class DraftChooser:
     provisional: set = field(init=False, default_factory=set)  # pass kinds timed once: the next replaces it
     plain_seconds: list[float] = field(init=False, default_factory=list)  # every timed plain step
     rounds: dict[str, int] = field(init=False, default_factory=dict)  # "plain" or "blocks 0..i" -> rounds
-    plain_run: int = field(init=False, default=0)  # plain rounds since the last draft round
-    retry_after: int = field(init=False, default=RETRY_AFTER)  # plain rounds before the next probe
+    since_probe: int = field(init=False, default=0)  # rounds since the last probe
+    retry_after: int = field(init=False, default=RETRY_AFTER)  # rounds from the last probe to the next
     probing: tuple[int, int] | None = field(init=False, default=None)  # the probe this round runs
     extend: tuple[int, int] | None = field(init=False, default=None)  # a probe that won: try it longer
 
@@ -111,14 +112,10 @@ class DraftChooser:
         for drafter in self.drafters.values():  # shallow first: the cheapest to try
             if not drafter.tried and self._could_pay(drafter, plain, best):
                 return self._probe(drafter.block, 1)
-        if choice[0] is not None:
-            self.retry_after = RETRY_AFTER
-            return choice
-        if self.plain_run >= self.retry_after:  # nothing pays on what was measured: probe the longest rested
-            rested = [d for d in self.drafters.values() if self._could_pay(d, plain, MARGIN)]
-            if rested:
-                self.retry_after *= 2
-                return self._probe(max(rested, key=lambda d: d.idle).block, 1)
+        rivals = [d for d in self.drafters.values() if d.block != choice[0] and self._could_pay(d, plain, best)]
+        if rivals and self.since_probe >= self.retry_after:  # probe the one rested longest
+            self.retry_after *= 2
+            return self._probe(max(rivals, key=lambda d: d.idle).block, 1)
         return choice
 
     def _probe(self, block: int, drafts: int) -> tuple[int, int]:
@@ -136,9 +133,10 @@ class DraftChooser:
         self.rounds[name] = self.rounds.get(name, 0) + 1
         for drafter in self.drafters.values():
             drafter.idle += 1
-        won = self.probing == (block, drafts) and all(n == drafts for n in accepted) and drafts < self.longest
+        probed = self.probing == (block, drafts)
+        won = probed and all(n == drafts for n in accepted) and drafts < self.longest
         self.extend, self.probing = ((block, drafts) if won else None), None
-        self.plain_run = self.plain_run + 1 if block is None else 0
+        self.since_probe = 0 if probed else self.since_probe + 1
         if block is None:
             return
         drafter = self.drafters[block]

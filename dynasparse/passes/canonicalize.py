@@ -61,6 +61,20 @@ def _remove_dead_code(gm: torch.fx.GraphModule) -> None:
             gm.graph.erase_node(node)
 
 
+def _drop_runtime_checks(gm: torch.fx.GraphModule) -> None:
+    """Export's dtype asserts, and casts to the dtype a value already has (an fp32 model's RMSNorm casts to
+    fp32 and back): each is an op call per layer and step that computes nothing, which an eager decode step
+    of a small model pays in Python."""
+    for node in list(gm.graph.nodes):
+        if node.target is aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+        elif is_call(node, aten.to.dtype) and len(node.args) == 2 and not node.kwargs \
+                and isinstance(node.args[0], Node) and isinstance(fake(node.args[0]), torch.Tensor) \
+                and fake(node.args[0]).dtype == node.args[1]:
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+
+
 def _is_identity_slice(node: Node) -> bool:
     args = bound_args(node)
     return args.get("start") in (None, 0) and args.get("step", 1) == 1 and (
@@ -169,6 +183,7 @@ class CanonicalizePass:
             elif self.config.handwritten and is_call(node, *_SOFTMAX) and _softmax_dim_is_last(node):
                 self._rewrite_handwritten(gm, node, result)
         _remove_dead_code(gm)
+        _drop_runtime_checks(gm)
         gm.graph.lint()
         gm.recompile()
         return result

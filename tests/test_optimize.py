@@ -93,6 +93,21 @@ def test_half_precision_model():
         entry.model.float()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_keeps_real_casts_and_drops_no_op_ones(dtype):
+    """An fp32 RMSNorm's casts to fp32 and export's dtype asserts compute nothing and go; bf16's casts stay."""
+    entry = load("llama-tiny")
+    try:
+        graph = dynasparse.optimize(entry.model.to(dtype), [], example_kwargs=entry.make_inputs(2, 8)).graph_module.graph
+        assert all(node.target is not torch.ops.aten._assert_tensor_metadata.default for node in graph.nodes)
+        casts = [(node.args[0].meta["val"].dtype, node.args[1]) for node in graph.nodes
+                 if node.target is torch.ops.aten.to.dtype]
+        assert all(source != target for source, target in casts)
+        assert ((torch.bfloat16, torch.float32) in casts) == (dtype == torch.bfloat16)  # RMSNorm's upcast
+    finally:
+        entry.model.float()
+
+
 def test_report_is_readable():
     text = str(optimized("minilm").report)
     assert "6 attention sites, 6 blocks" in text

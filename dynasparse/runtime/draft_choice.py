@@ -20,9 +20,8 @@ A drafter that could beat the current choice were its drafts accepted is probed 
 ``RETRY_AFTER`` rounds after the last probe, then twice as long after each; a probe whose drafts are all
 accepted is followed by one twice as long. So one unlucky first round does not rule a good drafter out for
 the whole generation (a few accepted probes win it back), and drafters that never pay cost a probe now and
-then. The first timing of each pass kind
-is provisional (the next one replaces it rather than averaging with it): under ``torch.compile`` it includes
-compiling the graph.
+then. The first timing of each pass kind is provisional (the next one replaces it rather than averaging
+with it): under ``torch.compile`` it includes compiling the graph.
 """
 from __future__ import annotations
 

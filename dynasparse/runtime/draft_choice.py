@@ -59,7 +59,7 @@ class Drafter:
     accepted: float = 0.0  # drafts the full model agreed with, per round (rows averaged), decayed
     rejected: float = 0.0  # rounds that ended at a rejected draft (rows averaged), decayed
     step_seconds: float | None = None  # one draft step, running average
-    idle: int = 0  # rounds since this drafter last drafted
+    last_round: int = -1  # the round it last drafted in
 
     @property
     def tried(self) -> bool:
@@ -86,7 +86,7 @@ class DraftChooser:
     provisional: set = field(init=False, default_factory=set)  # pass kinds timed once: the next replaces it
     plain_seconds: list[float] = field(init=False, default_factory=list)  # every timed plain step
     rounds: dict[str, int] = field(init=False, default_factory=dict)  # "plain" or "blocks 0..i" -> rounds
-    since_probe: int = field(init=False, default=0)  # rounds since the last probe
+    last_probe: int = field(init=False, default=0)  # the round of the last probe
     retry_after: int = field(init=False, default=RETRY_AFTER)  # rounds from the last probe to the next
     probing: tuple[int, int] | None = field(init=False, default=None)  # the probe this round runs
     extend: tuple[int, int] | None = field(init=False, default=None)  # a probe that won: try it longer
@@ -112,9 +112,9 @@ class DraftChooser:
             if not drafter.tried and self._could_pay(drafter, plain, best):
                 return self._probe(drafter.block, 1)
         rivals = [d for d in self.drafters.values() if d.block != choice[0] and self._could_pay(d, plain, best)]
-        if rivals and self.since_probe >= self.retry_after:  # probe the one rested longest
+        if rivals and self._round - self.last_probe >= self.retry_after:  # probe the one rested longest
             self.retry_after *= 2
-            return self._probe(max(rivals, key=lambda d: d.idle).block, 1)
+            return self._probe(min(rivals, key=lambda d: d.last_round).block, 1)
         return choice
 
     def _probe(self, block: int, drafts: int) -> tuple[int, int]:
@@ -130,20 +130,24 @@ class DraftChooser:
             self.plain_seconds.append(verify_seconds)
         name = "plain" if block is None else f"blocks 0..{block}"
         self.rounds[name] = self.rounds.get(name, 0) + 1
-        for drafter in self.drafters.values():
-            drafter.idle += 1
         probed = self.probing == (block, drafts)
         won = probed and all(n == drafts for n in accepted) and drafts < self.longest
         self.extend, self.probing = ((block, drafts) if won else None), None
-        self.since_probe = 0 if probed else self.since_probe + 1
+        if probed:
+            self.last_probe = self._round
         if block is None:
             return
         drafter = self.drafters[block]
-        drafter.idle = 0
+        drafter.last_round = self._round
         drafter.step_seconds = self._timing(("draft", block), drafter.step_seconds, draft_seconds / drafts)
         rows = max(len(accepted), 1)
         drafter.accepted = DECAY * drafter.accepted + sum(accepted) / rows
         drafter.rejected = DECAY * drafter.rejected + sum(n < drafts for n in accepted) / rows
+
+    @property
+    def _round(self) -> int:
+        """Rounds recorded so far."""
+        return sum(self.rounds.values())
 
     def _timing(self, kind: tuple, old: float | None, new: float) -> float:
         """The running average of a pass kind's seconds, its first timing replaced by the second."""

@@ -48,13 +48,11 @@ def _sole_user(node: Node) -> Node:
 
 
 def _remove_dead_code(gm: torch.fx.GraphModule) -> None:
-    """DCE that also drops what FX keeps as impure: export's dtype asserts on rewritten-away values and
-    unused dropouts (random ops to FX, but the identity at inference)."""
+    """DCE that also drops unused dropouts (random ops to FX, but the identity at inference); export's dtype
+    asserts are gone by now (``_drop_runtime_checks``)."""
     while True:
         gm.graph.eliminate_dead_code()
-        orphans = [n for n in gm.graph.nodes if not n.users and (
-            is_call(n, *_DROPOUT) or (n.target is aten._assert_tensor_metadata.default
-                                      and not _real_users(n.args[0])))]
+        orphans = [n for n in gm.graph.nodes if not n.users and is_call(n, *_DROPOUT)]
         if not orphans:
             return
         for node in orphans:
@@ -182,8 +180,8 @@ class CanonicalizePass:
                 self._rewrite_sdpa(gm, node, result)
             elif self.config.handwritten and is_call(node, *_SOFTMAX) and _softmax_dim_is_last(node):
                 self._rewrite_handwritten(gm, node, result)
-        _remove_dead_code(gm)
         _drop_runtime_checks(gm)
+        _remove_dead_code(gm)
         gm.graph.lint()
         gm.recompile()
         return result

@@ -1,7 +1,7 @@
 """The per-round choice of self-speculative decoding: a cost model over measured timings and acceptance."""
 import pytest
 
-from dynasparse.runtime.draft_choice import DraftChooser, default_blocks, expected_tokens
+from dynasparse.runtime.draft_choice import RETRY_AFTER, DraftChooser, default_blocks, expected_tokens
 
 
 @pytest.mark.parametrize("depth, blocks", [(1, ()), (2, (0,)), (3, (0, 1)), (4, (0, 1)), (30, (7, 14))])
@@ -32,7 +32,7 @@ def _chooser(verify_per_token: float, acceptance: float, rounds: int = 30) -> Dr
 def test_plain_decoding_when_drafts_are_rejected():
     chooser = _chooser(verify_per_token=0.1, acceptance=0.0)
     assert chooser.choose() == (None, 0)
-    assert chooser.rounds["plain"] >= 26  # one try per drafter, one probe after RETRY_AFTER rounds, then plain
+    assert chooser.rounds["plain"] >= 26  # one try per drafter, a probe after a rest that doubles, then plain
 
 
 def test_probes_of_a_drafter_that_never_pays_grow_rare():
@@ -51,6 +51,22 @@ def test_an_unlucky_first_round_does_not_rule_a_good_drafter_out():
             chooser.record(block, k, k * 0.25, 1 + 0.05 * k, [0 if round_ < 3 else k] * 4)
     assert chooser.choose()[0] == 0
     assert chooser.rounds["blocks 0..0"] >= 20
+
+
+def test_a_good_drafter_rejected_once_is_probed_again_soon():
+    """A rejected round early on (the start of a generation is harder to draft) sends the chooser back to
+    plain steps; the next probe comes 2 * RETRY_AFTER rounds later (the rest doubled once, for the rejected
+    round), not after a rest that has grown with every probe so far, so most of 40 rounds draft."""
+    chooser = DraftChooser((0,), depth=4, longest=8)
+    for round_ in range(40):
+        block, k = chooser.choose()
+        if block is None:
+            chooser.record(None, 0, 0.0, 1.0, [0] * 4)
+        else:  # the second draft round is rejected, every other one accepted
+            chooser.record(block, k, k * 0.4, 1.4 + 0.08 * k, [0 if round_ == 3 else k] * 4)
+    assert chooser.rounds["plain"] <= 2 + 2 * RETRY_AFTER
+    assert chooser.rounds["blocks 0..0"] >= 20
+    assert chooser.choose()[0] == 0
 
 
 def test_plain_decoding_when_verifying_costs_a_step_per_token():

@@ -17,11 +17,11 @@ of the measured ones). So on a model whose early blocks do not predict its outpu
 two rounds are lost before it decodes plainly; on one trained for early exit, the shallow drafter that
 keeps being accepted wins. Evidence is per round (rows averaged) and older rounds weigh a little less.
 A drafter that could beat the current choice were its drafts accepted is probed with one draft
-``RETRY_AFTER`` rounds after the last probe, then twice as long after each; a probe whose drafts are all
-accepted is followed by one twice as long. So one unlucky first round does not rule a good drafter out for
-the whole generation (a few accepted probes win it back), and drafters that never pay cost a probe now and
-then. The first timing of each pass kind is provisional (the next one replaces it rather than averaging
-with it): under ``torch.compile`` it includes compiling the graph.
+``RETRY_AFTER`` rounds after the last probe; the rest doubles after each rejected probe and starts over after
+an accepted one, and a probe whose drafts are all accepted is followed by one twice as long. So an unlucky
+round does not rule a good drafter out for long (accepted probes soon win it back), and drafters that never
+pay cost a probe ever more rarely. The first timing of each pass kind is provisional (the next one
+replaces it rather than averaging with it): under ``torch.compile`` it includes compiling the graph.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ MARGIN = 1.05  # drafting must be expected this much faster than plain decoding:
 PLAIN_SAMPLES = 2  # the reference is the faster of the last this many plain steps (the first runs cold)
 SMOOTHING = 0.3  # weight of a new timing in its running average
 DECAY = 0.95  # a drafter's acceptance evidence weighs this much less with each later round of it
-RETRY_AFTER = 32  # rounds from one probe to the next; doubles after each
+RETRY_AFTER = 8  # rounds from one probe to the next; doubles after each rejected probe
 
 
 def default_blocks(depth: int) -> tuple[int, ...]:
@@ -113,7 +113,6 @@ class DraftChooser:
                 return self._probe(drafter.block, 1)
         rivals = [d for d in self.drafters.values() if d.block != choice[0] and self._could_pay(d, plain, best)]
         if rivals and self._round - self.last_probe >= self.retry_after:  # probe the one rested longest
-            self.retry_after *= 2
             return self._probe(min(rivals, key=lambda d: d.last_round).block, 1)
         return choice
 
@@ -131,10 +130,12 @@ class DraftChooser:
         name = "plain" if block is None else f"blocks 0..{block}"
         self.rounds[name] = self.rounds.get(name, 0) + 1
         probed = self.probing == (block, drafts)
-        won = probed and all(n == drafts for n in accepted) and drafts < self.longest
+        every_draft_accepted = all(n == drafts for n in accepted)
+        won = probed and every_draft_accepted and drafts < self.longest
         self.extend, self.probing = ((block, drafts) if won else None), None
         if probed:
             self.last_probe = self._round
+            self.retry_after = RETRY_AFTER if every_draft_accepted else 2 * self.retry_after
         if block is None:
             return
         drafter = self.drafters[block]

@@ -10,6 +10,8 @@
    drafter, whether the output equals plain greedy), and vs per-token exits (CALM thresholds, SkipDecode's
    schedule, learned gates of JEI-DNN; tokens/s, blocks per token, share of tokens equal to plain greedy);
    ``--sizes smollm2``: the chooser on SmolLM2, which was not trained for early exit (it must not lose).
+   Each size runs at batch 1 and 4 (``--lm-batch``): a verify pass costs more, against a plain step, the
+   more rows it reads.
 
     python benchmarks/early_exit.py [--quick] [--parts classifier decoder]
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import statistics
 import sys
 import time
@@ -183,10 +186,12 @@ def _decoder(size: str, batch: int, prompt_len: int) -> tuple[torch.nn.Module, t
     return bytelm.load_or_train(size), torch.stack([tokens[i * 4096:i * 4096 + prompt_len] for i in range(batch)])
 
 
-def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, new_tokens: int,
+def decoder_part(draft_blocks: list[int], thresholds: list[float], batches: list[int], new_tokens: int,
                  prompt_len: int, repeats: int, sizes: list[str], learned_targets: list[float]) -> str:
+    """Every size at every batch: a verify pass reads batch x (drafts + 1) tokens, so where a step's cost is
+    per-call overhead (batch 1) it costs little more than a plain step, and at larger batches it is compute."""
     rows, data = [], {}
-    for size in sizes:
+    for size, batch in itertools.product(sizes, batches):
         model, prompts = _decoder(size, batch, prompt_len)
         settings = [("drafter and length chosen per round", ExitGateConfig(mode="draft"))]
         settings += [(f"draft with blocks 0..{block}", ExitGateConfig(after_blocks=(block,), mode="draft"))
@@ -202,29 +207,29 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batch: int, n
                         repeats=repeats, measure_memory=False)
         plain = last["plain greedy"]
         base = timed[0].metrics["tokens_per_s"]
-        rows.append([size, "plain greedy", "—", f"{base:.1f}", "1.00x", "—"])
-        data[f"{size} plain"] = {"tokens_per_s": base}
+        rows.append([size, batch, "plain greedy", "—", f"{base:.1f}", "1.00x", "—"])
+        data[f"{size} batch {batch} plain"] = {"tokens_per_s": base}
         for (name, config), row in zip(settings, timed[1:]):
             out, speed = last[name], row.metrics["tokens_per_s"]
             entry = {"tokens_per_s": speed, "speedup": speed / base}
             if config.mode == "draft":
                 same = torch.equal(out.sequences, plain.sequences)
                 chosen = ", ".join(f"{what} {n}" for what, n in sorted(out.stats.draft_rounds.items()))
-                rows.append([size, f"{name} (rounds: {chosen})", f"{out.stats.acceptance:.0%}", f"{speed:.1f}",
-                             f"{speed / base:.2f}x", "yes" if same else "NO"])
+                rows.append([size, batch, f"{name} (rounds: {chosen})", f"{out.stats.acceptance:.0%}",
+                             f"{speed:.1f}", f"{speed / base:.2f}x", "yes" if same else "NO"])
                 entry.update(acceptance=out.stats.acceptance, equal_to_greedy=same, draft_rounds=out.stats.draft_rounds)
             else:
                 same = float((out.sequences == plain.sequences)[:, prompt_len:].float().mean())
-                rows.append([size, f"{name} ({out.stats.blocks_per_token:.2f} blocks/token)", "—", f"{speed:.1f}",
-                             f"{speed / base:.2f}x", f"{same:.0%} of tokens"])
+                rows.append([size, batch, f"{name} ({out.stats.blocks_per_token:.2f} blocks/token)", "—",
+                             f"{speed:.1f}", f"{speed / base:.2f}x", f"{same:.0%} of tokens"])
                 entry.update(blocks_per_token=out.stats.blocks_per_token, tokens_equal_to_greedy=same)
-            data[f"{size} {name}"] = entry
+            data[f"{size} batch {batch} {name}"] = entry
             print(rows[-1], flush=True)
-    title = (f"Self-speculative greedy decoding, byte LM (4 blocks, d=256) or SmolLM2-135M-Instruct, batch {batch}, "
+    title = (f"Self-speculative greedy decoding, byte LM (4 blocks, d=256) or SmolLM2-135M-Instruct, "
              f"{prompt_len}-byte held-out prompts (SmolLM2: {prompt_len} tokens of inspect.py), {new_tokens} new "
              f"bytes or tokens, CPU ({torch.get_num_threads()} threads), median of "
              f"{repeats} runs, every row timed interleaved with the others")
-    markdown = f"# {title}\n\n" + table(["model", "decoding", "drafts accepted", "tokens/s", "speedup",
+    markdown = f"# {title}\n\n" + table(["model", "batch", "decoding", "drafts accepted", "tokens/s", "speedup",
                                          "equals plain greedy"], rows, markdown=True)
     return _save("early_exit_decoder", markdown, {"title": title, "results": data})
 
@@ -240,7 +245,8 @@ def main() -> None:
     parser.add_argument("--token-thresholds", type=float, nargs="+", default=[0.3, 0.6, 0.9])
     parser.add_argument("--learned-targets", type=float, nargs="+", default=[0.05, 0.2],
                         help="learned per-token exits: the share of predictions fit may let them change")
-    parser.add_argument("--lm-batch", type=int, default=4)
+    parser.add_argument("--lm-batch", type=int, nargs="+", default=[1, 4],
+                        help="decoder batches (each size runs at each)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--sizes", nargs="+", default=["small-exit", "small"],

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import itertools
 import statistics
 import sys
 import time
@@ -191,8 +190,9 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batches: list
     """Every size at every batch: a verify pass reads batch x (drafts + 1) tokens, so where a step's cost is
     per-call overhead (batch 1) it costs little more than a plain step, and at larger batches it is compute."""
     rows, data = [], {}
-    for size, batch in itertools.product(sizes, batches):
-        model, prompts = _decoder(size, batch, prompt_len)
+    runs = []  # (size, batch, model, prompts, settings): each model loaded, and its gates fitted, once
+    for size in sizes:
+        model, every_prompt = _decoder(size, max(batches), prompt_len)  # a smaller batch takes the first rows
         settings = [("drafter and length chosen per round", ExitGateConfig(mode="draft"))]
         settings += [(f"draft with blocks 0..{block}", ExitGateConfig(after_blocks=(block,), mode="draft"))
                      for block in draft_blocks if size != "smollm2"]
@@ -201,6 +201,8 @@ def decoder_part(draft_blocks: list[int], thresholds: list[float], batches: list
             settings.append(("SkipDecode schedule 4 → 2 blocks", ExitGateConfig(decode_schedule=(4, 2))))
             settings += [(f"per-token exit, learned gates (changed <= {q:.0%} when fitted)", _learned_exits(model, q))
                          for q in learned_targets]
+        runs += [(size, batch, model, every_prompt[:batch], settings) for batch in batches]
+    for size, batch, model, prompts, settings in runs:
         last: dict = {}
         cases = [_generation(name, model, prompts, new_tokens, config, last) for name, config in settings]
         timed = compare(_generation("plain greedy", model, prompts, new_tokens, None, last), cases, warmup=1,

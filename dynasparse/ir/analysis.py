@@ -6,11 +6,13 @@ answered here from the graph itself (export's module stack and fake values), nev
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import networkx as nx
 import torch
 from torch.fx import Node
 
+from dynasparse.errors import DynasparseError
 from dynasparse.ir.nodes import aten, block_path, bound_args, fake, hint, is_call, layer_index, module_paths
 from dynasparse.ir.ops import ATTENTION, BLOCK_SPARSE_ATTENTION
 
@@ -80,6 +82,60 @@ class GraphAnalysis:
 
     def site_for_layer(self, layer: int) -> AttentionSite | None:
         return next((s for s in self.sites if s.layer == layer), None)
+
+
+MLP_NAMES = ("mlp", "feed_forward", "ffn")  # a block's MLP module, as Llama / Qwen2 / Mistral / GPT-2 name it
+
+
+@dataclass
+class MLPSite:
+    """A block's MLP: its nodes in graph order (calls inside the MLP module), the one tensor it reads and
+    the one it leaves."""
+
+    members: list[Node]
+    input: Node
+    output: Node
+
+
+def find_mlp(gm: torch.fx.GraphModule, block_module: str) -> MLPSite | str:
+    """The MLP of the block at ``block_module``, or why the block has none that a pass can rewrite whole."""
+    paths = {f"{block_module}.{name}" for name in MLP_NAMES}
+    members = [n for n in gm.graph.nodes if n.op in ("call_function", "call_module") and paths & set(module_paths(n))]
+    if not members:
+        return f"no MLP module ({' / '.join(MLP_NAMES)}) in this block"
+    inside = set(members)
+    inputs = {a for n in members for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+    tensors = [a for a in inputs if isinstance(fake(a), torch.Tensor)]
+    outputs = [n for n in members if any(u not in inside for u in n.users)]
+    if len(tensors) != 1 or len(outputs) != 1:
+        return f"the MLP reads {len(tensors)} tensors and leaves {len(outputs)} (a rewrite needs one of each)"
+    (x,), (y,) = tensors, outputs
+    if fake(y) is None or fake(x).shape != fake(y).shape:
+        return "the MLP changes the width of the stream"
+    sizes = {str(size) for size in fake(x).shape}
+    unknown = [a.name for a in inputs if a is not x and str(a.meta.get("val")) not in sizes]
+    if unknown:
+        return f"the MLP reads sizes that are not its input's ({', '.join(unknown)})"
+    return MLPSite(members, x, y)
+
+
+def block_mlps(gm: torch.fx.GraphModule, analysis: GraphAnalysis, wanted: Callable[[int], bool], technique: str
+               ) -> tuple[dict[int, tuple[str, MLPSite]], dict[str, str]]:
+    """The MLP of every ``wanted`` block, labelled for a pass report ({block: (label, site)}), and why each
+    other wanted block has none ({label: reason})."""
+    if not analysis.blocks:
+        raise DynasparseError(f"{technique} needs the model's block structure (indexed layers such as layers.0); "
+                              "none was found in this graph")
+    found, missing = {}, {}
+    for block in analysis.blocks:
+        if wanted(block.index):
+            label = f"MLP of block {block.index} ({block.module})"
+            site = find_mlp(gm, block.module)
+            if isinstance(site, str):
+                missing[label] = site
+            else:
+                found[block.index] = (label, site)
+    return found, missing
 
 
 def to_networkx(gm: torch.fx.GraphModule) -> nx.DiGraph:

@@ -18,16 +18,13 @@ from torch.fx import Node
 
 from dynasparse.config import BaseConfig, config_type
 from dynasparse.errors import DynasparseError
-from dynasparse.ir.analysis import GraphAnalysis
-from dynasparse.ir.nodes import copy_meta, fake, module_paths
+from dynasparse.ir.analysis import GraphAnalysis, block_mlps
+from dynasparse.ir.nodes import copy_meta, fake
 from dynasparse.ir.ops import TOKEN_ROUTE
 from dynasparse.kernels.mlp_skip import KEEP_ALL, adapter, routed, router_logits
 from dynasparse.passes.fitted import load_fitted, save_fitted
 from dynasparse.plans import MLP_SKIP_META, MLPSkipPlan
 from dynasparse.registry import PassResult
-
-MLP_NAMES = ("mlp", "feed_forward", "ffn")  # a block's MLP module, as Llama / Qwen2 / Mistral / GPT-2 name it
-
 
 @config_type
 @dataclasses.dataclass
@@ -105,29 +102,7 @@ class MLPSkipPass:
     def __init__(self, config: MLPSkipConfig):
         self.config = config
 
-    # -- find sites -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _site(gm: torch.fx.GraphModule, block_module: str) -> tuple[list[Node], Node, Node] | str:
-        """(the MLP's nodes in order, its one input, its one output), or why the block has none."""
-        paths = [f"{block_module}.{name}" for name in MLP_NAMES]
-        members = [n for n in gm.graph.nodes if n.op == "call_function" and set(paths) & set(module_paths(n))]
-        if not members:
-            return f"no MLP module ({' / '.join(MLP_NAMES)}) in this block"
-        inside = set(members)
-        inputs = {a for n in members for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
-        tensors = [a for a in inputs if isinstance(fake(a), torch.Tensor)]
-        outputs = [n for n in members if any(u not in inside for u in n.users)]
-        if len(tensors) != 1 or len(outputs) != 1:
-            return f"the MLP reads {len(tensors)} tensors and leaves {len(outputs)} (routing needs one of each)"
-        (x,), (y,) = tensors, outputs
-        if fake(y) is None or fake(x).shape != fake(y).shape:
-            return "the MLP changes the width of the stream (the adapter maps a width to itself)"
-        sizes = {str(size): dim for dim, size in enumerate(fake(x).shape)}
-        unknown = [a.name for a in inputs if a is not x and str(a.meta.get("val")) not in sizes]
-        if unknown:
-            return f"the MLP reads sizes that are not its input's ({', '.join(unknown)})"
-        return members, x, y
-
+    # -- find sites: ir.analysis.block_mlps ------------------------------------------------------------------
     @staticmethod
     def _size_of(x: Node, placeholder: Node, size: Node, graph: torch.fx.Graph) -> Node:
         """``size`` (a symbolic size the MLP reads, e.g. the batch) as the matching dimension of its input:
@@ -138,19 +113,10 @@ class MLPSkipPass:
     # -- rewrite ----------------------------------------------------------------------------------------------
     def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
         result = PassResult(self.name)
-        if not analysis.blocks:
-            raise DynasparseError("MLP skipping needs the model's block structure (indexed layers such as "
-                                  "layers.0); none was found in this graph")
+        sites, result.left_dense = block_mlps(gm, analysis, self.config.applies_to, "MLP skipping")
         plan = MLPSkipPlan(self.config, {})
-        for block in analysis.blocks:
-            if not self.config.applies_to(block.index):
-                continue
-            label = f"MLP of block {block.index} ({block.module})"
-            site = self._site(gm, block.module)
-            if isinstance(site, str):
-                result.left_dense[label] = site
-                continue
-            plan.modules[block.index] = self._route(gm, block.index, *site)
+        for block, (label, site) in sites.items():
+            plan.modules[block] = self._route(gm, block, site.members, site.input, site.output)
             result.applied.append(label)
         if not plan.modules:
             raise DynasparseError("no MLP could be routed: " + "; ".join(f"{k}: {v}" for k, v in

@@ -1,8 +1,10 @@
 """``dynasparse.fit``: train the gates a config inserted, on a frozen model, by distillation from it.
 
-Two kinds of gates train here. MLP routers (``MLPSkipConfig``) are described below. Learned exit gates
+Three kinds of gates fit here. MLP routers (``MLPSkipConfig``) are described below. Learned exit gates
 (``ExitGateConfig(criterion="learned")``, JEI-DNN) learn from one pass of the model over the data whether
-each exit's prediction equals the full model's (``passes.exit_learning``).
+each exit's prediction equals the full model's (``passes.exit_learning``). MLP width thresholds
+(``MLPWidthConfig``, TEAL) are set from the magnitudes the data gives each matmul input, for the target
+share of multiply-adds, split between input and inner matmuls as keeps the KL smallest (``passes.mlp_width``).
 
 Only the gates' own parameters train (``RoutedMLP``'s router and adapter); the model's weights are neither
 touched nor copied: they are frozen for the run and their ``requires_grad`` flags restored after. The
@@ -29,6 +31,7 @@ from dynasparse.errors import DynasparseError
 from dynasparse.ir.ops import TOKEN_ROUTE
 from dynasparse.passes.exit_learning import fit_learned_gates, learned_plan, save_learned_gates
 from dynasparse.passes.mlp_skip import RoutedMLP, routed_mlps, save_mlp_gates
+from dynasparse.passes.mlp_width import fit_widths, save_widths, width_plan
 from dynasparse.plans import MLP_SKIP_META
 from dynasparse.runtime.steps import logits_of
 
@@ -38,7 +41,9 @@ class FitReport:
     """What a fit did. MLP routers: the training loss per step, and on held-out rows the KL from the teacher
     and the share of tokens each routed block skips (decisions as inference takes them). Learned exits, on
     held-out positions: ``exits`` (the share of predictions the exits change, the share that exit early,
-    blocks run, the thresholds, each gate's accuracy at telling whether its prediction is the final one)."""
+    blocks run, the thresholds, each gate's accuracy at telling whether its prediction is the final one).
+    MLP width: ``skipped`` is the share of each block's MLP multiply-adds skipped on held-out rows, and
+    ``splits`` the KL on training rows of each inner / input sparsity ratio tried (``steps`` is 0)."""
 
     steps: int
     seconds: float
@@ -46,6 +51,7 @@ class FitReport:
     held_out_kl: float = 0.0
     skipped: dict[str, float] = field(default_factory=dict)  # routed module -> share of held-out tokens skipped
     exits: dict = field(default_factory=dict)
+    splits: dict[float, float] = field(default_factory=dict)
 
     @property
     def skipped_total(self) -> float:
@@ -59,7 +65,7 @@ def _optimized(model: OptimizedModel) -> OptimizedModel:
     if not isinstance(model, OptimizedModel):
         raise DynasparseError(f"fit trains the gates dynasparse.optimize inserted; got {type(model).__name__}. "
                               "Call dynasparse.optimize(model, MLPSkipConfig(...) or ExitGateConfig(criterion="
-                              "'learned')) first and fit its result")
+                              "'learned') or MLPWidthConfig(...)) first and fit its result")
     return model
 
 
@@ -94,15 +100,17 @@ def fit(model: OptimizedModel, data: torch.Tensor, *, steps: int = 200, batch_si
     not ask for). Deterministic under ``seed``. ``save``: write the fitted parameters there (safetensors; the
     JSON goes beside it); ``MLPSkipConfig(fitted=...)`` / ``ExitGateConfig(fitted=...)`` load them.
     """
-    routers, exits = _gates(model), learned_plan(model.graph_module)
-    if not routers and exits is None:
+    routers, exits, widths = _gates(model), learned_plan(model.graph_module), width_plan(model.graph_module)
+    kinds = [name for name, plan in (("MLP routers", routers), ("learned exits", exits), ("MLP widths", widths))
+             if plan]
+    if not kinds:
         raise DynasparseError("this model has no trainable gates: optimize it with a config that inserts them "
-                              "(MLPSkipConfig, or ExitGateConfig(criterion='learned'))")
-    if routers and exits is not None and save is not None:
-        raise DynasparseError("fit(save=...) writes one kind of gate per file and this model has MLP routers and "
-                              "learned exits: fit and save them on models optimized with one config each")
+                              "(MLPSkipConfig, MLPWidthConfig, or ExitGateConfig(criterion='learned'))")
+    if len(kinds) > 1 and save is not None:
+        raise DynasparseError(f"fit(save=...) writes one kind of gate per file and this model has {' and '.join(kinds)}"
+                              ": fit and save them on models optimized with one config each")
     ids = isinstance(data, torch.Tensor)
-    if routers or ids:
+    if routers or widths or ids:
         _check_ids(data)
     count = data.shape[0] if ids else len(data)
     n_held = max(1, math.ceil(held_out * count))
@@ -118,19 +126,22 @@ def fit(model: OptimizedModel, data: torch.Tensor, *, steps: int = 200, batch_si
     if routers:
         _fit_routers(model, routers, train, held, report, steps=steps, batch_size=batch_size, lr=lr,
                      penalty=penalty, seed=seed, progress=progress)
+    if widths:
+        report.held_out_kl, report.skipped, report.splits = fit_widths(
+            model.graph_module, widths, lambda rows: _forward(model, rows), _distill_loss, train, held, batch_size)
     if exits is not None:
         report.exits = fit_learned_gates(model.graph_module, exits, _batches(train, batch_size),
                                          _batches(held, batch_size))
     report.seconds = time.perf_counter() - begin
     if save is not None:
-        (save_mlp_gates if routers else save_learned_gates)(model.graph_module, save)
+        (save_mlp_gates if routers else save_widths if widths else save_learned_gates)(model.graph_module, save)
     return report
 
 
 def _check_ids(data) -> None:
     if not isinstance(data, torch.Tensor) or data.dim() != 2 or data.dtype not in (torch.long, torch.int):
         shape = f"{tuple(data.shape)} {data.dtype}" if isinstance(data, torch.Tensor) else type(data).__name__
-        raise DynasparseError(f"fit takes token ids [rows, tokens] (int64) for MLP routers, got {shape}")
+        raise DynasparseError(f"fit takes token ids [rows, tokens] (int64) for MLP routers and widths, got {shape}")
 
 
 def _batches(data, batch_size: int) -> list:

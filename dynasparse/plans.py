@@ -14,6 +14,7 @@ from dynasparse.kernels import kv_cache, kv_tier
 CACHE_META = "dynasparse_kv_cache"  # a CachePlan: the KV pass gave every attention site a bounded cache
 EXIT_META = "dynasparse_exit"  # an ExitPlan: exit gates after blocks
 MLP_SKIP_META = "dynasparse_mlp_skip"  # an MLPSkipPlan: routers in front of blocks' MLPs
+MLP_WIDTH_META = "dynasparse_mlp_width"  # an MLPWidthPlan: thresholds in front of the matmuls of blocks' MLPs
 DELAYED_KV_META = "dynasparse_delayed_kv"  # a DelayedKVPlan: a diffusion LM's blocks run on the active tokens
 MERGE_GATE = "dynasparse.merge_gate"  # a MergeGate when TokenMergeConfig.dense_below is set
 TIMESTEP_BANDS = "dynasparse.timestep_bands"  # TimestepBands when TokenMergeConfig.timestep_schedule is set
@@ -142,6 +143,26 @@ class MLPSkipPlan:
 
     config: BaseConfig
     modules: dict[int, str]
+
+
+@dataclass(frozen=True)
+class WidthSite:
+    """One thresholded matmul input of a block's MLP: the ``ChannelThreshold`` submodule, the multiply-adds
+    per token a zeroed channel skips (the output widths of the matmuls reading it) over the channel count,
+    and its depth (0: reads the MLP's input; 1: an inner activation, after a matmul)."""
+
+    module: str
+    macs_per_channel: int
+    channels: int
+    depth: int
+
+
+@dataclass
+class MLPWidthPlan:
+    """Per-token MLP width: the config, and each thresholded block's sites."""
+
+    config: BaseConfig
+    blocks: dict[int, list[WidthSite]]
 
 
 @dataclass

@@ -30,7 +30,8 @@ class Stage(enum.IntEnum):
     """Where a pass rewrites; passes run in this order."""
 
     TOKENS = 10  # the residual stream of encoder blocks: which tokens the blocks carry (token merging)
-    MLP = 15  # inside blocks: which tokens run a block's MLP (MLP skipping)
+    MLP_CHANNELS = 14  # inside blocks' MLPs: which input channels each token's matmuls read (MLP width)
+    MLP = 15  # inside blocks: which tokens run a block's MLP (MLP skipping), thresholds and all
     ATTENTION = 20  # attention sites: which keys each query reads (sparse attention)
     EXITS = 30  # the head, read after earlier blocks, on the stream the rewrites above left (exit gates)
     CACHE = 40  # a decode cache around every attention site the graph finally has, dense or sparse, in the

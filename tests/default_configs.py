@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import transformers as hf
 
-from dynasparse import DelayedKVConfig, ExitGateConfig, KVEvictionConfig, MLPSkipConfig, SparseAttentionConfig, TokenMergeConfig
+from dynasparse import (DelayedKVConfig, ExitGateConfig, KVEvictionConfig, MLPSkipConfig, MLPWidthConfig,
+                        SparseAttentionConfig, TokenMergeConfig)
 from dynasparse.config import BaseConfig
 from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.policies import POLICIES
@@ -43,9 +44,10 @@ HEAD_SCORES = str(Path(__file__).parent / "data" / "llama_tiny_heads.json")  # r
 
 
 MLP_GATES = str(Path(__file__).parent / "data" / "llama_tiny_mlp_skip.safetensors")  # dynasparse.fit on llama()
+MLP_WIDTHS = str(Path(__file__).parent / "data" / "llama_tiny_mlp_width.safetensors")
 # learned exit gates fitted by dynasparse.fit (random tokens, a 20% / 30% quality target) on bert() / llama(),
-# and MLP routers fitted for half the token-work; `python tests/data/make_fitted_gates.py` (from the repo root)
-# writes them again
+# MLP routers fitted for half the token-work and MLP width thresholds for half the multiply-adds;
+# `python tests/data/make_fitted_gates.py` (from the repo root) writes them again
 ENCODER_EXIT_GATES = str(Path(__file__).parent / "data" / "bert_tiny_exit_learned.safetensors")
 EXIT_GATES = str(Path(__file__).parent / "data" / "llama_tiny_exit_learned.safetensors")
 
@@ -79,6 +81,11 @@ DEFAULTS = [
             _kv("kvzip", 10_000, tier_bits=4, tier_group=8, reread_prefix=REPEAT), exports=False),
     # routers fitted to skip about half the MLP token-work; unfitted, they keep every token
     Default("mlp-skip", "decoder", MLPSkipConfig(target_skip=0.5, fitted=MLP_GATES), MLPSkipConfig(target_skip=0.5)),
+    # thresholds fitted to skip half the MLP multiply-adds, inside row-sparse matmuls or before the model's
+    # dense ones; unfitted, every channel is kept
+    Default("mlp-width", "decoder", MLPWidthConfig(target_skip=0.5, fitted=MLP_WIDTHS), MLPWidthConfig(target_skip=0.5)),
+    Default("mlp-width-dense-matmuls", "decoder", MLPWidthConfig(target_skip=0.5, fitted=MLP_WIDTHS, row_sparse=False),
+            MLPWidthConfig(target_skip=0.5, row_sparse=False)),
     # Token Sparse Attention: each KV head attends among half the tokens (at zero: every token); a model
     # called whole, so an encoder and a DiT (a decoder's cache reads every token: refused)
     Default("sparse-tokens", "encoder", _sparse(token_keep=0.5, window=8), _sparse(token_keep=1.0, window=8),

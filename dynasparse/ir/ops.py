@@ -10,7 +10,8 @@ from typing import Callable
 
 import torch
 
-from dynasparse.kernels import (delayed_kv, exit_gate, kv_cache, kv_cache_sparse, kv_tier, mlp_skip, query_aware,
+from dynasparse.kernels import (delayed_kv, exit_gate, kv_cache, kv_cache_sparse, kv_tier, mlp_skip, mlp_width,
+                               query_aware,
                                sparse_attention, sparse_attention_cpu, token_merge, token_sparse)
 from dynasparse.kernels.attention import attention_sdpa, key_validity, key_visibility
 from dynasparse.kernels.blocks import num_blocks
@@ -442,6 +443,36 @@ def _token_route_fake(x, weight, bias):
 
 
 TOKEN_ROUTE = torch.ops.dynasparse.token_route.default
+
+
+# --- MLP width (dynasparse.kernels.mlp_width has the semantics) --------------------------------------------------
+
+@dynasparse_op("channel_sparsify")
+def channel_sparsify(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``x`` with entries of magnitude below ``threshold`` zeroed: the channels a token's matmul skips."""
+    return mlp_width.sparsify_reference(x, threshold)
+
+
+@torch.library.register_fake(channel_sparsify)
+def _channel_sparsify_fake(x, threshold):
+    return torch.empty_like(x)
+
+
+@dynasparse_op("row_sparse_linear")
+def row_sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                      threshold: torch.Tensor) -> torch.Tensor:
+    """``channel_sparsify(x, threshold) @ weight_t + bias``, reading only the weight rows of the channels
+    kept where that pays (a decode step on CPU)."""
+    return mlp_width.row_sparse_linear(x, weight_t, bias, threshold)
+
+
+@torch.library.register_fake(row_sparse_linear)
+def _row_sparse_linear_fake(x, weight_t, bias, threshold):
+    return x.new_empty(*x.shape[:-1], weight_t.shape[1])
+
+
+CHANNEL_SPARSIFY = torch.ops.dynasparse.channel_sparsify.default
+ROW_SPARSE_LINEAR = torch.ops.dynasparse.row_sparse_linear.default
 
 
 # --- dKV-Cache for diffusion LMs (dynasparse.kernels.delayed_kv has the semantics) -------------------------------

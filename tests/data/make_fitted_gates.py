@@ -1,11 +1,12 @@
 """Regenerate the gates fitted on the tiny test models: tests/data/*_exit_learned.safetensors (learned exit
-gates) and tests/data/llama_tiny_mlp_skip.safetensors (MLP routers for half the token-work)."""
+gates), tests/data/llama_tiny_mlp_skip.safetensors (MLP routers for half the token-work) and
+tests/data/llama_tiny_mlp_width.safetensors (MLP width thresholds for half the multiply-adds)."""
 import sys
 sys.path.insert(0, "tests")
 import torch
 import dynasparse
-from dynasparse import ExitGateConfig, MLPSkipConfig
-from default_configs import MLP_GATES, VOCAB, bert, encoder_inputs, llama
+from dynasparse import ExitGateConfig, MLPSkipConfig, MLPWidthConfig
+from default_configs import MLP_GATES, MLP_WIDTHS, VOCAB, bert, encoder_inputs, llama
 
 g = torch.Generator().manual_seed(5)
 batches = []
@@ -22,4 +23,8 @@ r = dynasparse.fit(dec, ids, held_out=0.25, save="tests/data/llama_tiny_exit_lea
 print(r.exits)
 routed = dynasparse.optimize(llama(), MLPSkipConfig(target_skip=0.5), example_kwargs={"input_ids": torch.randint(1, VOCAB, (2, 32))})
 r = dynasparse.fit(routed, torch.randint(1, VOCAB, (12, 32), generator=g), save=MLP_GATES)
+print(r.skipped)
+thresholded = dynasparse.optimize(llama(), MLPWidthConfig(target_skip=0.5),
+                                  example_kwargs={"input_ids": torch.randint(1, VOCAB, (2, 32))})
+r = dynasparse.fit(thresholded, torch.randint(1, VOCAB, (12, 32), generator=g), save=MLP_WIDTHS)
 print(r.skipped)

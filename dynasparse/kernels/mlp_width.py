@@ -1,0 +1,34 @@
+"""Per-token MLP width: each token's MLP matmuls read only the input channels whose magnitude clears a
+threshold (TEAL, CATS). A channel below it contributes ``x_i * W[:, i]``, small for every output, so
+zeroing it changes little. ``row_sparse_linear`` is the thresholded matmul in one op: on CPU, for a
+decode step's row, it skips the weight rows (of an input-major copy) of every channel below the threshold
+(``row_sparse_cpu``); elsewhere it zeroes them and runs the dense matmul. ``threshold`` 0 keeps every channel.
+"""
+from __future__ import annotations
+
+import torch
+
+from dynasparse.kernels import row_sparse_cpu
+
+
+def sparsify_reference(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """``x`` with its entries of magnitude below ``threshold`` (a scalar) set to zero."""
+    return torch.where(x.abs() < threshold.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
+def threshold_for(magnitudes: torch.Tensor, share: float) -> torch.Tensor:
+    """The threshold below which ``share`` of ``magnitudes`` (sorted, 1-D) fall: 0 for a share of 0."""
+    if share <= 0:
+        return torch.zeros(())
+    return magnitudes[min(int(share * magnitudes.numel()), magnitudes.numel() - 1)].float()
+
+
+def row_sparse_linear(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None,
+                      threshold: torch.Tensor) -> torch.Tensor:
+    """``sparsify(x, threshold) @ weight_t + bias`` (``weight_t`` [K, N]: input-major, as ``Conv1D`` stores
+    it, or a linear's weight transposed once)."""
+    if row_sparse_cpu.usable(x, weight_t):
+        out = row_sparse_cpu.row_sparse_matmul(x, weight_t, float(threshold))
+    else:
+        out = sparsify_reference(x, threshold) @ weight_t
+    return out if bias is None else out + bias

@@ -234,7 +234,8 @@ def main() -> None:
                       "fit": report, "speed_by_batch": speed, "tokens_equal_to_full": equal}
         print(rows[-1], flush=True)
     header = ["model", "MLP work skipped (tokens or multiply-adds)", "perplexity (vs full)", "fit time",
-              *[c for b in args.batch for c in (f"prefill, batch {b} (vs full)", f"decode tokens/s, batch {b} (vs full)")],
+              *[c for b in args.batch
+                for c in (f"prefill, batch {b} (vs full)", f"decode tokens/s, batch {b} (vs full)")],
               "tokens equal to full", "skipped per block (0..29)"]
     rows += oracle_rows(model, tokenizer, held_out, full_ppl, args.oracle, len(header)) if args.oracle else []
     title = (f"Learned MLP skipping and MLP width, SmolLM2-135M-Instruct (fp32, eager, {torch.get_num_threads()} CPU "

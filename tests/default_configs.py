@@ -83,7 +83,8 @@ DEFAULTS = [
     Default("mlp-skip", "decoder", MLPSkipConfig(target_skip=0.5, fitted=MLP_GATES), MLPSkipConfig(target_skip=0.5)),
     # thresholds fitted to skip half the MLP multiply-adds, inside row-sparse matmuls or before the model's
     # dense ones; unfitted, every channel is kept
-    Default("mlp-width", "decoder", MLPWidthConfig(target_skip=0.5, fitted=MLP_WIDTHS), MLPWidthConfig(target_skip=0.5)),
+    Default("mlp-width", "decoder", MLPWidthConfig(target_skip=0.5, fitted=MLP_WIDTHS),
+            MLPWidthConfig(target_skip=0.5)),
     Default("mlp-width-dense-matmuls", "decoder", MLPWidthConfig(target_skip=0.5, fitted=MLP_WIDTHS, row_sparse=False),
             MLPWidthConfig(target_skip=0.5, row_sparse=False)),
     # Token Sparse Attention: each KV head attends among half the tokens (at zero: every token); a model

@@ -10,7 +10,7 @@ from dynasparse import DynasparseError, MLPSkipConfig, MLPWidthConfig
 from dynasparse.ir.ops import CHANNEL_SPARSIFY, ROW_SPARSE_LINEAR
 from dynasparse.plans import MLP_WIDTH_META
 
-from default_configs import MLP_GATES, MLP_WIDTHS as FITTED, llama
+from default_configs import MLP_GATES, MLP_WIDTHS as FITTED, decoder_prompts, llama
 from test_mlp_skip import _gpt2, _ids
 
 
@@ -129,3 +129,13 @@ def test_loading_into_another_model_names_the_mismatch(tmp_path):
 def test_bad_input_fails_clearly(call, message):
     with pytest.raises(DynasparseError, match=message):
         call()
+
+
+def test_fitted_widths_over_a_bounded_cache_batched_equal_alone():
+    model, (ids, mask) = llama(), decoder_prompts()
+    kv = dynasparse.KVEvictionConfig(policy="h2o", budget=12, sink=2, recent=4, chunk_size=5)
+    kwargs = dict(max_new_tokens=6, configs=[MLPWidthConfig(target_skip=0.5, fitted=FITTED)], kv=kv)
+    batched = dynasparse.generate(model, ids, mask, **kwargs).sequences
+    for row in range(ids.shape[0]):
+        alone = dynasparse.generate(model, ids[row:row + 1, mask[row].bool()], **kwargs).sequences
+        assert torch.equal(batched[row, -6:], alone[0, -6:])

@@ -9,8 +9,8 @@ skipped is the share of entries zeroed, weighted by the matmul widths. Where who
 on models not trained to skip costs far less quality per multiply-add saved. Thresholds start at zero
 (every channel kept: the model itself); ``dynasparse.fit`` sets them on offline text for a target share.
 With fitted thresholds each matmul and the threshold it reads become one ``row_sparse_linear``, which a
-decode step runs reading only the weight rows of the channels kept (an input-major copy of ``nn.Linear`` weights is kept for
-it: ``row_sparse=False`` keeps the model's dense matmuls instead, the same values with no copy).
+decode step runs reading only the weight rows of the channels kept, from an input-major copy of
+``nn.Linear`` weights (``row_sparse=False``: the thresholds before the model's dense matmuls, no copy).
 """
 from __future__ import annotations
 

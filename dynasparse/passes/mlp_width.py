@@ -15,6 +15,7 @@ decode step runs reading only the weight rows of the channels kept, from an inpu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Callable
@@ -145,9 +146,6 @@ class MLPWidthPass:
                 copied = sum(self._row_sparse(gm, matmul) for matmul in list(gm.graph.nodes)
                              if matmul.op == "call_function" and matmul.target in _MATMULS
                              and any(a.op == "call_module" and a.target in modules for a in matmul.all_input_nodes))
-                for node in reversed(list(gm.graph.nodes)):  # thresholds now inside the matmuls, old weights
-                    if node.op in ("get_attr", "call_module") and not node.users:
-                        gm.graph.erase_node(node)
                 result.notes.append(f"mlp_width: row-sparse matmuls read input-major weights ({copied / 2**20:.1f} MiB "
                                     "copied from nn.Linear; row_sparse=False keeps the dense matmuls, no copy)")
         gm.graph.lint()
@@ -174,35 +172,36 @@ class MLPWidthPass:
                                    int(_after_a_matmul(activation, matmuls))))
         return sites
 
-
     @staticmethod
     def _row_sparse(gm: torch.fx.GraphModule, matmul: Node) -> int:
         """Replace ``matmul`` and the threshold it reads by one ``row_sparse_linear`` over an input-major
         weight; the bytes copied to make one (0 for Conv1D's addmm and for mm, whose weights already are)."""
         thresholded = matmul.args[_MATMULS[matmul.target]]
-        x = thresholded.args[0]
         if matmul.target is aten.addmm.default:
-            weight, bias, copied = matmul.args[2], matmul.args[0], 0
+            weight, bias = matmul.args[2], matmul.args[0]
         else:
             weight, bias = matmul.args[1], matmul.args[2] if len(matmul.args) > 2 else None
-            copied = matmul.target is aten.linear.default
         if weight.op != "get_attr" or fake(weight).dim() != 2 or (bias is not None and bias.op != "get_attr"):
             return 0
-        if copied:
-            tensor = gm.get_parameter(weight.target) if weight.target in dict(gm.named_parameters()) \
-                else gm.get_buffer(weight.target)
-            name = weight.target.replace(".", "_") + "_input_major"
-            gm.register_buffer(name, tensor.detach().t().contiguous())
-            with gm.graph.inserting_before(matmul):
-                weight = gm.graph.get_attr(name)
-            weight.meta["val"] = fake(matmul.args[1]).t().contiguous() if fake(matmul.args[1]) is not None else None
-            copied = tensor.numel() * tensor.element_size()
+        copied = 0
         with gm.graph.inserting_before(matmul):
+            if matmul.target is aten.linear.default:  # [out, in]: transposed once
+                tensor = functools.reduce(getattr, weight.target.split("."), gm)
+                name = weight.target.replace(".", "_") + "_input_major"
+                gm.register_buffer(name, tensor.detach().t().contiguous())
+                input_major = gm.graph.get_attr(name)
+                input_major.meta["val"] = fake(weight).t().contiguous()
+                copied = tensor.numel() * tensor.element_size()
+            else:
+                input_major = weight
             threshold = gm.graph.get_attr(f"{thresholded.target}.threshold")
-            call = gm.graph.call_function(ROW_SPARSE_LINEAR, (x, weight, bias, threshold))
+            call = gm.graph.call_function(ROW_SPARSE_LINEAR, (thresholded.args[0], input_major, bias, threshold))
         copy_meta(matmul, call)
         matmul.replace_all_uses_with(call)
         gm.graph.erase_node(matmul)
+        for node in (thresholded, weight):  # the threshold call once its last matmul is folded, a replaced weight
+            if not node.users:
+                gm.graph.erase_node(node)
         return copied
 
 

@@ -115,3 +115,19 @@ def test_a_cheaper_drafter_unlucky_at_first_takes_over_from_a_dearer_one():
         chooser.record(block, k, k * (block + 1) / 4, 1 + 0.05 * k, [accepted] * 4)
     assert chooser.choose()[0] == 0
     assert chooser.rounds["blocks 0..0"] > chooser.rounds["blocks 0..1"]
+
+
+def test_an_accepted_probe_of_a_slower_drafter_is_not_run_longer():
+    """Block 0 drafts two tokens a round that are accepted; blocks 0..1 are guessed cheap enough to probe. The
+    probe's draft is accepted, but at its measured step cost (0.8 of a plain step) it cannot beat block 0:
+    it is not followed by rounds twice as long, so it costs one round, not a cascade of four."""
+    chooser = DraftChooser((0, 1), depth=8, longest=8)
+    for _ in range(40):
+        block, k = chooser.choose()
+        if block is None:
+            chooser.record(None, 0, 0.0, 1.0, [0])
+        else:
+            step, accepted = (0.12, min(k, 2)) if block == 0 else (0.8, k)
+            chooser.record(block, k, k * step, 1.2 + 0.05 * k, [accepted])
+    assert chooser.rounds["blocks 0..1"] == 1
+    assert chooser.rounds["blocks 0..0"] >= 35

@@ -18,7 +18,9 @@ two rounds are lost before it decodes plainly; on one trained for early exit, th
 keeps being accepted wins. Evidence is per round (rows averaged) and older rounds weigh a little less.
 A drafter that could beat the current choice were its drafts accepted is probed with one draft
 ``RETRY_AFTER`` rounds after the last probe; the rest doubles after each rejected probe and starts over after
-an accepted one, and a probe whose drafts are all accepted is followed by one twice as long. So an unlucky
+an accepted one, and a probe whose drafts are all accepted is followed by one twice as long while, at its
+measured step cost, it still could beat the choice (an accepted deeper drafter that is slower per token is
+not run longer). So an unlucky
 round does not rule a good drafter out for long (accepted probes soon win it back), and drafters that never
 pay cost a probe ever more rarely. The first timing of each pass kind is provisional (the next one
 replaces it rather than averaging with it): under ``torch.compile`` it includes compiling the graph.
@@ -98,9 +100,6 @@ class DraftChooser:
         if len(self.plain_seconds) < PLAIN_SAMPLES:  # every estimate is relative to a plain step
             return None, 0
         plain = min(self.plain_seconds[-PLAIN_SAMPLES:])  # recent: the cost changes once rows desync
-        if self.extend is not None:
-            block, drafts = self.extend
-            return self._probe(block, min(2 * drafts, self.longest))
         best, choice = MARGIN, (None, 0)
         for drafter in self.drafters.values():
             if drafter.tried:
@@ -108,6 +107,10 @@ class DraftChooser:
                     speedup = self._speedup(drafter, drafts, drafter.acceptance, plain)
                     if speedup > best:
                         best, choice = speedup, (drafter.block, drafts)
+        if self.extend is not None:  # a won probe goes on longer while it could still beat the choice
+            block, drafts = self.extend
+            if block == choice[0] or self._could_pay(self.drafters[block], plain, best):
+                return self._probe(block, min(2 * drafts, self.longest))
         for drafter in self.drafters.values():  # shallow first: the cheapest to try
             if not drafter.tried and self._could_pay(drafter, plain, best):
                 return self._probe(drafter.block, 1)

@@ -17,8 +17,8 @@ of the measured ones). So on a model whose early blocks do not predict its outpu
 two rounds are lost before it decodes plainly; on one trained for early exit, the shallow drafter that
 keeps being accepted wins. Evidence is per round (rows averaged) and older rounds weigh a little less.
 A drafter that could beat the current choice were its drafts accepted is probed with one draft
-``RETRY_AFTER`` rounds after the last probe; the rest doubles after each rejected probe and starts over after
-an accepted one, and a probe whose drafts are all accepted is followed by one twice as long while, at its
+``RETRY_AFTER`` rounds after the last probe; the rest doubles after each rejected probe (quadruples while the
+drafter has never had a draft accepted) and starts over after one mostly accepted over the rows, and a probe whose drafts are all accepted is followed by one twice as long while, at its
 measured step cost, it still could beat the choice (an accepted deeper drafter that is slower per token is
 not run longer). So an unlucky
 round does not rule a good drafter out for long (accepted probes soon win it back), and drafters that never
@@ -136,9 +136,11 @@ class DraftChooser:
         every_draft_accepted = all(n == drafts for n in accepted)
         won = probed and every_draft_accepted and drafts < self.longest
         self.extend, self.probing = ((block, drafts) if won else None), None
-        if probed:
+        if probed:  # the rest starts over after a mostly accepted probe (one row of a batch may reject)
             self.last_probe = self._round
-            self.retry_after = RETRY_AFTER if every_draft_accepted else 2 * self.retry_after
+            share = sum(accepted) / (drafts * max(len(accepted), 1))
+            ever = share > 0 or self.drafters[block].accepted > 0  # a drafter never accepted rests longer
+            self.retry_after = RETRY_AFTER if share >= 0.5 else (2 if ever else 4) * self.retry_after
         if block is None:
             return
         drafter = self.drafters[block]

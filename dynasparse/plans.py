@@ -148,12 +148,11 @@ class MLPSkipPlan:
 @dataclass(frozen=True)
 class WidthSite:
     """One thresholded matmul input of a block's MLP: the ``ChannelThreshold`` submodule, the multiply-adds
-    per token a zeroed channel skips (the output widths of the matmuls reading it) over the channel count,
-    and its depth (0: reads the MLP's input; 1: an inner activation, after a matmul)."""
+    per token of the matmuls reading it (a zeroed share of its entries skips that share of them), and its
+    depth (0: reads the MLP's input; 1: an inner activation, after a matmul)."""
 
     module: str
-    macs_per_channel: int
-    channels: int
+    macs: int
     depth: int
 
 
@@ -163,6 +162,10 @@ class MLPWidthPlan:
 
     config: BaseConfig
     blocks: dict[int, list[WidthSite]]
+
+    @property
+    def sites(self) -> list[WidthSite]:
+        return [site for sites in self.blocks.values() for site in sites]
 
 
 @dataclass

@@ -18,7 +18,6 @@
 
 namespace {
 
-
 at::Tensor row_sparse_matmul(const at::Tensor& x_in, const at::Tensor& weight_t_in, double threshold_in) {
   TORCH_CHECK(x_in.dim() == 2 && weight_t_in.dim() == 2 && x_in.size(1) == weight_t_in.size(0),
               "row_sparse_matmul: x [R, K] and weight_t [K, N], got ", x_in.sizes(), " and ", weight_t_in.sizes());

@@ -80,14 +80,13 @@ def width_plan(gm: torch.fx.GraphModule) -> MLPWidthPlan | None:
 def _calls_thresholds(gm: torch.fx.GraphModule, plan: MLPWidthPlan) -> None:
     """Fitting and counting read the ``ChannelThreshold`` calls, which fitted row-sparse graphs fold away."""
     called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    if not {site.module for sites in plan.blocks.values() for site in sites} <= called:
+    if not {site.module for site in plan.sites} <= called:
         raise DynasparseError("this graph runs fitted thresholds inside its matmuls (row_sparse); fit and count "
                               "on one optimized with MLPWidthConfig(target_skip=...) or row_sparse=False")
 
 
 def _thresholds(gm: torch.fx.GraphModule, plan: MLPWidthPlan) -> dict[str, dict[str, torch.Tensor]]:
-    return {site.module: {"threshold": gm.get_submodule(site.module).threshold}
-            for sites in plan.blocks.values() for site in sites}
+    return {site.module: {"threshold": gm.get_submodule(site.module).threshold} for site in plan.sites}
 
 
 def save_widths(gm: torch.fx.GraphModule, path: str | Path) -> Path:
@@ -115,10 +114,10 @@ class MLPWidthPass:
         return readers
 
     @staticmethod
-    def _macs_per_channel(matmuls: list[Node], channels: int) -> int:
-        """Multiply-adds per token that one channel of the shared input feeds: the weights' sizes / channels."""
+    def _macs(matmuls: list[Node]) -> int:
+        """Multiply-adds per token of ``matmuls``: their weights' sizes."""
         weights = [m.args[1] if m.target is not aten.addmm.default else m.args[2] for m in matmuls]
-        return sum(math.prod(fake(w).shape) for w in weights) // channels
+        return sum(math.prod(fake(w).shape) for w in weights)
 
     # -- rewrite ------------------------------------------------------------------------------------------------
     def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
@@ -137,12 +136,12 @@ class MLPWidthPass:
                                                                             result.left_dense.items()))
         result.num_matches = len(plan.blocks)
         gm.meta[MLP_WIDTH_META] = plan
-        modules = {site.module for sites in plan.blocks.values() for site in sites}
         if self.config.fitted is None:
             result.notes.append("mlp_width: thresholds keep every channel until dynasparse.fit sets them")
         else:
             load_fitted(self.config.fitted, _thresholds(gm, plan))
             if self.config.row_sparse:
+                modules = {site.module for site in plan.sites}
                 copied = sum(self._row_sparse(gm, matmul) for matmul in list(gm.graph.nodes)
                              if matmul.op == "call_function" and matmul.target in _MATMULS
                              and any(a.op == "call_module" and a.target in modules for a in matmul.all_input_nodes))
@@ -158,7 +157,6 @@ class MLPWidthPass:
         sites = []
         for k, (activation, users) in enumerate(readers.items()):
             name = f"mlp_width_{block}_{k}"
-            channels = fake(activation).shape[-1]
             gm.add_submodule(name, ChannelThreshold().to(fake(activation).device if fake(activation).device.type
                                                          != "meta" else "cpu"))
             with gm.graph.inserting_before(users[0]):
@@ -168,8 +166,7 @@ class MLPWidthPass:
             call.meta.pop("tensor_meta", None)
             for user in users:
                 user.replace_input_with(activation, call)
-            sites.append(WidthSite(name, self._macs_per_channel(users, channels), channels,
-                                   int(_after_a_matmul(activation, matmuls))))
+            sites.append(WidthSite(name, self._macs(users), int(_after_a_matmul(activation, matmuls))))
         return sites
 
     @staticmethod
@@ -229,8 +226,8 @@ def fit_widths(gm: torch.fx.GraphModule, plan: MLPWidthPlan, run: Callable[[torc
     ``distance`` to the thresholds-off output) on the training rows. Returns (the held-out distance, the
     share each block skips there, the distance per ratio tried)."""
     _calls_thresholds(gm, plan)
-    modules = {site.module: gm.get_submodule(site.module) for sites in plan.blocks.values() for site in sites}
-    sites = [site for sites in plan.blocks.values() for site in sites]
+    sites = plan.sites
+    modules = {site.module: gm.get_submodule(site.module) for site in sites}
     _set(modules, {})
     magnitudes = _magnitudes(modules, run, train, batch_size)
     calibration = train[:batch_size]
@@ -282,15 +279,14 @@ def _split(sites: list[WidthSite], magnitudes: dict[str, torch.Tensor], target: 
            ratio: float) -> dict[str, torch.Tensor]:
     """Thresholds that zero ``a * ratio**depth`` of each site's entries, ``a`` chosen by bisection so the
     multiply-adds skipped over all sites are ``target`` of the total."""
-    macs = [site.macs_per_channel * site.channels for site in sites]
-
     def shares(a: float) -> list[float]:
         return [min(MAX_SHARE, a * ratio ** site.depth) for site in sites]
 
+    total = sum(site.macs for site in sites)
     low, high = 0.0, 1.0
     for _ in range(40):
         middle = (low + high) / 2
-        skipped = sum(m * s for m, s in zip(macs, shares(middle))) / sum(macs)
+        skipped = sum(site.macs * s for site, s in zip(sites, shares(middle))) / total
         low, high = (middle, high) if skipped < target else (low, middle)
     return {site.module: threshold_for(magnitudes[site.module], share) for site, share in zip(sites, shares(high))}
 
@@ -306,8 +302,7 @@ def skipped_per_block(gm: torch.fx.GraphModule, plan: MLPWidthPlan, run: Callabl
         def hook(module: ChannelThreshold, args: tuple) -> None:
             zeroed[name] = float((args[0].abs() < module.threshold.to(args[0].dtype)).float().mean())
         return hook
-    handles = [gm.get_submodule(site.module).register_forward_pre_hook(count(site.module))
-               for sites in plan.blocks.values() for site in sites]
+    handles = [gm.get_submodule(site.module).register_forward_pre_hook(count(site.module)) for site in plan.sites]
     try:
         out = run(ids)
     finally:
@@ -315,6 +310,5 @@ def skipped_per_block(gm: torch.fx.GraphModule, plan: MLPWidthPlan, run: Callabl
             handle.remove()
     skipped = {}
     for block, sites in plan.blocks.items():
-        macs = [site.macs_per_channel * site.channels for site in sites]
-        skipped[f"block {block}"] = sum(m * zeroed[s.module] for m, s in zip(macs, sites)) / sum(macs)
+        skipped[f"block {block}"] = sum(s.macs * zeroed[s.module] for s in sites) / sum(s.macs for s in sites)
     return out, skipped

@@ -95,17 +95,17 @@ def perplexity(model, held_out: torch.Tensor) -> float:
     return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), held_out[:, 1:].flatten()).exp())
 
 
-def skipped_per_block(model, config, held_out: torch.Tensor) -> list[float]:
-    """Share of held-out tokens each routed block's MLP skipped (routers), or of its multiply-adds (widths,
-    counted on the graph that keeps its threshold calls: the same values), in block order."""
+def skipped_per_block(model, config, optimized, held_out: torch.Tensor) -> list[float]:
+    """Share of held-out tokens each routed block's MLP skipped (routers, read from ``optimized``), or of its
+    multiply-adds (widths, counted on a capture that keeps its threshold calls: the same values), in block
+    order."""
     if isinstance(config, MLPWidthConfig):
         counted = dynasparse.optimize(model, dataclasses.replace(config, row_sparse=False),
                                       example_kwargs={"input_ids": held_out[:2]})
         shares = skipped_multiply_adds(counted.graph_module, width_plan(counted.graph_module),
                                        lambda ids: counted(input_ids=ids), held_out)[1]
     else:
-        shares = skipped_per_gate(dynasparse.optimize(model, config, example_kwargs={"input_ids": held_out[:2]}),
-                                  held_out)
+        shares = skipped_per_gate(optimized, held_out)
     return [shares[name] for name in sorted(shares, key=lambda n: int(n.rsplit("_", 1)[-1].split()[-1]))]
 
 
@@ -210,7 +210,7 @@ def main() -> None:
         config = config_type(target_skip=target, fitted=path)
         optimized = dynasparse.optimize(model, config, example_kwargs={"input_ids": held_out[:2]})
         ppl = perplexity(optimized, held_out)
-        per_block = skipped_per_block(model, config, held_out)
+        per_block = skipped_per_block(model, config, optimized, held_out)
         speed, equal = {}, []
         for batch in args.batch:
             timings = {"full": [], "ours": []}

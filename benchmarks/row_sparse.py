@@ -23,6 +23,7 @@ except ImportError:  # run as a file: put the repo root on the path
 
 from dynasparse.harness.bench import Case, compare, write_results
 from dynasparse.ir.ops import CHANNEL_SPARSIFY, ROW_SPARSE_LINEAR
+from dynasparse.kernels.mlp_width import threshold_for
 
 SHAPES = {"gate / up (576 -> 1536)": (576, 1536), "down (1536 -> 576)": (1536, 576)}
 LAYERS = 30
@@ -33,7 +34,7 @@ def cases(channels: int, width: int, share: float) -> tuple[Case, Case]:
     weights = [torch.randn(width, channels, generator=generator) / channels ** 0.5 for _ in range(LAYERS)]
     inputs_major = [w.t().contiguous() for w in weights]
     x = torch.randn(1, channels, generator=generator)
-    threshold = x.abs().flatten().sort().values[int(share * channels)] if share else torch.tensor(0.0)
+    threshold = threshold_for(x.abs().flatten().sort().values, share)
     kept = CHANNEL_SPARSIFY(x, threshold)
     error = max(float((ROW_SPARSE_LINEAR(x, t, None, threshold) - F.linear(kept, w)).abs().max())
                 for w, t in zip(weights, inputs_major))

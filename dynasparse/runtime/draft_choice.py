@@ -18,9 +18,9 @@ two rounds are lost before it decodes plainly; on one trained for early exit, th
 keeps being accepted wins. Evidence is per round (rows averaged) and older rounds weigh a little less.
 A drafter that could beat the current choice were its drafts accepted is probed with one draft
 ``RETRY_AFTER`` rounds after the last probe; the rest doubles after each rejected probe (quadruples while the
-drafter has never had a draft accepted) and starts over after one mostly accepted over the rows, and a probe whose drafts are all accepted is followed by one twice as long while, at its
-measured step cost, it still could beat the choice (an accepted deeper drafter that is slower per token is
-not run longer). So an unlucky
+drafter has never had a draft accepted) and starts over after one mostly accepted over the rows, and a probe
+whose drafts are all accepted is followed by one twice as long while, at its measured step cost, it still
+could beat the choice (an accepted deeper drafter that is slower per token is not run longer). So an unlucky
 round does not rule a good drafter out for long (accepted probes soon win it back), and drafters that never
 pay cost a probe ever more rarely. The first timing of each pass kind is provisional (the next one
 replaces it rather than averaging with it): under ``torch.compile`` it includes compiling the graph.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dynasparse.config import BaseConfig
-from dynasparse.ir.nodes import hint
+from dynasparse.ir.nodes import InputSize, hint
 from dynasparse.kernels import kv_cache, kv_tier
 
 CACHE_META = "dynasparse_kv_cache"  # a CachePlan: the KV pass gave every attention site a bounded cache
@@ -172,13 +172,15 @@ class MLPWidthPlan:
 class DelayedKVPlan:
     """dKV-Cache on a bidirectional model: the graph runs its blocks on the tokens at buffer ``index`` [B, A]
     and each attention site keeps keys and values in buffers ``caches[i]`` = (keys, values), shaped
-    [B, kv_heads[i], L, head_dims[i]]. The sequence length is dimension ``length_dim`` of flat input
-    ``length_input``."""
+    [B, kv_heads[i], L, head_dims[i]]. ``length`` reads L off a call's inputs. A head that reads every
+    token reads buffer ``stream_cache`` [B, L, stream_dim], the last block's output with the active rows
+    written in."""
 
     config: BaseConfig
     index: str
     caches: list[tuple[str, str]]
     kv_heads: list[int]
     head_dims: list[tuple[int, int]]  # (key dim, value dim) per site
-    length_input: int
-    length_dim: int
+    length: InputSize
+    stream_cache: str | None = None
+    stream_dim: int = 0

@@ -4,8 +4,9 @@ identity, JSON, opcheck, batching and composition tests for free.
 
 Each entry: (id, model kind, a config with sparsity, the same technique at zero sparsity, whether the
 technique's ONNX export reproduces it: False where the export has no spelling of it yet). Kinds: "encoder"
-(a BERT classifier), "decoder" (a Llama generating), "dit" (diffusers' DiT, one denoising call) and "masked-lm" (a
-masked-diffusion BERT unmasking its answer step by step).
+(a BERT classifier), "decoder" (a Llama generating), "dit" (diffusers' DiT, one denoising call), "dit-sampled"
+(the same DiT sampling a few DDIM steps) and "masked-lm" (a masked-diffusion BERT unmasking its answer step by
+step).
 """
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch
 import transformers as hf
 
 from dynasparse import (DelayedKVConfig, ExitGateConfig, KVEvictionConfig, MLPSkipConfig, MLPWidthConfig,
-                        SparseAttentionConfig, TokenMergeConfig)
+                        SparseAttentionConfig, TokenCacheConfig, TokenMergeConfig)
 from dynasparse.config import BaseConfig
 from dynasparse.kernels.estimators import ESTIMATORS
 from dynasparse.kernels.policies import POLICIES
@@ -26,7 +27,8 @@ VOCAB = 128
 class Default:
     id: str
     kind: str  # "encoder": a BERT classifier called on a batch; "decoder": a Llama generating; "dit": a DiT;
-    #            "masked-lm": a masked-diffusion BERT unmasking (dynasparse.unmask)
+    #            "dit-sampled": a DiT sampling (dynasparse.sample); "masked-lm": a masked-diffusion BERT unmasking
+    #            (dynasparse.unmask)
     sparse: BaseConfig
     zero: BaseConfig
     exports: bool = True
@@ -103,6 +105,9 @@ DEFAULTS = [
     # dKV-Cache: keys and values kept across unmasking steps (at zero sparsity: every token every step)
     Default("delayed-kv", "masked-lm", DelayedKVConfig(refresh_every=4), DelayedKVConfig(refresh_every=1),
             exports=False),  # the caches live across the calls of a sampling loop
+    # token caching (RAS): after one full step, half the tokens recomputed per step (at zero: every token)
+    Default("token-cache", "dit-sampled", TokenCacheConfig(recompute_ratio=0.5, warmup=0.0, refresh_every=3),
+            TokenCacheConfig(recompute_ratio=1.0), exports=False),  # as dKV: the caches live across the steps
 ]
 
 # every pair of techniques on the same kind of model (one entry per technique)
@@ -134,7 +139,7 @@ def ids(entries) -> list[str]:
 def model(kind: str) -> torch.nn.Module:
     """The model of a kind, built once per test session."""
     if kind not in _models:
-        _models[kind] = {"encoder": bert, "decoder": llama, "dit": dit, "masked-lm": masked_lm}[kind]()
+        _models[kind] = {"encoder": bert, "decoder": llama, "dit": dit, "dit-sampled": dit, "masked-lm": masked_lm}[kind]()
     return _models[kind]
 
 

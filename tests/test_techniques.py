@@ -16,9 +16,13 @@ from default_configs import (BATCH_INVARIANT_PAIRS, DEFAULTS, MASK_ID, NEW_TOKEN
 
 
 def run(kind: str, configs: list[BaseConfig], row: int | None = None) -> torch.Tensor:
-    """Encoder: the classifier's logits; DiT: the denoiser's output; decoder: the greedy new tokens; masked LM:
-    the unmasked new tokens. ``row``: that row alone (an encoder row keeps its padding; a decoder row is its
+    """Encoder: the classifier's logits; DiT: the denoiser's output (sampled: the final latents); decoder: the
+    greedy new tokens; masked LM: the unmasked new tokens. ``row``: that row alone (an encoder row keeps its padding; a decoder row is its
     real tokens)."""
+    if kind == "dit-sampled":
+        inputs = {k: v if row is None else v[row:row + 1] for k, v in dit_inputs().items()}
+        return dynasparse.sample(_optimized(kind, configs), inputs["hidden_states"], steps=SAMPLE_STEPS,
+                                 conditioning={"class_labels": inputs["class_labels"]}, progress=False).latents
     if kind == "masked-lm":
         prompt = masked_lm_inputs()["input_ids"]
         prompt = prompt if row is None else prompt[row:row + 1]
@@ -41,7 +45,9 @@ def run(kind: str, configs: list[BaseConfig], row: int | None = None) -> torch.T
 
 
 INPUTS = {"encoder": encoder_inputs, "dit": dit_inputs}  # the kinds called once on a batch
-EXAMPLES = {**INPUTS, "masked-lm": masked_lm_inputs}  # the example inputs each kind is captured with
+EXAMPLES = {**INPUTS, "dit-sampled": dit_inputs, "masked-lm": masked_lm_inputs}  # what each kind is captured with
+FLOATS = {*INPUTS, "dit-sampled"}  # the kinds whose results are floats (compared within 1e-5)
+SAMPLE_STEPS = 6  # DDIM steps a dit-sampled entry runs
 _last_optimized: list = []  # (kind, configs, optimized): a batch and its rows alone share one capture
 
 
@@ -56,7 +62,7 @@ def _optimized(kind: str, configs: list[BaseConfig]) -> torch.nn.Module:
 
 
 def same(kind: str, a: torch.Tensor, b: torch.Tensor) -> None:
-    if kind in INPUTS:
+    if kind in FLOATS:
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     else:
         assert torch.equal(a, b)

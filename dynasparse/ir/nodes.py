@@ -5,6 +5,7 @@ import contextlib
 import copy
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -92,6 +93,21 @@ def is_size(value: Any, symbol: torch.SymInt) -> bool:
     return isinstance(value, torch.SymInt) and value.node.expr == symbol.node.expr
 
 
+VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+             torch.ops.aten.expand.default)
+
+
+def static_token_slots(node: Node, length: int) -> list[int]:
+    """Positions of a view-like shape that carry a static token count ``length``: equal to it where the input
+    has it too, never the batch (first) or feature (last) position, where an equal size is a coincidence.
+    How a pass that shortens the sequence finds the shapes to repoint when the capture fixed the length."""
+    shape, source = node.args[1], fake(node.args[0])
+    if not isinstance(shape, (list, tuple)) or source is None:
+        return []
+    return [i for i, size in enumerate(shape[:-1])
+            if i > 0 and size == length and i < source.dim() and source.shape[i] == length]
+
+
 def input_dim(gm: torch.fx.GraphModule, size: torch.SymInt) -> tuple[int, int] | None:
     """(flat input index, dimension) of the first graph input that has the symbolic ``size`` as a
     dimension: where a runtime reads that size off a call's inputs. None where no input has it."""
@@ -102,6 +118,38 @@ def input_dim(gm: torch.fx.GraphModule, size: torch.SymInt) -> tuple[int, int] |
             if is_size(dim_size, size):
                 return index, dim
     return None
+
+
+@dataclass(frozen=True)
+class InputSize:
+    """A size as the inputs of a call give it: ``expression`` (a sympy expression, or an int where the capture
+    fixed it) over the symbols ``dims`` reads ((symbol, flat input index, dimension) each): a DiT's token
+    count is (H // p) * (W // p) of its latents' shape."""
+
+    expression: Any
+    dims: tuple[tuple[Any, int, int], ...]
+
+    def of(self, flat_inputs: list) -> int:
+        if not self.dims:
+            return int(self.expression)
+        return int(self.expression.xreplace({symbol: flat_inputs[index].shape[dim]
+                                             for symbol, index, dim in self.dims}))
+
+
+def input_size(gm: torch.fx.GraphModule, size: int | torch.SymInt) -> InputSize | None:
+    """How to read ``size`` off a call's inputs; None where one of its symbols is on no input."""
+    if not isinstance(size, torch.SymInt):
+        return InputSize(int(size), ())
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    dims = []
+    for symbol in size.node.expr.free_symbols:
+        found = next(((index, dim) for index, node in enumerate(placeholders)
+                      for dim, dim_size in enumerate(getattr(fake(node), "shape", ()))
+                      if isinstance(dim_size, torch.SymInt) and dim_size.node.expr == symbol), None)
+        if found is None:
+            return None
+        dims.append((symbol, *found))
+    return InputSize(size.node.expr, tuple(dims))
 
 
 def propagate_fake_values(gm: torch.fx.GraphModule) -> None:

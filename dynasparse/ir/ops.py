@@ -501,5 +501,17 @@ def _cached_attention_fake(q, k, v, mask, key_cache, value_cache, index, scale=N
     return q.new_empty(q.shape[0], q.shape[2], q.shape[1], v.shape[-1])
 
 
+@dynasparse_op("scatter_active", mutates_args=("cache",))
+def scatter_active(active: torch.Tensor, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The whole stream for a head that reads every token: the active rows written into the stream's cache."""
+    return delayed_kv.scatter_active(active, cache, index)
+
+
+@torch.library.register_fake(scatter_active)
+def _scatter_active_fake(active, cache, index):
+    return active.new_empty(cache.shape[0], cache.shape[1], active.shape[2])
+
+
 GATHER_ACTIVE = torch.ops.dynasparse.gather_active.default
 CACHED_ATTENTION = torch.ops.dynasparse.cached_attention.default
+SCATTER_ACTIVE = torch.ops.dynasparse.scatter_active.default

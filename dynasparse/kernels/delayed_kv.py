@@ -6,6 +6,10 @@ decoded a step ago: their keys change once, when their input turns from the mask
 active query still attends over every key: the fresh ones, written into the cache at their positions, and
 the cached ones of everyone else. A step whose active set is the whole sequence (a refresh) computes
 exactly what the model computes.
+
+A diffusion transformer's head reads every token (unpatchify), so there the stream leaving the last block
+is written into a cache of the whole sequence as well: a token not computed this step keeps the block
+output of the step that last computed it (RAS, ToCa).
 """
 from __future__ import annotations
 
@@ -17,6 +21,13 @@ from dynasparse.kernels.attention import attention_sdpa
 def gather_active(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """The rows of ``hidden`` [B or 1, L, D] at ``index`` [B, A] (positions, each row its own): [B, A, D]."""
     return hidden.expand(index.shape[0], -1, -1).gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def scatter_active(active: torch.Tensor, cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Write ``active`` [B, A, D] into ``cache`` [B, L, D] at ``index`` [B, A]; return the whole stream (a
+    copy, so the graph's later ops never alias the cache the next step writes)."""
+    cache.scatter_(1, index[..., None].expand(-1, -1, cache.shape[-1]), active.to(cache.dtype))
+    return cache.to(active.dtype, copy=True)
 
 
 def _mask_rows(mask: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:

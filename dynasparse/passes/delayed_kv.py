@@ -19,8 +19,9 @@ from torch.fx import Node
 from dynasparse.config import BaseConfig, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import GraphAnalysis, to_networkx
-from dynasparse.ir.nodes import bound_args, copy_meta, fake, hint, input_dim, is_size, module_paths
-from dynasparse.ir.ops import CACHED_ATTENTION, GATHER_ACTIVE
+from dynasparse.ir.nodes import (VIEW_LIKE, bound_args, copy_meta, fake, hint, input_size, is_size, module_paths,
+                                 static_token_slots)
+from dynasparse.ir.ops import CACHED_ATTENTION, GATHER_ACTIVE, SCATTER_ACTIVE
 from dynasparse.plans import DELAYED_KV_META, DelayedKVPlan
 from dynasparse.registry import PassResult
 
@@ -48,6 +49,7 @@ class DelayedKVConfig(BaseConfig):
 
 
 INDEX = "dkv_index"
+STREAM = "dkv_stream"  # the whole stream after the last block, for a head that reads every token
 
 
 def _buffer(gm: torch.fx.GraphModule, name: str, value: torch.Tensor, before: Node) -> Node:
@@ -60,34 +62,35 @@ def _buffer(gm: torch.fx.GraphModule, name: str, value: torch.Tensor, before: No
 
 class DelayedKVPass:
     name = "delayed_kv"
+    whole_stream_out = False  # the head reads the active tokens only (a diffusion LM's logits)
 
     def __init__(self, config: DelayedKVConfig):
         self.config = config
 
     # -- find sites -------------------------------------------------------------------------------------------
-    @staticmethod
-    def _check(analysis: GraphAnalysis) -> Node:
+    def _check(self, analysis: GraphAnalysis) -> Node:
         """The stream entering block 0, after checking that every site is bidirectional self-attention."""
+        name = type(self.config).__name__
         if not analysis.blocks or analysis.blocks[0].input is None:
-            raise DynasparseError("DelayedKVConfig needs a stack of transformer blocks whose input it can find; "
-                                  "this graph has none (attention outside indexed modules)")
+            raise DynasparseError(f"{name} needs a stack of transformer blocks whose input it can find; this graph "
+                                  "has none (attention outside indexed modules)")
         for site in analysis.sites:
             if site.causal:
-                raise DynasparseError(f"DelayedKVConfig caches a bidirectional (masked-diffusion) model, and "
+                raise DynasparseError(f"{name} caches a bidirectional (diffusion) model, and "
                                       f"{site.module or site.node.name} is causal; for an autoregressive decoder "
                                       "use KVEvictionConfig")
             if site.q_len != site.kv_len:
                 raise DynasparseError(f"{site.module or site.node.name} attends over another sequence "
-                                      f"({site.kv_len} keys for {site.q_len} queries); DelayedKVConfig caches "
+                                      f"({site.kv_len} keys for {site.q_len} queries); {name} caches "
                                       "self-attention only")
             if site.sparse:
-                raise DynasparseError("DelayedKVConfig rewrites dense attention sites; leave SparseAttentionConfig out")
+                raise DynasparseError(f"{name} rewrites dense attention sites; leave SparseAttentionConfig out")
         return analysis.blocks[0].input
 
     # -- rewrite ----------------------------------------------------------------------------------------------
     @staticmethod
     def _per_token_inputs(gm: torch.fx.GraphModule, analysis: GraphAnalysis, stream: Node,
-                          length: torch.SymInt) -> tuple[list[Node], set[Node]]:
+                          length: int | torch.SymInt) -> tuple[list[Node], set[Node]]:
         """What the blocks read per token from outside them: the stream, and any [B or 1, L, D] tensor such as
         RoPE's cos and sin. (The mask is [B, 1, L, L]: its query rows are cut inside the attention op.)"""
         paths = {block.module for block in analysis.blocks}
@@ -98,7 +101,8 @@ class DelayedKVPass:
         def per_token(node: Node) -> bool:
             value = fake(node)
             return (node is not stream and isinstance(value, torch.Tensor) and value.dim() == 3
-                    and is_size(value.shape[1], length))
+                    and (is_size(value.shape[1], length) if isinstance(length, torch.SymInt)
+                         else value.shape[1] == length))
 
         return [stream, *filter(per_token, outside)], members
 
@@ -106,11 +110,11 @@ class DelayedKVPass:
         result = PassResult(self.name)
         stream = self._check(analysis)
         batch, length = fake(stream).shape[:2]
-        found = input_dim(gm, length) if isinstance(length, torch.SymInt) else None
+        found = input_size(gm, length)
         if found is None:
-            raise DynasparseError("DelayedKVConfig reads the sequence length off the inputs, and no input has it "
-                                  f"as a dynamic dimension (the stream holds {length} tokens); capture with a "
-                                  "dynamic sequence length")
+            raise DynasparseError(f"{type(self.config).__name__} reads the sequence length off the inputs, and the "
+                                  f"stream's {length} tokens are not a function of their shapes; capture with the "
+                                  "sequence length as an input dimension, or a fixed one")
         per_token, members = self._per_token_inputs(gm, analysis, stream, length)
         example_batch, example_length = hint(batch), hint(length)
         index = _buffer(gm, INDEX, torch.arange(example_length).expand(example_batch, -1).contiguous(),
@@ -142,25 +146,53 @@ class DelayedKVPass:
             dims.append((int(k.shape[-1]), int(v.shape[-1])))
             result.applied.append(f"{site.module or cached.name}: keys and values cached across denoising steps")
             result.num_matches += 1
-        self._repoint_lengths(gm, gathered, length)
+        stream_cache = self._scatter_stream(gm, analysis, index) if self.whole_stream_out else None
+        self._repoint_lengths(gm, gathered, length, stop=stream_cache)
         gm.graph.lint()
         gm.recompile()
-        gm.meta[DELAYED_KV_META] = DelayedKVPlan(self.config, INDEX, caches, [s.num_kv_heads for s in analysis.sites],
-                                                 dims, *found)
+        gm.meta[DELAYED_KV_META] = DelayedKVPlan(
+            self.config, INDEX, caches, [s.num_kv_heads for s in analysis.sites], dims, found,
+            stream_cache=stream_cache and STREAM, stream_dim=int(fake(stream).shape[-1]))
         side = [n.name for n in per_token[1:]]
-        result.notes.append(f"delayed_kv: blocks run on the active tokens of each denoising step (the stream"
-                            f"{' and ' + ', '.join(side) if side else ''} gathered); every token is recomputed "
-                            f"every {self.config.refresh_every} steps, a decoded one {self.config.delay} step(s) "
-                            "after it is decoded")
+        result.notes.append(self._describe(side))
         return result
 
+    def _describe(self, side: list[str]) -> str:
+        return (f"delayed_kv: blocks run on the active tokens of each denoising step (the stream"
+                f"{' and ' + ', '.join(side) if side else ''} gathered); every token is recomputed "
+                f"every {self.config.refresh_every} steps, a decoded one {self.config.delay} step(s) after it is "
+                "decoded")
+
     @staticmethod
-    def _repoint_lengths(gm: torch.fx.GraphModule, gathered: list[Node], length: torch.SymInt) -> None:
+    def _scatter_stream(gm: torch.fx.GraphModule, analysis: GraphAnalysis, index: Node) -> Node:
+        """For a head that reads every token: the last block's output goes through ``scatter_active`` into a
+        cache of the whole stream, and everything after the blocks reads that."""
+        last = analysis.blocks[-1].output
+        if last is None:
+            raise DynasparseError("the last transformer block's output was not found, so the head cannot be given "
+                                  "the whole stream back; this model's blocks cannot run on active tokens")
+        value = fake(last)
+        cache = _buffer(gm, STREAM, torch.zeros(hint(value.shape[0]), hint(value.shape[1]), value.shape[-1],
+                                                dtype=value.dtype), last)
+        users = list(last.users)
+        with gm.graph.inserting_after(last):
+            whole = gm.graph.call_function(SCATTER_ACTIVE, (last, cache, index))
+        copy_meta(last, whole)
+        for user in users:
+            user.replace_input_with(last, whole)
+        return whole
+
+    @staticmethod
+    def _repoint_lengths(gm: torch.fx.GraphModule, gathered: list[Node], length: int | torch.SymInt,
+                         stop: Node | None) -> None:
         """Shapes computed from the input's length (``view(x, [B, L, H, D])``) inside what reads the active
-        tokens must read the active count: each becomes ``sym_size(active stream, 1)``. The mask is not
-        downstream of them, so it keeps the whole sequence as its keys."""
+        tokens must read the active count: each becomes ``sym_size(active stream, 1)``. A dynamic length is
+        recognised by its symbol, a fixed one by ``static_token_slots``. The mask is not downstream of them,
+        so it keeps the whole sequence as its keys; nor is what reads the whole stream again after ``stop``."""
         flow = to_networkx(gm)
         downstream = set().union(*(nx.descendants(flow, node) for node in gathered))
+        if stop is not None:
+            downstream -= nx.descendants(flow, stop) | {stop}
         with gm.graph.inserting_after(gathered[0]):
             count = gm.graph.call_function(torch.ops.aten.sym_size.int, (gathered[0], 1))
 
@@ -168,6 +200,13 @@ class DelayedKVPass:
             return count if isinstance(arg, Node) and is_size(arg.meta.get("val"), length) else arg
 
         for node in downstream:
-            if node.op == "call_function":
+            if node.op != "call_function":
+                continue
+            if isinstance(length, torch.SymInt):
                 node.args = torch.fx.node.map_arg(node.args, repoint)
                 node.kwargs = torch.fx.node.map_arg(node.kwargs, repoint)
+            elif node.target in VIEW_LIKE and (slots := static_token_slots(node, length)):
+                shape = list(node.args[1])
+                for i in slots:
+                    shape[i] = count
+                node.args = (node.args[0], shape, *node.args[2:])

@@ -22,8 +22,8 @@ from torch.utils._pytree import tree_leaves
 from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, Block, GraphAnalysis
-from dynasparse.ir.nodes import (bound_args, copy_graph, fake, hint, input_dim, is_size, module_paths,
-                                 propagate_fake_values)
+from dynasparse.ir.nodes import (VIEW_LIKE, bound_args, copy_graph, fake, hint, input_dim, is_size, module_paths,
+                                 propagate_fake_values, static_token_slots)
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
 from dynasparse.passes.base import calibration_call
@@ -205,20 +205,6 @@ def _timestep_input(gm: torch.fx.GraphModule, name: str) -> int:
                           f"{name!r}, and the captured graph has no tensor input of that name (inputs seen: "
                           f"{seen}); set timestep_input= to the name of the model's timestep argument and "
                           "pass it as a tensor")
-
-
-_VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-              torch.ops.aten.expand.default)
-
-
-def _static_token_slots(node: Node, length: int) -> list[int]:
-    """Positions of a view-like shape that carry the token count: equal to it where the input has it too,
-    never the batch (first) or feature (last) position, where an equal size is a coincidence."""
-    shape, source = node.args[1], fake(node.args[0])
-    if not isinstance(shape, (list, tuple)) or source is None:
-        return []
-    return [i for i, size in enumerate(shape[:-1])
-            if i > 0 and size == length and i < source.dim() and source.shape[i] == length]
 
 
 def _block_members(gm: torch.fx.GraphModule, block: Block) -> list[Node]:
@@ -610,7 +596,7 @@ class TokenMergePass:
     def _repoint_lengths(gm: torch.fx.GraphModule, length: int | torch.SymInt, merged: list[Node]) -> None:
         """Shape arguments computed from the *input's* length (``view(x, [B, L, H, D])``) must read the
         merged length after a merge: each is replaced by ``sym_size(merged_hidden, 1)``. A dynamic length
-        is recognised by its symbol anywhere in the arguments; a static one by ``_static_token_slots``."""
+        is recognised by its symbol anywhere in the arguments; a static one by ``static_token_slots``."""
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         starts = [(order[hidden], hidden) for hidden in merged]
         sizes: dict[Node, Node] = {}
@@ -631,7 +617,7 @@ class TokenMergePass:
                     sizes[hidden] = gm.graph.call_function(torch.ops.aten.sym_size.int, (hidden, 1))
             if isinstance(length, torch.SymInt):
                 node.args = torch.fx.node.map_arg(node.args, lambda a: sizes[hidden] if is_input_length(a) else a)
-            elif node.target in _VIEW_LIKE and (slots := _static_token_slots(node, length)):
+            elif node.target in VIEW_LIKE and (slots := static_token_slots(node, length)):
                 shape = list(node.args[1])
                 for i in slots:
                     shape[i] = sizes[hidden]

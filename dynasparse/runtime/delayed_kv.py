@@ -1,4 +1,4 @@
-"""The caches of a dKV graph (``DelayedKVConfig``), bound as its buffers for each call.
+"""The caches of a dKV graph (``DelayedKVConfig``, ``TokenCacheConfig``), bound as its buffers for each call.
 
 A plain call binds every position as active over empty caches, so it returns the model's own output. A
 sampler opens a session (``start``) that keeps the caches across calls and sets ``active`` before each
@@ -22,10 +22,14 @@ class DelayedKVModel(torch.nn.Module):
         self.in_session = False
         self.active: torch.Tensor | None = None
 
+    def length_of(self, *args, **kwargs) -> int:
+        """The sequence length a call with these inputs runs its blocks over (a DiT: its patch count)."""
+        return self._shape(args, kwargs)[1]
+
     def _shape(self, args: tuple, kwargs: dict) -> tuple[int, int, torch.device]:
         flat = tree_flatten_spec((args, kwargs), self.graph_module._in_spec)
-        tokens = flat[self.plan.length_input]
-        return tokens.shape[0], tokens.shape[self.plan.length_dim], tokens.device
+        first = next(x for x in flat if torch.is_tensor(x))
+        return first.shape[0], self.plan.length.of(flat), first.device
 
     def start(self, batch: int, length: int, device: torch.device | str = "cpu") -> None:
         """Empty caches for ``batch`` rows of ``length`` tokens, kept until ``stop``."""
@@ -38,6 +42,10 @@ class DelayedKVModel(torch.nn.Module):
             for name, dim in zip((keys, values), dims):
                 dtype = getattr(gm, name).dtype
                 setattr(gm, name, torch.zeros(batch, heads, length, dim, dtype=dtype, device=device))
+        if self.plan.stream_cache is not None:
+            dtype = getattr(gm, self.plan.stream_cache).dtype
+            setattr(gm, self.plan.stream_cache, torch.zeros(batch, length, self.plan.stream_dim, dtype=dtype,
+                                                            device=device))
 
     def stop(self) -> None:
         self.in_session, self.active = False, None

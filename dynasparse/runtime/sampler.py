@@ -17,13 +17,16 @@ from tqdm.auto import tqdm
 
 from dynasparse.errors import DynasparseError
 from dynasparse.plans import TIMESTEP_BANDS
+from dynasparse.runtime.delayed_kv import DelayedKVModel
+from dynasparse.runtime.token_cache import ActiveTokens
 
 
 @dataclass
 class SamplingStats:
     timesteps: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)  # the model call of each step
-    keep: list[float] = field(default_factory=list)  # the band's keep ratio per step (1.0 without a schedule)
+    keep: list[float] = field(default_factory=list)  # per step: the band's keep ratio, or the share of tokens
+    #                                                  computed over a token cache (1.0 otherwise)
 
     @property
     def total_seconds(self) -> float:
@@ -71,13 +74,43 @@ def sample(model: Any, noise: torch.Tensor, *, steps: int = 50, scheduler: Any =
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     stats = SamplingStats()
-    with torch.no_grad():
-        for t in tqdm(scheduler.timesteps, desc="denoising", disable=not progress):
-            start = time.perf_counter()
-            output = model(hidden_states=latents, **{timestep_input: t.expand(noise.shape[0])},
-                           **(conditioning or {}))
-            stats.seconds.append(time.perf_counter() - start)
-            stats.timesteps.append(int(t))
-            stats.keep.append(_band_keep(model, float(t)))
-            latents = scheduler.step(_noise_prediction(output, noise.shape[1]), t, latents).prev_sample
+    def inputs(t: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"hidden_states": latents, timestep_input: t.expand(noise.shape[0]), **(conditioning or {})}
+
+    cache = _token_cache(model)
+    if cache is not None:
+        length = cache.length_of(**inputs(scheduler.timesteps[0]))
+        active = ActiveTokens(cache.plan.config, len(scheduler.timesteps), length)
+        cache.start(noise.shape[0], length, noise.device)
+    try:
+        with torch.no_grad():
+            for step, t in enumerate(tqdm(scheduler.timesteps, desc="denoising", disable=not progress)):
+                if cache is not None:
+                    cache.active = active.choose(step)
+                start = time.perf_counter()
+                output = model(**inputs(t))
+                stats.seconds.append(time.perf_counter() - start)
+                stats.timesteps.append(int(t))
+                prediction = _noise_prediction(output, noise.shape[1])
+                if cache is not None:
+                    stats.keep.append(1.0 if cache.active is None else cache.active.shape[1] / length)
+                    active.observe(prediction)
+                else:
+                    stats.keep.append(_band_keep(model, float(t)))
+                latents = scheduler.step(prediction, t, latents).prev_sample
+    finally:
+        if cache is not None:
+            cache.stop()
     return Sampled(latents, stats)
+
+
+def _token_cache(model: Any) -> DelayedKVModel | None:
+    """The caches of a model optimized with ``TokenCacheConfig`` (None for any other model)."""
+    runner = getattr(model, "runner", None)
+    if not isinstance(runner, DelayedKVModel):
+        return None
+    if runner.plan.stream_cache is None:
+        raise DynasparseError(f"this model runs its blocks on active tokens for {type(runner.plan.config).__name__}"
+                              ", a diffusion LM's cache: decode it with dynasparse.unmask; for a diffusion "
+                              "transformer use TokenCacheConfig")
+    return runner

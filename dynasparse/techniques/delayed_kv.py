@@ -35,5 +35,7 @@ class DelayedKV(Technique):
     def export_onnx(self, model: Any, path: Path, args: tuple, kwargs: dict, opset_version: int) -> Path | None:
         if DELAYED_KV_META not in model.graph_module.meta:
             return None
-        raise DynasparseError("a dKV graph keeps its caches across calls of a sampling loop (dynasparse.unmask), "
-                              "which an ONNX file does not hold; export the model without DelayedKVConfig")
+        config = type(model.graph_module.meta[DELAYED_KV_META].config).__name__
+        raise DynasparseError("a graph whose blocks run on each step's active tokens keeps its caches across the "
+                              "calls of a sampling loop (dynasparse.unmask, dynasparse.sample), which an ONNX file "
+                              f"does not hold; export the model without {config}")

@@ -12,7 +12,9 @@
    and the share of samples the digits ViT labels as their class. A row whose schedule says ``None`` is
    calibrated on the digits model (``max_output_error``) and timed with the keep ratios it chose.
 The token-sparse rows (``SparseAttentionConfig(token_keep=...)``) keep every token but let each attention
-head attend among a share of them.
+head attend among a share of them. The token-cache rows (``TokenCacheConfig``, RAS) recompute a share of the
+tokens per step and let the others keep what the step that last computed them left; their schedule of whole
+steps depends on the step count, so time them with ``--steps`` equal to ``--fidelity-steps``.
 
     python -m benchmarks.diffusion [--parts speed fidelity] [--steps 10] [--batch 2] [--repeats 3]
 """
@@ -37,7 +39,7 @@ except ImportError:  # run as a file: put the repo root on the path
 
 import dynasparse
 from benchmarks.early_exit import digits_classifier, digits_split
-from dynasparse import SparseAttentionConfig, TokenMergeConfig
+from dynasparse import SparseAttentionConfig, TokenCacheConfig, TokenMergeConfig
 from dynasparse.plans import TIMESTEP_BANDS
 from dynasparse.table import table
 
@@ -64,6 +66,12 @@ ROWS = {
                                                                                   window=16),
     "token sparse attention, 50% of the tokens per head": SparseAttentionConfig(token_keep=0.5, min_seq_len=0,
                                                                                   window=16),
+    # token caching (RAS): a cached step recomputes the share of tokens whose prediction moved most, the others
+    # keep their keys, values and last block output from the step that last computed them
+    "token cache, 30% of the tokens per cached step (first 20% of the steps and every 5th whole)":
+        TokenCacheConfig(recompute_ratio=0.3),
+    "token cache, 30% of the tokens per cached step (first 10% of the steps and every 10th whole)":
+        TokenCacheConfig(recompute_ratio=0.3, warmup=0.1, refresh_every=10),
 }
 
 
@@ -76,8 +84,11 @@ def dit_s2() -> torch.nn.Module:
                                            num_embeds_ada_norm=1000, norm_type="ada_norm_zero").eval()
 
 
-def _kept(optimized) -> str:
-    """Tokens after the last merge, per band, from the report's notes (token-sparse rows: per KV head)."""
+def _kept(optimized, run=None) -> str:
+    """Tokens after the last merge, per band, from the report's notes (token-sparse rows: per KV head; token
+    cache rows: the token-work ``run`` computed)."""
+    if run is not None:
+        return f"{statistics.mean(run.stats.keep):.0%} of the token-work"
     report = str(optimized.report).splitlines()
     lines = [line.strip() for line in report if "keep by timestep" in line or "tokens after the last merge" in line]
     heads = [line.split(": ", 2)[-1] for line in report if "per KV head" in line][:1]
@@ -174,11 +185,11 @@ def fidelity_part(steps: int) -> tuple[str, dict[str, TokenMergeConfig]]:
                                         calibration=calibration if _calibrates(config) else None)
         if _calibrates(config):
             chosen[name] = dataclasses.replace(ROWS[name], timestep_schedule=_chosen_schedule(optimized))
-        ours = pixels(dynasparse.sample(optimized, noise, steps=steps, conditioning=conditioning,
-                                        progress=False).latents)
+        run = dynasparse.sample(optimized, noise, steps=steps, conditioning=conditioning, progress=False)
+        ours = pixels(run.latents)
         mse = float(F.mse_loss(ours, dense))
         rows.append([name, f"{10 * math.log10(1 / mse):.1f}" if mse else "inf", f"{mse:.5f}", f"{labelled(ours):.0%}",
-                     _kept(optimized)])
+                     _kept(optimized, run if isinstance(config, TokenCacheConfig) else None)])
     header = ["model", "PSNR vs dense (dB)", "MSE vs dense", "labelled as their class", "tokens kept"]
     title = (f"Digits DiT trained here (4 blocks, d=96, 8x8 images, 64 tokens), 100 samples (10 per class), DDIM "
              f"{steps} steps from the same noise as the dense model; labels by the digits ViT")
@@ -216,6 +227,8 @@ def speed_part(steps: int, batch: int, repeats: int, chosen: dict[str, TokenMerg
         for name, runner in runners.items():
             run = dynasparse.sample(runner, noise, steps=steps, conditioning=conditioning, progress=False)
             seconds[name].append(run.stats.total_seconds / steps)
+            if isinstance(ROWS.get(name), TokenCacheConfig):
+                notes[name] = _kept(runner, run)
     dense = statistics.median(seconds["dense model"])
     rows = []
     for name in runners:

@@ -1,6 +1,7 @@
 """Token caching on diffusers' DiT (RAS): a plain call and a sampler that recomputes every token are the model,
 the sampler runs the warmup / cached / refresh schedule it reports, a cached step recomputes the tokens whose
-prediction moved most, and bad input is named."""
+prediction moved most, PixArt's cross-attention reads the text whole, and bad input (SD3's joint attention
+included) is named."""
 import pytest
 import torch
 
@@ -66,6 +67,44 @@ def test_a_cached_step_recomputes_the_tokens_whose_prediction_moved_most():
     moved[:, :, 2:4, 2:4] = 0.5  # both rows: token 5, smaller
     active.observe(moved)
     assert active.choose(1).tolist() == [[3, 5], [5, 12]]  # each row its own, in position order
+
+
+def _pixart():
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4,
+                                               out_channels=8, num_layers=2, sample_size=16, patch_size=2,
+                                               cross_attention_dim=32, caption_channels=24,
+                                               use_additional_conditions=False).eval()
+    return model, {"encoder_hidden_states": torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(2))}
+
+
+def test_a_cross_attention_reads_the_text_whole_for_the_active_queries():
+    """PixArt: each block's self-attention is cached, its cross-attention over the text is left as it is."""
+    model, text = _pixart()
+    inputs = {**_inputs(), **text}
+    del inputs["class_labels"]
+    optimized = dynasparse.optimize(model, [TokenCacheConfig(recompute_ratio=1.0)], example_kwargs=inputs)
+    assert "a cross-attention, run on the active queries" in str(optimized.report)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(**inputs).sample, model(**inputs).sample, rtol=0, atol=0)
+    noise = inputs["hidden_states"]
+    ours = dynasparse.sample(optimized, noise, steps=4, conditioning=text, progress=False).latents
+    torch.testing.assert_close(ours, dynasparse.sample(model, noise, steps=4, conditioning=text,
+                                                       progress=False).latents, rtol=0, atol=1e-5)
+    cached = dynasparse.optimize(model, [TokenCacheConfig(recompute_ratio=0.5, warmup=0.0)], example_kwargs=inputs)
+    assert min(dynasparse.sample(cached, noise, steps=4, conditioning=text, progress=False).stats.keep) == 0.5
+
+
+def test_a_joint_attention_is_refused_by_name():
+    torch.manual_seed(0)
+    sd3 = diffusers.SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=4, num_layers=2,
+                                          attention_head_dim=16, num_attention_heads=2, joint_attention_dim=24,
+                                          caption_projection_dim=32, pooled_projection_dim=12, out_channels=4,
+                                          pos_embed_max_size=16).eval()
+    inputs = {"hidden_states": torch.randn(2, 4, 16, 16), "timestep": torch.full((2,), 400),
+              "encoder_hidden_states": torch.randn(2, 5, 24), "pooled_projections": torch.randn(2, 12)}
+    with pytest.raises(DynasparseError, match="joint attention over concatenated streams"):
+        dynasparse.optimize(sd3, [TokenCacheConfig()], example_kwargs=inputs)
 
 
 def test_bad_input_is_named(dit, tmp_path):

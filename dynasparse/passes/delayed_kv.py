@@ -18,7 +18,7 @@ from torch.fx import Node
 
 from dynasparse.config import BaseConfig, config_type
 from dynasparse.errors import DynasparseError
-from dynasparse.ir.analysis import GraphAnalysis, to_networkx
+from dynasparse.ir.analysis import AttentionSite, GraphAnalysis, to_networkx
 from dynasparse.ir.nodes import (VIEW_LIKE, bound_args, copy_meta, fake, hint, input_size, is_size, module_paths,
                                  static_token_slots)
 from dynasparse.ir.ops import CACHED_ATTENTION, GATHER_ACTIVE, SCATTER_ACTIVE
@@ -68,24 +68,34 @@ class DelayedKVPass:
         self.config = config
 
     # -- find sites -------------------------------------------------------------------------------------------
-    def _check(self, analysis: GraphAnalysis) -> Node:
-        """The stream entering block 0, after checking that every site is bidirectional self-attention."""
+    def _check(self, analysis: GraphAnalysis) -> tuple[Node, list[AttentionSite]]:
+        """The stream entering block 0 and the self-attention sites to cache, after checking that every site
+        is bidirectional and reads the stream's own tokens as queries. A cross-attention (a DiT's text, as
+        PixArt's) is left as it is: its keys come from another sequence, which its active queries read whole."""
         name = type(self.config).__name__
         if not analysis.blocks or analysis.blocks[0].input is None:
             raise DynasparseError(f"{name} needs a stack of transformer blocks whose input it can find; this graph "
                                   "has none (attention outside indexed modules)")
+        stream = analysis.blocks[0].input
+        length = str(fake(stream).shape[1])
         for site in analysis.sites:
+            where = site.module or site.node.name
             if site.causal:
-                raise DynasparseError(f"{name} caches a bidirectional (diffusion) model, and "
-                                      f"{site.module or site.node.name} is causal; for an autoregressive decoder "
-                                      "use KVEvictionConfig")
-            if site.q_len != site.kv_len:
-                raise DynasparseError(f"{site.module or site.node.name} attends over another sequence "
-                                      f"({site.kv_len} keys for {site.q_len} queries); {name} caches "
-                                      "self-attention only")
+                raise DynasparseError(f"{name} caches a bidirectional (diffusion) model, and {where} is causal; "
+                                      "for an autoregressive decoder use KVEvictionConfig")
             if site.sparse:
                 raise DynasparseError(f"{name} rewrites dense attention sites; leave SparseAttentionConfig out")
-        return analysis.blocks[0].input
+            if site.q_len != length:
+                raise DynasparseError(f"{where} attends with {site.example_shape[1]} queries where the stream holds "
+                                      f"{hint(fake(stream).shape[1])} tokens (a joint attention over concatenated "
+                                      f"streams, as in SD3's MMDiT); {name} needs attention over the stream's own "
+                                      "tokens")
+            mask = fake(bound_args(site.node)["mask"])
+            if site.kv_len != site.q_len and mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:
+                raise DynasparseError(f"{where} is a cross-attention with a mask per query; {name} leaves "
+                                      "cross-attention to run on the active queries and needs its mask broadcast "
+                                      "over them")
+        return stream, [site for site in analysis.sites if site.kv_len == site.q_len]
 
     # -- rewrite ----------------------------------------------------------------------------------------------
     @staticmethod
@@ -108,7 +118,7 @@ class DelayedKVPass:
 
     def apply(self, gm: torch.fx.GraphModule, analysis: GraphAnalysis) -> PassResult:
         result = PassResult(self.name)
-        stream = self._check(analysis)
+        stream, own = self._check(analysis)
         batch, length = fake(stream).shape[:2]
         found = input_size(gm, length)
         if found is None:
@@ -129,7 +139,11 @@ class DelayedKVPass:
             gathered.append(active)
         caches: list[tuple[str, str]] = []
         dims: list[tuple[int, int]] = []
-        for i, site in enumerate(analysis.sites):
+        for site in analysis.sites:
+            if site.kv_len != site.q_len:
+                result.applied.append(f"{site.module or site.node.name}: a cross-attention, run on the active "
+                                      "queries over its whole other sequence")
+        for i, site in enumerate(own):
             args = bound_args(site.node)
             k, v = fake(args["k"]), fake(args["v"])
             names = (f"dkv{i}_keys", f"dkv{i}_values")
@@ -151,7 +165,7 @@ class DelayedKVPass:
         gm.graph.lint()
         gm.recompile()
         gm.meta[DELAYED_KV_META] = DelayedKVPlan(
-            self.config, INDEX, caches, [s.num_kv_heads for s in analysis.sites], dims, found,
+            self.config, INDEX, caches, [s.num_kv_heads for s in own], dims, found,
             stream_cache=stream_cache and STREAM, stream_dim=int(fake(stream).shape[-1]))
         side = [n.name for n in per_token[1:]]
         result.notes.append(self._describe(side))

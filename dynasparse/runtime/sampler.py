@@ -4,7 +4,9 @@ Speed and fidelity of a token-density schedule only mean something over a whole 
 schedule keeps more tokens at noisy steps and fewer late, and errors of early steps carry to the end.
 ``sample`` runs the denoising loop the way diffusers' pipelines do (DDIM, deterministic with ``eta=0``),
 calls the model with the latents, the step's timestep for every row, and the conditioning, and records
-each step's time and, for a model with a timestep schedule, the share of tokens its band keeps.
+each step's time and, for a model with a timestep schedule, the share of tokens its band keeps. Over a
+model optimized with ``TokenCacheConfig`` it keeps the caches across steps and picks each step's tokens
+(``runtime/token_cache.py``).
 """
 from __future__ import annotations
 
@@ -74,6 +76,7 @@ def sample(model: Any, noise: torch.Tensor, *, steps: int = 50, scheduler: Any =
     scheduler.set_timesteps(steps)
     latents = noise * scheduler.init_noise_sigma
     stats = SamplingStats()
+
     def inputs(t: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"hidden_states": latents, timestep_input: t.expand(noise.shape[0]), **(conditioning or {})}
 

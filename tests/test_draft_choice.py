@@ -56,8 +56,8 @@ def test_an_unlucky_first_round_does_not_rule_a_good_drafter_out():
 
 def test_a_good_drafter_rejected_once_is_probed_again_soon():
     """A rejected round early on (the start of a generation is harder to draft) sends the chooser back to
-    plain steps; the next probe comes 2 * RETRY_AFTER rounds later (the rest doubled once, for the rejected
-    round), not after a rest that has grown with every probe so far, so most of 40 rounds draft."""
+    plain steps. The rejected round is the won probe's longer follow-up, so the rest is not doubled: the next
+    probe comes RETRY_AFTER rounds later, and most of 40 rounds draft."""
     chooser = DraftChooser((0,), depth=4, longest=8)
     for round_ in range(40):
         block, k = chooser.choose()
@@ -65,7 +65,7 @@ def test_a_good_drafter_rejected_once_is_probed_again_soon():
             chooser.record(None, 0, 0.0, 1.0, [0] * 4)
         else:  # the second draft round is rejected, every other one accepted
             chooser.record(block, k, k * 0.4, 1.4 + 0.08 * k, [0 if round_ == 3 else k] * 4)
-    assert chooser.rounds["plain"] <= 2 + 2 * RETRY_AFTER
+    assert chooser.rounds["plain"] <= 2 + RETRY_AFTER
     assert chooser.rounds["blocks 0..0"] >= 20
     assert chooser.choose()[0] == 0
 

@@ -166,7 +166,7 @@ class DelayedKVPass:
         gm.recompile()
         gm.meta[DELAYED_KV_META] = DelayedKVPlan(
             self.config, INDEX, caches, [s.num_kv_heads for s in own], dims, found,
-            stream_cache=stream_cache and STREAM, stream_dim=int(fake(stream).shape[-1]))
+            stream_cache=STREAM if stream_cache is not None else None, stream_dim=int(fake(stream).shape[-1]))
         side = [n.name for n in per_token[1:]]
         result.notes.append(self._describe(side))
         return result

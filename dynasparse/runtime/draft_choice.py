@@ -20,7 +20,9 @@ A drafter that could beat the current choice were its drafts accepted is probed 
 ``RETRY_AFTER`` rounds after the last probe; the rest doubles after each rejected probe (quadruples while the
 drafter has never had a draft accepted) and starts over after one mostly accepted over the rows, and a probe
 whose drafts are all accepted is followed by one twice as long while, at its measured step cost, it still
-could beat the choice (an accepted deeper drafter that is slower per token is not run longer). So an unlucky
+could beat the choice (an accepted deeper drafter that is slower per token is not run longer). That longer
+round, rejected, leaves the rest as it was: the drafter has just won, and at batch 4 one row rejecting a draft
+rejects it for the round. So an unlucky
 round does not rule a good drafter out for long (accepted probes soon win it back), and drafters that never
 pay cost a probe ever more rarely. The first timing of each pass kind is provisional (the next one
 replaces it rather than averaging with it): under ``torch.compile`` it includes compiling the graph.
@@ -92,6 +94,7 @@ class DraftChooser:
     retry_after: int = field(init=False, default=RETRY_AFTER)  # rounds from the last probe to the next
     probing: tuple[int, int] | None = field(init=False, default=None)  # the probe this round runs
     extend: tuple[int, int] | None = field(init=False, default=None)  # a probe that won: try it longer
+    extending: bool = field(init=False, default=False)  # the probe this round runs is such a longer one
 
     def __post_init__(self) -> None:
         self.drafters = {block: Drafter(block) for block in sorted(self.blocks)}
@@ -110,7 +113,7 @@ class DraftChooser:
         if self.extend is not None:  # a won probe goes on longer while it could still beat the choice
             block, drafts = self.extend
             if block == choice[0] or self._could_pay(self.drafters[block], plain, best):
-                return self._probe(block, min(2 * drafts, self.longest))
+                return self._probe(block, min(2 * drafts, self.longest), extending=True)
         for drafter in self.drafters.values():  # shallow first: the cheapest to try
             if not drafter.tried and self._could_pay(drafter, plain, best):
                 return self._probe(drafter.block, 1)
@@ -119,8 +122,8 @@ class DraftChooser:
             return self._probe(min(rivals, key=lambda d: d.last_round).block, 1)
         return choice
 
-    def _probe(self, block: int, drafts: int) -> tuple[int, int]:
-        self.probing = block, drafts
+    def _probe(self, block: int, drafts: int, extending: bool = False) -> tuple[int, int]:
+        self.probing, self.extending = (block, drafts), extending
         return block, drafts
 
     def record(self, block: int | None, drafts: int, draft_seconds: float, verify_seconds: float,
@@ -140,7 +143,10 @@ class DraftChooser:
             self.last_probe = self._round
             share = sum(accepted) / (drafts * max(len(accepted), 1))
             ever = share > 0 or self.drafters[block].accepted > 0  # a drafter never accepted rests longer
-            self.retry_after = RETRY_AFTER if share >= 0.5 else (2 if ever else 4) * self.retry_after
+            if share >= 0.5 or self.extending:  # a won probe's longer round is rejected: one unlucky round
+                self.retry_after = RETRY_AFTER if share >= 0.5 else self.retry_after
+            else:
+                self.retry_after = (2 if ever else 4) * self.retry_after
         if block is None:
             return
         drafter = self.drafters[block]

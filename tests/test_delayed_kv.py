@@ -111,7 +111,7 @@ def test_blocks_unmask_left_to_right(model):
 
 
 def test_caching_computes_less_and_batched_equals_alone(model):
-    optimized = _optimize(model, refresh_every=4)
+    optimized = _optimize(model, refresh_every=4, delay=1)
     prompt = _prompt()
     batched = dynasparse.unmask(optimized, prompt, new_tokens=16, steps=16, mask_id=MASK, progress=False)
     assert batched.stats.computed_share < 0.6

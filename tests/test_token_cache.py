@@ -118,3 +118,6 @@ def test_bad_input_is_named(dit, tmp_path):
         dynasparse.optimize(dit, [TokenCacheConfig(), TokenMergeConfig(keep_ratio=0.5)], example_kwargs=_inputs())
     with pytest.raises(DynasparseError, match="export the model without TokenCacheConfig"):
         dynasparse.export_onnx(_optimize(dit), tmp_path / "model.onnx")
+    compiled = torch.compile(dit, backend="dynasparse", options={"configs": [TokenCacheConfig()]})
+    with pytest.raises(Exception, match="would recompute every token"), torch.no_grad():
+        compiled(**_inputs())

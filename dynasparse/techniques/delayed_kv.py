@@ -29,6 +29,16 @@ class DelayedKV(Technique):
                                   f"own caches; it does not compose with {type(others[0]).__name__} yet: "
                                   "optimize with DelayedKVConfig alone")
 
+    def compile_graph(self, graph_module: torch.fx.GraphModule, example_inputs: list,
+                      notes: list[str]) -> torch.fx.GraphModule:
+        if DELAYED_KV_META not in graph_module.meta:
+            return graph_module
+        config = type(graph_module.meta[DELAYED_KV_META].config).__name__
+        raise DynasparseError(f"{config} keeps caches across the calls of a sampling loop, which binds them per "
+                              "call (dynasparse.unmask, dynasparse.sample); a torch.compile'd model has no such "
+                              f"loop and would recompute every token. Use dynasparse.optimize(model, [{config}(...)])"
+                              " with the sampler instead")
+
     def runner(self, graph_module: torch.fx.GraphModule) -> torch.nn.Module | None:
         return DelayedKVModel(graph_module) if DELAYED_KV_META in graph_module.meta else None
 

@@ -22,9 +22,8 @@ drafter has never had a draft accepted) and starts over after one mostly accepte
 whose drafts are all accepted is followed by one twice as long while, at its measured step cost, it still
 could beat the choice (an accepted deeper drafter that is slower per token is not run longer). That longer
 round, rejected, leaves the rest as it was: the drafter has just won, and at batch 4 one row rejecting a draft
-rejects it for the round. So an unlucky
-round does not rule a good drafter out for long (accepted probes soon win it back), and drafters that never
-pay cost a probe ever more rarely. The first timing of each pass kind is provisional (the next one
+rejects it for the round. So an unlucky round does not rule a good drafter out for long (accepted probes soon
+win it back), and drafters that never pay cost a probe ever more rarely. The first timing of each pass kind is provisional (the next one
 replaces it rather than averaging with it): under ``torch.compile`` it includes compiling the graph.
 """
 from __future__ import annotations
@@ -94,7 +93,6 @@ class DraftChooser:
     retry_after: int = field(init=False, default=RETRY_AFTER)  # rounds from the last probe to the next
     probing: tuple[int, int] | None = field(init=False, default=None)  # the probe this round runs
     extend: tuple[int, int] | None = field(init=False, default=None)  # a probe that won: try it longer
-    extending: bool = field(init=False, default=False)  # the probe this round runs is such a longer one
 
     def __post_init__(self) -> None:
         self.drafters = {block: Drafter(block) for block in sorted(self.blocks)}
@@ -113,7 +111,7 @@ class DraftChooser:
         if self.extend is not None:  # a won probe goes on longer while it could still beat the choice
             block, drafts = self.extend
             if block == choice[0] or self._could_pay(self.drafters[block], plain, best):
-                return self._probe(block, min(2 * drafts, self.longest), extending=True)
+                return self._probe(block, min(2 * drafts, self.longest))
         for drafter in self.drafters.values():  # shallow first: the cheapest to try
             if not drafter.tried and self._could_pay(drafter, plain, best):
                 return self._probe(drafter.block, 1)
@@ -122,8 +120,8 @@ class DraftChooser:
             return self._probe(min(rivals, key=lambda d: d.last_round).block, 1)
         return choice
 
-    def _probe(self, block: int, drafts: int, extending: bool = False) -> tuple[int, int]:
-        self.probing, self.extending = (block, drafts), extending
+    def _probe(self, block: int, drafts: int) -> tuple[int, int]:
+        self.probing = block, drafts
         return block, drafts
 
     def record(self, block: int | None, drafts: int, draft_seconds: float, verify_seconds: float,
@@ -142,10 +140,10 @@ class DraftChooser:
         if probed:  # the rest starts over after a mostly accepted probe (one row of a batch may reject)
             self.last_probe = self._round
             share = sum(accepted) / (drafts * max(len(accepted), 1))
-            ever = share > 0 or self.drafters[block].accepted > 0  # a drafter never accepted rests longer
-            if share >= 0.5 or self.extending:  # a won probe's longer round is rejected: one unlucky round
-                self.retry_after = RETRY_AFTER if share >= 0.5 else self.retry_after
-            else:
+            if share >= 0.5:
+                self.retry_after = RETRY_AFTER
+            elif drafts == 1:  # a fresh probe rejected (a longer one follows a won probe: the rest stays)
+                ever = share > 0 or self.drafters[block].accepted > 0  # a drafter never accepted rests longer
                 self.retry_after = (2 if ever else 4) * self.retry_after
         if block is None:
             return

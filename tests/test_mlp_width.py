@@ -8,6 +8,7 @@ import torch
 import dynasparse
 from dynasparse import DynasparseError, MLPSkipConfig, MLPWidthConfig
 from dynasparse.ir.ops import CHANNEL_SPARSIFY, ROW_SPARSE_LINEAR
+from dynasparse.kernels.mlp_width import sparsify, sparsify_reference
 from dynasparse.plans import MLP_WIDTH_META
 
 from default_configs import MLP_GATES, MLP_WIDTHS as FITTED, decoder_prompts, llama
@@ -36,6 +37,15 @@ def test_channel_sparsify_zeroes_small_entries_only():
     assert torch.equal(CHANNEL_SPARSIFY(x, torch.tensor(0.6)), torch.tensor([[-2.0, 0.0, 0.0, 1.0]]))
     assert torch.equal(CHANNEL_SPARSIFY(x, torch.tensor(0.0)), x)
     torch.library.opcheck(CHANNEL_SPARSIFY, (torch.randn(2, 5, 8), torch.tensor(0.3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_one_pass_sparsify_equals_the_reference_at_ties(dtype):
+    x = torch.randn(3, 64).to(dtype)
+    threshold = x[0, :8].abs().median().float()
+    x[1, :3] = torch.stack([threshold, -threshold, torch.nextafter(threshold, torch.tensor(0.0))]).to(dtype)
+    for t in (threshold, torch.tensor(0.0)):
+        assert torch.equal(sparsify(x, t), sparsify_reference(x, t))
 
 
 @pytest.mark.parametrize("rows", [1, 3])  # 1: the C++ kernel (where it builds); 3: the dense matmul

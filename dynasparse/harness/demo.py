@@ -131,4 +131,5 @@ def _smollm2_demo() -> None:
     print(table(["generator", "answer", "prefill s", "decode tok/s", "KV cache MiB"], rows))
     print("KVzip keeps what re-reading the prompt needs (scoring it is the longer prefill). H2O keeps what the "
           "prompt's\nown queries attended to most: 2,000 tokens of help text outvote the sentence the question "
-          "needs.\n")
+          "needs.\nQuery-aware decode keeps every token and reads the 10% each step weighs most; it still scores "
+          "every key,\nso on CPU it is slower than reading them all.\n")

@@ -93,19 +93,36 @@ def is_size(value: Any, symbol: torch.SymInt) -> bool:
     return isinstance(value, torch.SymInt) and value.node.expr == symbol.node.expr
 
 
-VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
-             torch.ops.aten.expand.default)
+_VIEW_LIKE = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default,
+              torch.ops.aten.expand.default)
 
 
-def static_token_slots(node: Node, length: int) -> list[int]:
+def _static_token_slots(node: Node, length: int) -> list[int]:
     """Positions of a view-like shape that carry a static token count ``length``: equal to it where the input
-    has it too, never the batch (first) or feature (last) position, where an equal size is a coincidence.
-    How a pass that shortens the sequence finds the shapes to repoint when the capture fixed the length."""
+    has it too, never the batch (first) or feature (last) position, where an equal size is a coincidence."""
     shape, source = node.args[1], fake(node.args[0])
     if not isinstance(shape, (list, tuple)) or source is None:
         return []
     return [i for i, size in enumerate(shape[:-1])
             if i > 0 and size == length and i < source.dim() and source.shape[i] == length]
+
+
+def repoint_token_count(node: Node, length: int | torch.SymInt, count: Node) -> None:
+    """Make ``node`` read ``count`` (the ``sym_size`` of a shortened sequence) where it read the input's token
+    count ``length``: a dynamic length by its symbol anywhere in the arguments, a length the capture fixed in
+    the token positions of a view-like shape. How a pass that shortens the sequence (token merging, the
+    active tokens of a denoising step) fixes shapes such as ``view(x, [B, L, H, D])`` downstream of it."""
+    if isinstance(length, torch.SymInt):
+        def repoint(arg):
+            return count if isinstance(arg, Node) and is_size(arg.meta.get("val"), length) else arg
+
+        node.args = torch.fx.node.map_arg(node.args, repoint)
+        node.kwargs = torch.fx.node.map_arg(node.kwargs, repoint)
+    elif node.target in _VIEW_LIKE and (slots := _static_token_slots(node, length)):
+        shape = list(node.args[1])
+        for i in slots:
+            shape[i] = count
+        node.args = (node.args[0], shape, *node.args[2:])
 
 
 def input_dim(gm: torch.fx.GraphModule, size: torch.SymInt) -> tuple[int, int] | None:

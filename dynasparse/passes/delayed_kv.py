@@ -19,8 +19,8 @@ from torch.fx import Node
 from dynasparse.config import BaseConfig, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, GraphAnalysis, to_networkx
-from dynasparse.ir.nodes import (VIEW_LIKE, bound_args, copy_meta, fake, hint, input_size, is_size, module_paths,
-                                 static_token_slots)
+from dynasparse.ir.nodes import (bound_args, copy_meta, fake, hint, input_size, is_size, module_paths,
+                                 repoint_token_count)
 from dynasparse.ir.ops import CACHED_ATTENTION, GATHER_ACTIVE, SCATTER_ACTIVE
 from dynasparse.plans import DELAYED_KV_META, DelayedKVPlan
 from dynasparse.registry import PassResult
@@ -204,9 +204,9 @@ class DelayedKVPass:
     def _repoint_lengths(gm: torch.fx.GraphModule, gathered: list[Node], length: int | torch.SymInt,
                          stop: Node | None) -> None:
         """Shapes computed from the input's length (``view(x, [B, L, H, D])``) inside what reads the active
-        tokens must read the active count: each becomes ``sym_size(active stream, 1)``. A dynamic length is
-        recognised by its symbol, a fixed one by ``static_token_slots``. The mask is not downstream of them,
-        so it keeps the whole sequence as its keys; nor is what reads the whole stream again after ``stop``."""
+        tokens must read the active count: each becomes ``sym_size(active stream, 1)`` (``repoint_token_count``).
+        The mask is not downstream of them, so it keeps the whole sequence as its keys; nor is what reads the
+        whole stream again after ``stop``."""
         flow = to_networkx(gm)
         downstream = set().union(*(nx.descendants(flow, node) for node in gathered))
         if stop is not None:
@@ -214,17 +214,6 @@ class DelayedKVPass:
         with gm.graph.inserting_after(gathered[0]):
             count = gm.graph.call_function(torch.ops.aten.sym_size.int, (gathered[0], 1))
 
-        def repoint(arg):
-            return count if isinstance(arg, Node) and is_size(arg.meta.get("val"), length) else arg
-
         for node in downstream:
-            if node.op != "call_function":
-                continue
-            if isinstance(length, torch.SymInt):
-                node.args = torch.fx.node.map_arg(node.args, repoint)
-                node.kwargs = torch.fx.node.map_arg(node.kwargs, repoint)
-            elif node.target in VIEW_LIKE and (slots := static_token_slots(node, length)):
-                shape = list(node.args[1])
-                for i in slots:
-                    shape[i] = count
-                node.args = (node.args[0], shape, *node.args[2:])
+            if node.op == "call_function":
+                repoint_token_count(node, length, count)

@@ -22,8 +22,8 @@ from torch.utils._pytree import tree_leaves
 from dynasparse.config import BaseConfig, as_tuple, config_type
 from dynasparse.errors import DynasparseError
 from dynasparse.ir.analysis import AttentionSite, Block, GraphAnalysis
-from dynasparse.ir.nodes import (VIEW_LIKE, bound_args, copy_graph, fake, hint, input_dim, is_size, module_paths,
-                                 propagate_fake_values, static_token_slots)
+from dynasparse.ir.nodes import (bound_args, copy_graph, fake, hint, input_dim, module_paths,
+                                 propagate_fake_values, repoint_token_count)
 from dynasparse.ir.ops import CLS_IMPORTANCE, MERGE_BIAS, MERGE_INIT, MERGE_TOKENS, UNMERGE
 from dynasparse.kernels.token_merge import merged_capacity, most_merges, recording_edge_scores
 from dynasparse.passes.base import calibration_call
@@ -595,15 +595,11 @@ class TokenMergePass:
     @staticmethod
     def _repoint_lengths(gm: torch.fx.GraphModule, length: int | torch.SymInt, merged: list[Node]) -> None:
         """Shape arguments computed from the *input's* length (``view(x, [B, L, H, D])``) must read the
-        merged length after a merge: each is replaced by ``sym_size(merged_hidden, 1)``. A dynamic length
-        is recognised by its symbol anywhere in the arguments; a static one by ``static_token_slots``."""
+        merged length after a merge: each is replaced by ``sym_size(merged_hidden, 1)``
+        (``repoint_token_count``: a dynamic length by its symbol, a static one in view shapes)."""
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         starts = [(order[hidden], hidden) for hidden in merged]
         sizes: dict[Node, Node] = {}
-
-        def is_input_length(arg) -> bool:
-            val = arg.meta.get("val") if isinstance(arg, Node) else None
-            return is_size(val, length)
 
         for node in list(gm.graph.nodes):
             if node.op != "call_function" or node.target is UNMERGE:
@@ -615,13 +611,7 @@ class TokenMergePass:
             if hidden not in sizes:
                 with gm.graph.inserting_after(hidden):
                     sizes[hidden] = gm.graph.call_function(torch.ops.aten.sym_size.int, (hidden, 1))
-            if isinstance(length, torch.SymInt):
-                node.args = torch.fx.node.map_arg(node.args, lambda a: sizes[hidden] if is_input_length(a) else a)
-            elif node.target in VIEW_LIKE and (slots := static_token_slots(node, length)):
-                shape = list(node.args[1])
-                for i in slots:
-                    shape[i] = sizes[hidden]
-                node.args = (node.args[0], shape, *node.args[2:])
+            repoint_token_count(node, length, sizes[hidden])
 
     @staticmethod
     def _insert_unmerge(gm: torch.fx.GraphModule, last_output: Node, source: Node) -> None:

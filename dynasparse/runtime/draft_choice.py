@@ -23,8 +23,9 @@ whose drafts are all accepted is followed by one twice as long while, at its mea
 could beat the choice (an accepted deeper drafter that is slower per token is not run longer). That longer
 round, rejected, leaves the rest as it was: the drafter has just won, and at batch 4 one row rejecting a draft
 rejects it for the round. So an unlucky round does not rule a good drafter out for long (accepted probes soon
-win it back), and drafters that never pay cost a probe ever more rarely. The first timing of each pass kind is provisional (the next one
-replaces it rather than averaging with it): under ``torch.compile`` it includes compiling the graph.
+win it back), and drafters that never pay cost a probe ever more rarely. The first timing of each pass kind is
+provisional (the next one replaces it rather than averaging with it): under ``torch.compile`` it includes
+compiling the graph.
 """
 from __future__ import annotations
 
